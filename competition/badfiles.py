@@ -1,0 +1,32 @@
+"""The bad-files list: files a batch pass could not use, recorded so the run carries on."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+
+COLUMNS = ["image_id", "path", "stage", "reason"]
+
+
+def record_bad_files(csv_path: Path | str, rows: Iterable[dict], stage: str) -> pd.DataFrame:
+    """Merge ``rows`` (image_id, path, reason) into the list for ``stage``; returns the whole list.
+
+    Each stage's entries are replaced, not appended, so a rerun does not duplicate them.
+    """
+    csv_path = Path(csv_path)
+    new = pd.DataFrame(list(rows), columns=["image_id", "path", "reason"]).assign(stage=stage)[COLUMNS]
+    old = read_bad_files(csv_path)
+    table = pd.concat([old[old["stage"] != stage], new], ignore_index=True).sort_values(["stage", "image_id"])
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = csv_path.with_suffix(".tmp")
+    table.to_csv(tmp, index=False)
+    tmp.replace(csv_path)
+    return table
+
+
+def read_bad_files(csv_path: Path | str) -> pd.DataFrame:
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        return pd.DataFrame(columns=COLUMNS)
+    return pd.read_csv(csv_path, dtype=str)

@@ -1,0 +1,178 @@
+"""DICOM -> Hounsfield units, with the RSNA data's known quirks fixed.
+
+One function, :func:`read_hu`, is the only way pixels enter the pipeline. It handles:
+- slope/intercept (and window fields) that arrive as numbers, strings or multi-valued strings
+  such as ``[00040, 00040]``;
+- the 12-bit quirk: some files have BitsStored 12, PixelRepresentation 0 and an intercept above
+  -100, with stored values shifted by -1000 modulo 4096; they are corrected by adding 1000,
+  wrapping values >= 4096 and using intercept -1000;
+- any image size (not every file is 512x512);
+- files that cannot be decoded: a :class:`DicomReadError` naming the file, never a crash
+  deep inside numpy.
+"""
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pydicom.config
+from pydicom.dataelem import RawDataElement
+from pydicom.datadict import dictionary_VR
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.errors import InvalidDicomError
+
+# The competition's UIDs are "ID_<hex>" strings, not valid DICOM UIDs: validating them on every
+# access only floods the log with warnings (and costs time in the header pass).
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+# Fields read in the header-only pass (see competition.metadata).
+HEADER_TAGS = (
+    "SOPInstanceUID",
+    "PatientID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "ImagePositionPatient",
+    "Rows",
+    "Columns",
+    "PixelSpacing",
+    "SliceThickness",
+    "WindowCenter",
+    "WindowWidth",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "BitsStored",
+    "PixelRepresentation",
+)
+
+
+class DicomReadError(ValueError):
+    """A file that is not a readable CT slice. ``path`` names it."""
+
+    def __init__(self, path: Path | str, reason: str):
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+def first_number(value: Any, default: float = float("nan")) -> float:
+    """A header value as one float: numbers, numeric strings, and multi-valued fields.
+
+    Multi-valued fields (``[00040, 00040]``) give their first value, as the competition's
+    windows do; ``None`` or an empty value gives ``default``.
+    """
+    if value is None:
+        return default
+    if isinstance(value, (str, bytes)):
+        text = value.decode() if isinstance(value, bytes) else value
+        parts = [p for p in text.replace("\\", " ").replace("[", " ").replace("]", " ").replace(",", " ").split()]
+        return float(parts[0]) if parts else default
+    if isinstance(value, Sequence) or hasattr(value, "__iter__"):
+        items = list(value)
+        return first_number(items[0], default) if items else default
+    return float(value)
+
+
+def has_12bit_quirk(ds: Dataset) -> bool:
+    """True for the files whose stored values are shifted (see the module docstring)."""
+    return (
+        int(ds.get("BitsStored", 16)) == 12
+        and int(ds.get("PixelRepresentation", 0)) == 0
+        and first_number(ds.get("RescaleIntercept"), 0.0) > -100
+    )
+
+
+def hu_from_dataset(ds: Dataset, path: Path | str = "<dataset>") -> np.ndarray:
+    """The HU image (float32, rows x columns) of an already-read dataset."""
+    if "PixelData" not in ds:
+        raise DicomReadError(path, "no pixel data (tag 7FE0,0010 missing); re-download the file")
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:  # pydicom raises ValueError/AttributeError/... for broken pixel data
+        raise DicomReadError(path, f"pixel data cannot be decoded ({type(exc).__name__}: {exc})") from exc
+    if pixels.ndim != 2:
+        raise DicomReadError(path, f"expected one 2-D slice, got pixel array of shape {pixels.shape}")
+    slope = first_number(ds.get("RescaleSlope"), 1.0)
+    intercept = first_number(ds.get("RescaleIntercept"), 0.0)
+    image = pixels.astype(np.float32)
+    if has_12bit_quirk(ds):
+        image += 1000.0
+        image[image >= 4096.0] -= 4096.0
+        intercept = -1000.0
+    image *= np.float32(slope)
+    image += np.float32(intercept)
+    return image
+
+
+def read_dataset(path: Path | str, *, stop_before_pixels: bool = False) -> Dataset:
+    """Read a DICOM file, turning every way it can fail into a DicomReadError naming it."""
+    path = Path(path)
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    except FileNotFoundError as exc:
+        raise DicomReadError(path, "file not found; check DATA points at the Kaggle layout") from exc
+    except InvalidDicomError as exc:
+        raise DicomReadError(path, f"not a DICOM file ({exc})") from exc
+    except Exception as exc:  # truncated headers raise EOFError, struct.error, OSError...
+        raise DicomReadError(path, f"unreadable DICOM ({type(exc).__name__}: {exc})") from exc
+
+
+def read_hu(path: Path | str) -> np.ndarray:
+    """Hounsfield units of one CT slice as a float32 (rows x columns) array."""
+    return hu_from_dataset(read_dataset(path), path)
+
+
+def _raw_values(ds: Dataset, keyword: str) -> list | None:
+    """A header field's values without pydicom's value conversion (the header pass's hot path).
+
+    Reads the raw bytes of an element still in its file form: strings split on backslash, US as
+    unsigned shorts. Elements pydicom has already converted are returned as they are.
+    """
+    elem = ds.get_item(keyword)
+    if elem is None:
+        return None
+    if not isinstance(elem, RawDataElement):
+        value = elem.value
+        return list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
+    raw = elem.value
+    if raw is None or len(raw) == 0:
+        return []
+    vr = elem.VR or dictionary_VR(elem.tag)
+    if vr == "US":
+        fmt = "<" if ds.is_little_endian in (True, None) else ">"
+        return list(struct.unpack(f"{fmt}{len(raw) // 2}H", raw))
+    return [v.strip() for v in raw.decode("latin-1").strip("\x00 ").split("\\")]
+
+
+def _float(values: list | None, i: int = 0, default: float = float("nan")) -> float:
+    if not values or len(values) <= i or values[i] in ("", None):
+        return default
+    return first_number(values[i], default)
+
+
+def header_fields(ds: Dataset) -> dict[str, Any]:
+    """The header fields the metadata table keeps, as plain Python values."""
+    text = {k: _raw_values(ds, k) for k in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID")}
+    position = _raw_values(ds, "ImagePositionPatient")
+    spacing = _raw_values(ds, "PixelSpacing")
+    return {
+        "patient_id": str(text["PatientID"][0]) if text["PatientID"] else "",
+        "study_id": str(text["StudyInstanceUID"][0]) if text["StudyInstanceUID"] else "",
+        "series_id": str(text["SeriesInstanceUID"][0]) if text["SeriesInstanceUID"] else "",
+        "z": _float(position, 2),
+        "rows": int(_float(_raw_values(ds, "Rows"), default=0)),
+        "columns": int(_float(_raw_values(ds, "Columns"), default=0)),
+        "pixel_spacing_row": _float(spacing, 0),
+        "pixel_spacing_col": _float(spacing, 1),
+        "slice_thickness": _float(_raw_values(ds, "SliceThickness")),
+        "window_center": _float(_raw_values(ds, "WindowCenter")),
+        "window_width": _float(_raw_values(ds, "WindowWidth")),
+        "slope": _float(_raw_values(ds, "RescaleSlope"), default=1.0),
+        "intercept": _float(_raw_values(ds, "RescaleIntercept"), default=0.0),
+        "bits_stored": int(_float(_raw_values(ds, "BitsStored"), default=16)),
+        "pixel_representation": int(_float(_raw_values(ds, "PixelRepresentation"), default=0)),
+    }

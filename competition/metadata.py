@@ -1,0 +1,120 @@
+"""The metadata table: one row per image from a parallel, header-only pass over every DICOM.
+
+Resumable: finished chunks are kept in ``<out>.parts/`` until the table is written, and a run on a
+dataset whose table already covers every file reads nothing.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from competition.badfiles import record_bad_files
+from competition.dicom import HEADER_TAGS, DicomReadError, header_fields, read_dataset
+from competition.layout import Layout
+
+CHUNK = 2000  # files per resumable part; also the unit of work handed to a process
+
+COLUMNS = [
+    "image_id", "split", "path", "patient_id", "study_id", "series_id", "z", "slice_index", "n_slices",
+    "rows", "columns", "pixel_spacing_row", "pixel_spacing_col", "slice_thickness",
+    "window_center", "window_width", "slope", "intercept", "bits_stored", "pixel_representation",
+]
+
+
+def list_images(layout: Layout) -> pd.DataFrame:
+    """Every ``*.dcm`` of the dataset: image_id (file stem), split, path relative to DATA."""
+    rows = []
+    for split, folder in layout.image_dirs().items():
+        with os.scandir(folder) as entries:
+            for e in entries:
+                if e.name.endswith(".dcm") and e.is_file():
+                    rows.append((e.name[:-4], split, f"{folder.name}/{e.name}"))
+    table = pd.DataFrame(rows, columns=["image_id", "split", "path"]).sort_values("image_id", ignore_index=True)
+    dup = table["image_id"][table["image_id"].duplicated()]
+    if len(dup):
+        raise ValueError(f"image ids found in both train and test: {', '.join(dup[:5])}")
+    return table
+
+
+def read_headers(root: str, rel_paths: Sequence[str]) -> tuple[list[dict], list[dict]]:
+    """Header fields of each file; unreadable ones go to the second list with the reason."""
+    good, bad = [], []
+    for rel in rel_paths:
+        try:
+            ds = read_dataset(Path(root) / rel, stop_before_pixels=True)
+            good.append({"path": rel, **header_fields(ds)})
+        except DicomReadError as exc:
+            bad.append({"image_id": Path(rel).stem, "path": rel, "reason": exc.reason})
+    return good, bad
+
+
+def add_slice_order(table: pd.DataFrame) -> pd.DataFrame:
+    """slice_index (by z within the series, ties broken by image_id) and n_slices."""
+    table = table.sort_values(["series_id", "z", "image_id"], na_position="last", kind="mergesort")
+    table["slice_index"] = table.groupby("series_id", sort=False).cumcount().astype(np.int32)
+    table["n_slices"] = table.groupby("series_id", sort=False)["image_id"].transform("size").astype(np.int32)
+    return table.sort_values("image_id", ignore_index=True)
+
+
+def build_metadata(
+    data_dir: Path | str,
+    out_path: Path | str,
+    workers: int | None = None,
+    progress: bool = True,
+    bad_files_csv: Path | str | None = None,
+) -> pd.DataFrame:
+    """Read every header of the dataset into ``out_path`` (parquet); returns the table."""
+    layout = Layout.find(data_dir)
+    out_path = Path(out_path)
+    files = list_images(layout)
+    if files.empty:
+        raise FileNotFoundError(f"no .dcm files under {layout.train_dir} or {layout.test_dir}")
+    kept: list[pd.DataFrame] = []
+    if out_path.is_file():
+        done = pd.read_parquet(out_path)
+        if set(done["image_id"]) == set(files["image_id"]):
+            return done
+        # New files were added (or some were unreadable last time): read only those.
+        kept.append(done.drop(columns=["image_id", "split", "slice_index", "n_slices"]))
+
+    parts_dir = out_path.with_name(out_path.name + ".parts")
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    n_parts = len(list(parts_dir.glob("part-*.parquet")))
+    kept += [pd.read_parquet(p) for p in sorted(parts_dir.glob("part-*.parquet"))]
+    seen = set().union(*(set(p["path"]) for p in kept)) if kept else set()
+    todo = files.loc[~files["path"].isin(seen), "path"].tolist()
+    chunks = [todo[i : i + CHUNK] for i in range(0, len(todo), CHUNK)]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(chunks) or 1))
+    bad_rows: list[dict] = []
+    # A previous run's bad files are read again: they are few, and may have been replaced since.
+    with tqdm(total=len(files), initial=len(files) - len(todo), desc="headers", unit="file", disable=not progress) as bar:
+        with ProcessPoolExecutor(workers) as pool:
+            futures = [pool.submit(read_headers, str(layout.root), chunk) for chunk in chunks]
+            for n, future in enumerate(futures):
+                good, bad = future.result()
+                part = pd.DataFrame(good, columns=["path", *COLUMNS[3:]]).drop(columns=["slice_index", "n_slices"])
+                tmp = parts_dir / f"tmp-{n}.parquet"
+                part.to_parquet(tmp, index=False)
+                tmp.replace(parts_dir / f"part-{n_parts + n:06d}.parquet")
+                kept.append(part)
+                bad_rows += bad
+                bar.update(len(good) + len(bad))
+
+    headers = pd.concat(kept, ignore_index=True).drop_duplicates("path")
+    table = files.merge(headers, on="path", how="inner", validate="one_to_one")
+    table = add_slice_order(table)[COLUMNS]
+    if bad_files_csv is not None:
+        record_bad_files(bad_files_csv, bad_rows, stage="metadata")
+    tmp = out_path.with_suffix(".tmp")
+    table.to_parquet(tmp, index=False)
+    tmp.replace(out_path)
+    for p in parts_dir.glob("*.parquet"):
+        p.unlink()
+    parts_dir.rmdir()
+    return table
