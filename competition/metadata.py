@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -93,18 +94,22 @@ def build_metadata(
     workers = max(1, min(workers or os.cpu_count() or 1, len(chunks) or 1))
     bad_rows: list[dict] = []
     # A previous run's bad files are read again: they are few, and may have been replaced since.
-    with tqdm(total=len(files), initial=len(files) - len(todo), desc="headers", unit="file", disable=not progress) as bar:
-        with ProcessPoolExecutor(workers) as pool:
-            futures = [pool.submit(read_headers, str(layout.root), chunk) for chunk in chunks]
-            for n, future in enumerate(futures):
-                good, bad = future.result()
-                part = pd.DataFrame(good, columns=["path", *COLUMNS[3:]]).drop(columns=["slice_index", "n_slices"])
-                tmp = parts_dir / f"tmp-{n}.parquet"
-                part.to_parquet(tmp, index=False)
-                tmp.replace(parts_dir / f"part-{n_parts + n:06d}.parquet")
-                kept.append(part)
-                bad_rows += bad
-                bar.update(len(good) + len(bad))
+    root = str(layout.root)
+    with tqdm(total=len(files), initial=len(files) - len(todo), desc="headers", unit="file", disable=not progress) as bar, ExitStack() as stack:
+        if workers > 1:
+            pool = stack.enter_context(ProcessPoolExecutor(workers))
+            futures = [pool.submit(read_headers, root, chunk) for chunk in chunks]
+            results = (future.result() for future in futures)
+        else:  # in-process: no pool start-up for small datasets, and easy to debug
+            results = (read_headers(root, chunk) for chunk in chunks)
+        for n, (good, bad) in enumerate(results):
+            part = pd.DataFrame(good, columns=["path", *COLUMNS[3:]]).drop(columns=["slice_index", "n_slices"])
+            tmp = parts_dir / f"tmp-{n}.parquet"
+            part.to_parquet(tmp, index=False)
+            tmp.replace(parts_dir / f"part-{n_parts + n:06d}.parquet")
+            kept.append(part)
+            bad_rows += bad
+            bar.update(len(good) + len(bad))
 
     headers = pd.concat(kept, ignore_index=True).drop_duplicates("path")
     table = files.merge(headers, on="path", how="inner", validate="one_to_one")

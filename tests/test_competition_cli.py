@@ -1,0 +1,53 @@
+"""`python -m competition ...` end to end on small datasets: what it prints, and one-line errors."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+
+from competition.constants import LABELS
+from conftest import REPO
+from dicom_factory import write_ct
+
+
+def run(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "competition", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_prepare_writes_metadata_labels_folds(tmp_path):
+    data = tmp_path / "mini"
+    rows = []
+    for p in range(6):
+        for s in range(3):
+            image_id = f"ID_{p:04x}{s:05x}"
+            write_ct(data / "stage_2_train" / f"{image_id}.dcm", np.zeros((4, 4), np.uint16),
+                     patient=f"ID_{p:08x}", series=f"ID_{p:010x}", z=float(s))
+            rows += [(f"{image_id}_{label}", int(p % 2 == 0 and s == 1)) for label in LABELS]
+    write_ct(data / "stage_2_test" / "ID_fffffffff.dcm", np.zeros((4, 4), np.uint16))
+    pd.DataFrame(rows, columns=["ID", "Label"]).to_csv(data / "stage_2_train.csv", index=False)
+    work = tmp_path / "work"
+    result = run("prepare", "--data", str(data), "--work", str(work), "--workers", "1", "--n-folds", "3")
+    assert result.returncode == 0, result.stderr
+    for name in ("metadata.parquet", "labels.parquet", "folds.parquet"):
+        assert f"wrote {work / name}" in result.stdout
+    folds = pd.read_parquet(work / "folds.parquet")
+    assert len(folds) == 18 and set(folds["fold"]) == {0, 1, 2}
+    again = run("folds", "--data", str(data), "--work", str(work))
+    assert "kept" in again.stdout
+
+
+def test_default_work_folder_is_named_after_data(tmp_path, real_sample):
+    result = run("metadata", "--data", str(real_sample), "--workers", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "work" / "rsna_sample" / "metadata.parquet").is_file()
+
+
+def test_errors_are_one_line(tmp_path):
+    result = run("metadata", "--data", str(tmp_path / "absent"))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "does not exist" in result.stderr and "make data" in result.stderr
+    result = run("folds", "--data", str(tmp_path), "--work", str(tmp_path / "w"))
+    assert result.returncode == 2 and "run `python -m competition metadata" in result.stderr

@@ -1,0 +1,120 @@
+"""DICOM -> HU against pydicom's own modality LUT, the 12-bit quirk, odd sizes and broken files."""
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.multival import MultiValue
+from pydicom.pixels import apply_modality_lut
+
+from competition.dicom import DicomReadError, first_number, has_12bit_quirk, header_fields, read_dataset, read_hu
+from dicom_factory import random_stored, write_ct
+
+
+@pytest.mark.parametrize(
+    "slope, intercept",
+    [(1, -1024), ("1", "-1024"), (2, -1000), ("0.5", "-1024.0")],
+)
+def test_hu_matches_pydicom_modality_lut(tmp_path, slope, intercept):
+    rng = np.random.default_rng(0)
+    path = write_ct(tmp_path / "ID_000000001.dcm", random_stored(rng), slope=slope, intercept=intercept)
+    ds = pydicom.dcmread(path)
+    expected = apply_modality_lut(ds.pixel_array, ds)
+    got = read_hu(path)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-3)
+
+
+def test_non_square_non_512(tmp_path):
+    rng = np.random.default_rng(1)
+    path = write_ct(tmp_path / "ID_000000002.dcm", random_stored(rng, (300, 256)))
+    hu = read_hu(path)
+    assert hu.shape == (300, 256)
+    np.testing.assert_allclose(hu, random_stored(np.random.default_rng(1), (300, 256)).astype(np.float32) - 1024)
+
+
+def test_12bit_intercept_quirk_recovers_tissue_hu(tmp_path):
+    # Known tissue: air, CSF, brain, blood, bone. The quirky files store HU modulo 4096 (i.e. shifted
+    # by -1000 against the -1000 intercept they should have had) and carry an intercept above -100.
+    tissue = np.array([[-1000, 8, 35], [70, 1200, 3000]], dtype=np.float32)
+    stored = np.mod(tissue, 4096).astype(np.uint16)
+    path = write_ct(tmp_path / "ID_000000003.dcm", stored, intercept=1, bits_stored=12, pixel_representation=0)
+    ds = read_dataset(path)
+    assert has_12bit_quirk(ds)
+    np.testing.assert_array_equal(read_hu(path), tissue)
+    # Without the fix, air reads as dense bone: the quirk is real, not a no-op.
+    naive = apply_modality_lut(ds.pixel_array, ds)
+    assert naive[0, 0] > 3000
+
+
+def test_ordinary_file_is_not_quirky(tmp_path):
+    path = write_ct(tmp_path / "ID_000000004.dcm", np.zeros((4, 4), np.uint16), intercept=-1024)
+    assert not has_12bit_quirk(read_dataset(path))
+    assert (read_hu(path) == -1024).all()
+
+
+def test_truncated_pixel_data_is_a_typed_error(tmp_path):
+    path = write_ct(tmp_path / "ID_6431af929.dcm", random_stored(np.random.default_rng(2), (64, 64)))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 3000])
+    with pytest.raises(DicomReadError) as info:
+        read_hu(path)
+    assert info.value.path == path and "ID_6431af929" in str(info.value)
+
+
+def test_missing_pixel_data_is_a_typed_error(tmp_path):
+    path = write_ct(tmp_path / "ID_000000005.dcm", np.zeros((4, 4), np.uint16), with_pixels=False)
+    with pytest.raises(DicomReadError, match="no pixel data"):
+        read_hu(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a dicom file at all" * 10, b"\0" * 200])
+def test_not_dicom_is_a_typed_error(tmp_path, content):
+    path = tmp_path / "ID_000000006.dcm"
+    path.write_bytes(content)
+    with pytest.raises(DicomReadError) as info:
+        read_hu(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_file_is_a_typed_error(tmp_path):
+    with pytest.raises(DicomReadError, match="not found"):
+        read_hu(tmp_path / "nope.dcm")
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [(40, 40.0), ("40", 40.0), ("[00040, 00040]", 40.0), (b"00036\\00036", 36.0), (MultiValue(float, ["80", "100"]), 80.0),
+     ([-1024.0], -1024.0), (None, None), ("", None)],
+)
+def test_first_number(value, expected):
+    got = first_number(value)
+    assert (np.isnan(got) if expected is None else got == expected)
+
+
+def test_header_fields_windows_as_numbers_and_strings(tmp_path):
+    a = write_ct(tmp_path / "ID_00000000a.dcm", np.zeros((2, 2), np.uint16), window_center=40, window_width=80, z=12.5)
+    b = write_ct(tmp_path / "ID_00000000b.dcm", np.zeros((2, 2), np.uint16), window_center="00040\\00040", window_width="00080\\00080")
+    for path in (a, b):
+        fields = header_fields(pydicom.dcmread(path, stop_before_pixels=True))
+        assert fields["window_center"] == 40.0 and fields["window_width"] == 80.0
+    assert header_fields(pydicom.dcmread(a))["z"] == 12.5
+
+
+def test_real_sample_matches_pydicom(real_sample):
+    files = sorted((real_sample / "stage_2_test").glob("*.dcm"))
+    assert len(files) == 32
+    for path in files:
+        ds = pydicom.dcmread(path)
+        expected = apply_modality_lut(ds.pixel_array, ds)
+        hu = read_hu(path)
+        assert hu.shape == (512, 512)
+        np.testing.assert_array_equal(hu, expected)
+        fields = header_fields(pydicom.dcmread(path, stop_before_pixels=True))
+        assert fields["patient_id"] == ds.PatientID == "ID_52c1ab5a"
+        assert fields["z"] == pytest.approx(float(ds.ImagePositionPatient[2]))
+        assert (fields["window_center"], fields["window_width"]) == (float(ds.WindowCenter[0]), float(ds.WindowWidth[0]))
+        assert (fields["bits_stored"], fields["pixel_representation"], fields["intercept"]) == (12, 0, -1024.0)
+    # Brain parenchyma is in there: a real head, read with the right intercept.
+    centre = read_hu(files[len(files) // 2])[200:300, 200:300]
+    assert -50 < float(np.median(centre)) < 100

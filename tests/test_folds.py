@@ -1,0 +1,55 @@
+"""Folds: grouped by patient, stratified on patient-level `any`, deterministic for a seed."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from competition.constants import LABELS
+from competition.folds import make_folds
+
+
+def fake_tables(n_patients: int = 80, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    rng = np.random.default_rng(seed)
+    rows, labels = [], []
+    for p in range(n_patients):
+        positive = rng.random() < 0.35
+        for s in range(int(rng.integers(10, 30))):
+            image_id = f"ID_{p:04x}{s:05x}"
+            rows.append((image_id, "train", f"ID_{p:08x}"))
+            labels.append((image_id, *([0] * 5), int(positive and rng.random() < 0.4)))
+    for t in range(20):  # test images never get a fold
+        rows.append((f"ID_ffff{t:05x}", "test", f"ID_f{t:07x}"))
+    metadata = pd.DataFrame(rows, columns=["image_id", "split", "patient_id"])
+    return metadata, pd.DataFrame(labels, columns=["image_id", *LABELS])
+
+
+def test_no_patient_spans_two_folds_and_every_train_image_once():
+    metadata, labels = fake_tables()
+    folds = make_folds(metadata, labels, n_folds=5, seed=42)
+    assert sorted(folds["image_id"]) == sorted(labels["image_id"])
+    assert folds["image_id"].is_unique
+    assert (folds.groupby("patient_id")["fold"].nunique() == 1).all()
+    assert set(folds["fold"]) == set(range(5))
+
+
+def test_positive_patients_balanced_across_folds():
+    metadata, labels = fake_tables(n_patients=120, seed=3)
+    folds = make_folds(metadata, labels, n_folds=5, seed=7)
+    patient_pos = folds.merge(labels, on="image_id").groupby("patient_id").agg(fold=("fold", "first"), pos=("any", "max"))
+    per_fold = patient_pos.groupby("fold")["pos"].agg(["sum", "size"])
+    assert per_fold["sum"].max() - per_fold["sum"].min() <= 1
+    assert per_fold["size"].max() - per_fold["size"].min() <= 1
+
+
+def test_deterministic_for_a_seed():
+    metadata, labels = fake_tables()
+    a = make_folds(metadata, labels, seed=1)
+    pd.testing.assert_frame_equal(a, make_folds(metadata, labels, seed=1))
+    assert not a["fold"].equals(make_folds(metadata, labels, seed=2)["fold"])
+
+
+def test_too_few_patients_is_an_error():
+    metadata, labels = fake_tables(n_patients=3)
+    with pytest.raises(ValueError, match="3 patients cannot fill 5 folds"):
+        make_folds(metadata, labels, n_folds=5)

@@ -1,0 +1,61 @@
+"""The competition metric against sklearn's log_loss and hand-computed cases."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import log_loss
+
+from competition.constants import LABEL_WEIGHTS, LABELS
+from competition.metric import EPS, per_label_log_loss, prior_baseline, weighted_log_loss
+
+
+def test_weighted_log_loss_equals_sklearn_with_sample_weights():
+    rng = np.random.default_rng(0)
+    y = (rng.random((500, 6)) < 0.2).astype(int)
+    p = rng.uniform(0.01, 0.99, size=(500, 6))
+    weights = np.tile(LABEL_WEIGHTS, (500, 1))
+    expected = log_loss(y.ravel(), p.ravel(), sample_weight=weights.ravel(), labels=[0, 1])
+    assert weighted_log_loss(y, p) == pytest.approx(expected, rel=1e-12)
+
+
+def test_per_label_equals_sklearn():
+    rng = np.random.default_rng(1)
+    y = (rng.random((300, 6)) < 0.3).astype(int)
+    p = rng.uniform(0.05, 0.95, size=(300, 6))
+    got = per_label_log_loss(y, p)
+    assert list(got) == list(LABELS)
+    for i, label in enumerate(LABELS):
+        assert got[label] == pytest.approx(log_loss(y[:, i], p[:, i], labels=[0, 1]), rel=1e-12)
+
+
+def test_hand_computed_cases():
+    y = np.zeros((1, 6))
+    assert weighted_log_loss(y, np.full((1, 6), 0.5)) == pytest.approx(math.log(2))
+    # Only `any` wrong at 0.9 against truth 0: its loss -ln(0.1) counts twice out of 7 weights.
+    p = np.array([[0.0, 0.0, 0.0, 0.0, 0.0, 0.9]])
+    expected = (5 * -math.log(1 - EPS) + 2 * -math.log(0.1)) / 7
+    assert weighted_log_loss(y, p) == pytest.approx(expected)
+
+
+def test_clipping_keeps_confident_mistakes_finite():
+    y = np.ones((2, 6))
+    p = np.zeros((2, 6))
+    assert weighted_log_loss(y, p) == pytest.approx(-math.log(EPS))
+    assert weighted_log_loss(y, np.ones((2, 6))) < 1e-6
+
+
+def test_shape_and_nan_errors():
+    with pytest.raises(ValueError, match="LABELS order"):
+        weighted_log_loss(np.zeros((3, 5)), np.zeros((3, 5)))
+    with pytest.raises(ValueError, match="NaN"):
+        weighted_log_loss(np.zeros((1, 6)), np.full((1, 6), np.nan))
+
+
+def test_prior_baseline_is_the_training_rate():
+    y = np.array([[1, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0], [0, 0, 1, 0, 0, 1], [0, 0, 0, 0, 0, 0]])
+    prior = prior_baseline(y, 3)
+    np.testing.assert_allclose(prior, np.tile([0.25, 0, 0.25, 0, 0, 0.5], (3, 1)))
+    # The prior beats a constant 0.5 on the data it was fitted to.
+    assert weighted_log_loss(y, prior_baseline(y, 4)) < weighted_log_loss(y, np.full((4, 6), 0.5))
