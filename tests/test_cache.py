@@ -1,0 +1,165 @@
+"""The HU image cache: same HU as the reader, resumable, bad files listed and skipped."""
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+
+import features.cache as cache_module
+from competition.badfiles import read_bad_files
+from competition.dicom import read_hu
+from competition.metadata import build_metadata
+from dicom_factory import write_ct
+from features.cache import BAD, CACHED, ImageCache, build_cache, size_dir
+
+N_SLICES = 7
+SIDE = 32
+
+
+def make_dataset(root, rng, n_series=2, side=SIDE, n_slices=N_SLICES):
+    """n_series series of 12-bit unsigned slices (intercept -1024), z in no file-name order."""
+    for s in range(n_series):
+        zs = rng.permutation(n_slices) * 5.0 - 20.0
+        for z in zs:
+            image_id = f"ID_{rng.integers(0, 16**9):09x}"
+            write_ct(root / "stage_2_train" / f"{image_id}.dcm", rng.integers(0, 4096, (side, side), dtype=np.uint16),
+                     series=f"ID_00000000s{s}", study=f"ID_000000000{s}", z=float(z))
+    return root
+
+
+@pytest.fixture()
+def data(tmp_path):
+    return make_dataset(tmp_path / "comp", np.random.default_rng(0))
+
+
+def metadata_of(root, tmp_path):
+    return build_metadata(root, tmp_path / "work" / "metadata.parquet", workers=1, progress=False)
+
+
+def test_cache_holds_the_readers_hu(data, tmp_path):
+    meta = metadata_of(data, tmp_path)
+    cache_dir = tmp_path / "work" / "cache"
+    result = build_cache(data, meta, cache_dir, size=SIDE, workers=1, progress=False)
+    assert result["cached"] == len(meta) == result["written_now"] and result["bad"] == 0
+    assert result["bytes_per_slice"] == SIDE * SIDE * 2
+    cache = ImageCache(cache_dir)
+    assert cache.size == SIDE and len(cache) == len(meta)
+    for row in meta.itertuples():
+        ds = pydicom.dcmread(data / row.path)  # independent HU: raw * slope + intercept
+        expected = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        got = cache.read_hu(row.image_id)
+        assert got.shape == (SIDE, SIDE) and got.dtype == np.int16
+        np.testing.assert_array_equal(got, np.clip(expected, -1024, None))
+        assert row.image_id in cache
+
+
+def test_smaller_size_is_the_area_mean(data, tmp_path):
+    meta = metadata_of(data, tmp_path)
+    build_cache(data, meta, tmp_path / "cache", size=SIDE // 2, workers=1, progress=False)
+    cache = ImageCache(tmp_path / "cache")
+    for row in meta.head(4).itertuples():
+        hu = np.clip(read_hu(data / row.path).astype(np.float64), -1024, None)
+        block_mean = hu.reshape(SIDE // 2, 2, SIDE // 2, 2).mean(axis=(1, 3))
+        assert np.abs(cache.read_hu(row.image_id) - block_mean).max() <= 0.5 + 1e-6  # rounding to int16
+
+
+def test_real_sample_at_256(real_sample, tmp_path):
+    meta = build_metadata(real_sample, tmp_path / "metadata.parquet", workers=1, progress=False)
+    build_cache(real_sample, meta, tmp_path / "cache", size=256, workers=2, progress=False)
+    cache = ImageCache(tmp_path / "cache")
+    assert len(cache) == len(meta) == 32
+    for row in meta.head(3).itertuples():
+        hu = np.clip(read_hu(real_sample / row.path).astype(np.float64), -1024, None)
+        assert hu.shape == (512, 512)
+        block_mean = hu.reshape(256, 2, 256, 2).mean(axis=(1, 3))
+        assert np.abs(cache.read_hu(row.image_id) - block_mean).max() <= 0.5 + 1e-6
+
+
+def test_bad_files_are_listed_and_skipped(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_module, "CHUNK", 3)  # several tasks, so the process pool is used
+    meta = metadata_of(data, tmp_path)
+    truncated, vanished = meta["image_id"].iloc[2], meta["image_id"].iloc[5]
+    path = data / meta["path"].iloc[2]
+    path.write_bytes(path.read_bytes()[:-100])  # header intact, pixel data cut short
+    (data / meta["path"].iloc[5]).unlink()  # deleted after the metadata pass
+    cache_dir = tmp_path / "work" / "cache"
+    result = build_cache(data, meta, cache_dir, size=SIDE, workers=2, progress=False)
+    assert result["bad"] == 2 and result["cached"] == len(meta) - 2
+    listed = pd.read_csv(result["bad_files_csv"])
+    assert sorted(listed["image_id"]) == sorted([truncated, vanished])
+    assert listed.set_index("image_id").loc[truncated, "reason"].startswith("pixel data cannot be decoded")
+    shared = read_bad_files(tmp_path / "work" / "bad_files.csv")  # next to the cache: WorkPaths.bad_files
+    assert sorted(shared["image_id"]) == sorted([truncated, vanished]) and set(shared["stage"]) == {f"cache_{SIDE}px"}
+    cache = ImageCache(cache_dir)
+    assert truncated not in cache and vanished not in cache and sorted(cache.bad_ids) == sorted([truncated, vanished])
+    with pytest.raises(KeyError, match="listed as bad"):
+        cache.read_hu(truncated)
+    assert (cache.rows_of([truncated, meta["image_id"].iloc[0], "ID_unknown"]) == [-1, cache.row(meta["image_id"].iloc[0]), -1]).all()
+    # A rerun does not try them again, and keeps them listed.
+    again = build_cache(data, meta, cache_dir, size=SIDE, workers=1, progress=False)
+    assert again["written_now"] == 0 and again["bad_now"] == 0 and again["bad"] == 2
+    assert len(pd.read_csv(again["bad_files_csv"])) == 2
+
+
+def test_interrupted_pass_resumes(data, tmp_path, monkeypatch):
+    meta = metadata_of(data, tmp_path)
+    monkeypatch.setattr(cache_module, "CHUNK", 3)
+    calls = []
+    real_chunk = cache_module._cache_chunk
+
+    def failing_chunk(*args):
+        calls.append(len(args[-1]))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_chunk(*args)
+
+    monkeypatch.setattr(cache_module, "_cache_chunk", failing_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(data, meta, tmp_path / "cache", size=SIDE, workers=1, progress=False)
+    monkeypatch.setattr(cache_module, "_cache_chunk", real_chunk)
+    partial = ImageCache(tmp_path / "cache")
+    assert len(partial) == 6
+    result = build_cache(data, meta, tmp_path / "cache", size=SIDE, workers=1, progress=False)
+    assert result["already_done"] == 6 and result["written_now"] == len(meta) - 6
+    cache = ImageCache(tmp_path / "cache")
+    for row in meta.itertuples():
+        np.testing.assert_array_equal(cache.read_hu(row.image_id), np.clip(np.rint(read_hu(data / row.path)), -1024, None))
+
+
+def test_new_images_are_appended_and_workers_agree(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_module, "CHUNK", 3)  # several tasks, so the process pool is used
+    meta = metadata_of(data, tmp_path)
+    first, rest = meta.iloc[:5], meta
+    build_cache(data, first, tmp_path / "one", size=SIDE // 2, workers=1, progress=False)
+    result = build_cache(data, rest, tmp_path / "one", size=SIDE // 2, workers=1, progress=False)
+    assert result["already_done"] == 5 and result["written_now"] == len(meta) - 5
+    build_cache(data, meta, tmp_path / "two", size=SIDE // 2, workers=2, progress=False)
+    one, two = ImageCache(tmp_path / "one"), ImageCache(tmp_path / "two")
+    for image_id in meta["image_id"]:
+        np.testing.assert_array_equal(one.read_hu(image_id), two.read_hu(image_id))
+    # Rows follow series and z order, so 2.5D neighbours are adjacent on disk.
+    ordered = meta.sort_values(["split", "series_id", "slice_index"])["image_id"].tolist()
+    assert two.ids == ordered
+
+
+def test_image_cache_pickles_small_and_names_its_errors(data, tmp_path):
+    meta = metadata_of(data, tmp_path)
+    with pytest.raises(FileNotFoundError, match="python -m features cache"):
+        ImageCache(tmp_path / "cache")
+    build_cache(data, meta, tmp_path / "cache", size=SIDE, workers=1, progress=False)
+    build_cache(data, meta, tmp_path / "cache", size=SIDE // 2, workers=1, progress=False)
+    with pytest.raises(ValueError, match="pass size="):
+        ImageCache(tmp_path / "cache")
+    with pytest.raises(FileNotFoundError, match="--size 64"):
+        ImageCache(tmp_path / "cache", size=64)
+    cache = ImageCache(tmp_path / "cache", size=SIDE)
+    image_id = meta["image_id"].iloc[0]
+    before = cache.read_hu(image_id)
+    blob = pickle.dumps(cache)
+    assert len(blob) < 20_000  # the memory map is reopened, not copied
+    np.testing.assert_array_equal(pickle.loads(blob).read_hu(image_id), before)
+    status = np.fromfile(size_dir(tmp_path / "cache", SIDE) / "status.uint8", dtype=np.uint8)
+    assert set(status) == {CACHED} and BAD not in status
