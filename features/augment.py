@@ -1,0 +1,122 @@
+"""Training augmentations (albumentations), split in two so that each runs where it is cheapest.
+
+- Geometric (flips, crop, Affine shift-scale-rotate) runs on the HU slices *before* windowing:
+  a 3-window combination of one slice warps one channel, not three, and the border is filled
+  with air (-1024 HU), which every window maps to black.
+- Photometric (brightness/contrast, CoarseDropout random erasing) runs on the windowed [0, 1]
+  channels.
+
+Both are off at validation (the dataset does not call them). The random state is per process and
+seeded from ``torch.initial_seed()``, which PyTorch sets differently in each DataLoader worker and
+epoch, so workers do not repeat each other's augmentations and a seeded run is reproducible.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import albumentations as A
+import cv2
+import numpy as np
+
+from features.cache import HU_MIN
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    hflip: float = 0.5
+    vflip: float = 0.1
+    crop: float = 0.3  # probability of a random resized crop (zoom into part of the head)
+    crop_scale: tuple[float, float] = (0.7, 1.0)
+    affine: float = 0.7  # probability of shift-scale-rotate
+    shift: float = 0.0625  # fraction of the side
+    scale: tuple[float, float] = (0.9, 1.1)
+    rotate: float = 15.0  # degrees, both ways
+    brightness_contrast: float = 0.5
+    brightness: float = 0.1
+    contrast: float = 0.1
+    erase: float = 0.3  # probability of CoarseDropout
+    erase_holes: tuple[int, int] = (1, 4)
+    erase_size: tuple[float, float] = (0.05, 0.15)  # hole side as a fraction of the image side
+
+
+class BrightnessContrast(A.RandomBrightnessContrast):
+    """RandomBrightnessContrast (same parameters and sampling) with a float32 in-place apply:
+    albucore's float path goes through float64 OpenCV calls and costs ~3 ms on 3 x 256 x 256."""
+
+    def apply(self, img: np.ndarray, alpha: float, beta: float, **params) -> np.ndarray:
+        if img.dtype != np.float32:
+            return super().apply(img, alpha, beta, **params)
+        out = np.multiply(img, np.float32(alpha), dtype=np.float32)
+        out += np.float32(beta)
+        return np.clip(out, 0.0, 1.0, out=out)
+
+
+class Erasing(A.CoarseDropout):
+    """CoarseDropout (same parameters and sampling) whose numeric fill keeps the input's memory
+    layout, so the dataset can erase a channels-first array through a channels-last view."""
+
+    def apply(self, img: np.ndarray, holes: np.ndarray, seed: int, **params) -> np.ndarray:
+        if holes.size == 0 or not isinstance(self.fill, (int, float)):
+            return super().apply(img, holes, seed, **params)
+        out = img.copy(order="K")
+        for x1, y1, x2, y2 in holes:
+            out[y1:y2, x1:x2] = self.fill
+        return out
+
+
+def geometric_transform(size: int, cfg: AugmentConfig = AugmentConfig(), seed: int | None = None) -> A.Compose:
+    """For H x W x K float32 HU slices; output size x size x K."""
+    return A.Compose(
+        [
+            A.HorizontalFlip(p=cfg.hflip),
+            A.VerticalFlip(p=cfg.vflip),
+            A.RandomResizedCrop(size=(size, size), scale=cfg.crop_scale, ratio=(0.9, 1.1), p=cfg.crop),
+            A.Affine(
+                translate_percent=(-cfg.shift, cfg.shift),
+                scale=cfg.scale,
+                rotate=(-cfg.rotate, cfg.rotate),
+                interpolation=cv2.INTER_LINEAR,
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=float(HU_MIN),
+                p=cfg.affine,
+            ),
+        ],
+        seed=seed,
+    )
+
+
+def photometric_transform(cfg: AugmentConfig = AugmentConfig(), seed: int | None = None) -> A.Compose:
+    """For H x W x C float32 windowed channels in [0, 1]."""
+    return A.Compose(
+        [
+            BrightnessContrast(
+                brightness_limit=cfg.brightness, contrast_limit=cfg.contrast, p=cfg.brightness_contrast
+            ),
+            Erasing(
+                num_holes_range=cfg.erase_holes,
+                hole_height_range=cfg.erase_size,
+                hole_width_range=cfg.erase_size,
+                fill=0.0,
+                p=cfg.erase,
+            ),
+        ],
+        seed=seed,
+    )
+
+
+class Augmenter:
+    """The two stages with one seed: ``geometric`` on H x W x K HU, ``photometric`` on C x H x W."""
+
+    def __init__(self, size: int, cfg: AugmentConfig = AugmentConfig(), seed: int | None = None):
+        self.geo = geometric_transform(size, cfg, seed)
+        self.photo = photometric_transform(cfg, None if seed is None else seed + 1)
+
+    def geometric(self, hu_hwk: np.ndarray) -> np.ndarray:
+        out = self.geo(image=hu_hwk)["image"]
+        return out if out.ndim == 3 else out[..., None]
+
+    def photometric(self, image_chw: np.ndarray) -> np.ndarray:
+        """C x H x W in, C x H x W (contiguous) out; runs on a channels-last view, no transposing copy."""
+        out = self.photo(image=image_chw.transpose(1, 2, 0))["image"]
+        out = out if out.ndim == 3 else out[..., None]
+        return np.ascontiguousarray(out.transpose(2, 0, 1))
