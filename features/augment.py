@@ -51,19 +51,6 @@ class BrightnessContrast(A.RandomBrightnessContrast):
         return np.clip(out, 0.0, 1.0, out=out)
 
 
-class Erasing(A.CoarseDropout):
-    """CoarseDropout (same parameters and sampling) whose numeric fill keeps the input's memory
-    layout, so the dataset can erase a channels-first array through a channels-last view."""
-
-    def apply(self, img: np.ndarray, holes: np.ndarray, seed: int, **params) -> np.ndarray:
-        if holes.size == 0 or not isinstance(self.fill, (int, float)):
-            return super().apply(img, holes, seed, **params)
-        out = img.copy(order="K")
-        for x1, y1, x2, y2 in holes:
-            out[y1:y2, x1:x2] = self.fill
-        return out
-
-
 def geometric_transform(size: int, cfg: AugmentConfig = AugmentConfig(), seed: int | None = None) -> A.Compose:
     """For H x W x K float32 HU slices; output size x size x K."""
     return A.Compose(
@@ -86,13 +73,13 @@ def geometric_transform(size: int, cfg: AugmentConfig = AugmentConfig(), seed: i
 
 
 def photometric_transform(cfg: AugmentConfig = AugmentConfig(), seed: int | None = None) -> A.Compose:
-    """For H x W x C float32 windowed channels in [0, 1]."""
+    """For C x H x W float32 windowed channels in [0, 1], passed as ``images=``."""
     return A.Compose(
         [
             BrightnessContrast(
                 brightness_limit=cfg.brightness, contrast_limit=cfg.contrast, p=cfg.brightness_contrast
             ),
-            Erasing(
+            A.CoarseDropout(
                 num_holes_range=cfg.erase_holes,
                 hole_height_range=cfg.erase_size,
                 hole_width_range=cfg.erase_size,
@@ -105,18 +92,19 @@ def photometric_transform(cfg: AugmentConfig = AugmentConfig(), seed: int | None
 
 
 class Augmenter:
-    """The two stages with one seed: ``geometric`` on H x W x K HU, ``photometric`` on C x H x W."""
+    """The two stages with one seed: ``geometric`` on H x W (x K) HU, ``photometric`` on C x H x W."""
 
     def __init__(self, size: int, cfg: AugmentConfig = AugmentConfig(), seed: int | None = None):
         self.geo = geometric_transform(size, cfg, seed)
         self.photo = photometric_transform(cfg, None if seed is None else seed + 1)
 
-    def geometric(self, hu_hwk: np.ndarray) -> np.ndarray:
-        out = self.geo(image=hu_hwk)["image"]
-        return out if out.ndim == 3 else out[..., None]
+    def geometric(self, hu: np.ndarray) -> np.ndarray:
+        """H x W or H x W x K HU in, the same layout out."""
+        out = self.geo(image=hu)["image"]
+        return out[..., None] if hu.ndim == 3 and out.ndim == 2 else out
 
     def photometric(self, image_chw: np.ndarray) -> np.ndarray:
-        """C x H x W in, C x H x W (contiguous) out; runs on a channels-last view, no transposing copy."""
-        out = self.photo(image=image_chw.transpose(1, 2, 0))["image"]
-        out = out if out.ndim == 3 else out[..., None]
-        return np.ascontiguousarray(out.transpose(2, 0, 1))
+        """C x H x W in and out. The channels go in as albumentations' ``images`` (a stack of
+        grayscale images sharing one set of parameters): the same brightness and the same holes on
+        every channel, with no channels-last transposing copy (which costs more than the transforms)."""
+        return self.photo(images=image_chw)["images"]

@@ -156,8 +156,11 @@ class SliceDataset(Dataset):
         header = self._header[i] if self._header is not None else None
         if self.augment:
             aug = self._get_augmenter()
-            hu_hwk = aug.geometric(np.ascontiguousarray(hu.transpose(1, 2, 0)))
-            image = aug.photometric(apply_combination(self.combination, hu_hwk.transpose(2, 0, 1), header))
+            if len(hu) == 1:  # one slice: warp it as a plain H x W image
+                hu = aug.geometric(hu[0])[None]
+            else:
+                hu = aug.geometric(np.ascontiguousarray(hu.transpose(1, 2, 0))).transpose(2, 0, 1)
+            image = aug.photometric(apply_combination(self.combination, hu, header))
         else:
             image = apply_combination(self.combination, hu, header)
         return torch.from_numpy(image), torch.tensor(self._labels[i])  # labels copied: callers may edit them

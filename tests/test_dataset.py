@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from competition.constants import LABELS
 from competition.metadata import build_metadata
 from dicom_factory import write_ct
-from features.augment import AugmentConfig, Augmenter, BrightnessContrast, Erasing
+from features.augment import AugmentConfig, Augmenter, BrightnessContrast
 from features.cache import ImageCache, build_cache
 from features.dataset import SliceDataset, cached_only, neighbour_ids
 from features.windows import apply_combination
@@ -211,11 +211,14 @@ def test_fast_transforms_match_albumentations():
     ours, theirs = BrightnessContrast(p=1), A.RandomBrightnessContrast(p=1)
     for alpha, beta in ((1.2, 0.1), (0.8, -0.15)):
         np.testing.assert_allclose(ours.apply(img, alpha=alpha, beta=beta), theirs.apply(img, alpha=alpha, beta=beta), atol=1e-6)
-    holes = np.array([[1, 2, 5, 7], [10, 10, 16, 12]])
-    ours, theirs = Erasing(fill=0.0, p=1), A.CoarseDropout(fill=0.0, p=1)
-    chw = np.ascontiguousarray(img.transpose(2, 0, 1))
-    np.testing.assert_array_equal(ours.apply(chw.transpose(1, 2, 0), holes=holes, seed=0),
-                                  theirs.apply(img, holes=holes, seed=0))
+    # Photometric on C x H x W: one set of holes, shared by every channel; the rest untouched.
+    chw = np.ascontiguousarray(img.transpose(2, 0, 1)) + 0.5
+    erase = Augmenter(16, AugmentConfig(erase=1.0, erase_holes=(2, 2), erase_size=(0.2, 0.3), brightness_contrast=0),
+                      seed=0)
+    out = erase.photometric(chw)
+    holes = out == 0
+    assert out.shape == chw.shape and holes.any() and (holes == holes[0]).all()
+    np.testing.assert_array_equal(out[~holes], chw[~holes])
     # The geometric stage fills with air, never clips HU.
     aug = Augmenter(16, AugmentConfig(hflip=0, vflip=0, crop=0, affine=1.0), seed=0)
     hu = np.full((16, 16, 1), 2000.0, np.float32)
