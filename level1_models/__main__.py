@@ -1,0 +1,114 @@
+"""``python -m level1_models <command>``: oof (K-fold training), list (the zoo), bench (images/s).
+
+Under ``torchrun --nproc_per_node=N -m level1_models oof ...`` each process trains its share of
+every batch (DDP); only rank 0 writes files.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from competition.cli import run_main
+from level1_models.config import parse_field, parse_sets
+from level1_models.registry import get_spec, list_models
+
+# Command-line option -> config field (the Makefile's FOLDS, EPOCHS, IMG_SIZE, BATCH, LIMIT, DEVICE).
+OPTION_FIELDS = {"folds": "folds", "epochs": "epochs", "img_size": "img_size", "batch": "batch_size",
+                 "limit": "limit", "device": "device", "workers": "workers"}
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a zoo name (python -m level1_models list)")
+    p.add_argument("--work", type=Path, default=None, help="work folder (default work/<basename of DATA>)")
+    p.add_argument("--folds", default=None, help="folds to run, e.g. 0,1 (default: every fold)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None, help="global batch size")
+    p.add_argument("--limit", type=int, default=None, help="at most N training images per fold")
+    p.add_argument("--device", default=None, help="auto, cpu or cuda")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any spec or run field, e.g. --set lr=3e-4 --set compile=true (repeatable)")
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for option, field in OPTION_FIELDS.items():
+        value = getattr(args, option)
+        if value is not None:
+            out[field] = parse_field(field, value) if isinstance(value, str) and field == "folds" else value
+    out.update(parse_sets(args.sets))
+    return out
+
+
+def cmd_oof(args: argparse.Namespace) -> None:
+    from level1_models.train import run_model
+
+    try:
+        run_model(args.model, args.data, args.work, overrides_from(args))
+    finally:
+        from level1_models.distributed import shutdown
+
+        shutdown()
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    names = list_models(args.pattern)
+    if not names:
+        print(f"no model matches {args.pattern!r}; all: {', '.join(list_models())}", file=sys.stderr)
+        return
+    for name in names:
+        spec = get_spec(name)
+        if args.cpu and not spec.cpu_friendly:
+            continue
+        print(f"{name:<18} {spec.arch:<22} {spec.combination:<12} {spec.img_size:>4} px  batch {spec.batch_size:<3} "
+              f"{spec.epochs} ep  {spec.description}")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from competition.paths import WorkPaths
+    from level1_models.bench import print_bench, run_bench
+    from level1_models.config import build_config
+    from level1_models.data import load_inputs
+    from level1_models.train import setup_runtime
+
+    cfg, rt = setup_runtime(build_config(args.model, overrides_from(args)))
+    inputs = None
+    if args.data is not None:
+        inputs = load_inputs(args.data, WorkPaths.for_data(args.data, args.work), cfg.combination, cfg.img_size)
+    print_bench(cfg, rt, run_bench(cfg, rt, inputs, steps=args.steps, warmup=args.warmup))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m level1_models", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("oof", help="K-fold training -> OOF + test predictions, checkpoints, metrics, curves")
+    p.add_argument("--data", required=True, type=Path, help="competition folder in the Kaggle layout")
+    add_run_options(p)
+    p.set_defaults(func=cmd_oof)
+
+    p = sub.add_parser("list", help="the registered models (fnmatch PATTERN, like timm.list_models)")
+    p.add_argument("pattern", nargs="?", default="*")
+    p.add_argument("--cpu", action="store_true", help="only the specs small enough for a CPU")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("bench", help="training / inference images/s and the share of time waiting for data")
+    p.add_argument("--data", type=Path, default=None, help="prepared dataset (omit: random tensors only)")
+    add_run_options(p)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per figure")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, prog="level1_models"))

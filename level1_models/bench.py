@@ -1,0 +1,132 @@
+"""``make bench-train MODEL=...``: training and inference images/s at the spec's size, and the share
+of time the model waits for data.
+
+The same model runs twice: fed from random tensors already on the device (the compute ceiling) and
+fed from the real DataLoader (cache reads, windowing, augmentation in ``workers`` processes). The
+wait share is the time spent blocked on the next batch over the whole loop; if the data-fed rate is
+well below the random-tensor rate, add workers or a smaller cache size. One line per figure,
+``name: value unit``.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from competition.constants import LABEL_WEIGHTS
+from features.windows import n_channels
+from level1_models.config import TrainConfig
+from level1_models.data import RunInputs
+from level1_models.modeling import build_model
+from level1_models.predict import AMP_DTYPES, autocast
+from level1_models.train import Runtime, make_optimizer, weighted_bce_sum
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_loop(batches: Iterator, step: Callable[[torch.Tensor, torch.Tensor], None], n_steps: int, warmup: int,
+                device: torch.device) -> tuple[float, float, int]:
+    """Run warmup + n_steps steps; returns (seconds, seconds waiting for batches, images) of the timed part."""
+    total = wait = 0.0
+    images = 0
+    for i in range(warmup + n_steps):
+        t0 = time.perf_counter()
+        try:
+            x, y = next(batches)
+        except StopIteration:
+            break
+        t1 = time.perf_counter()
+        step(x, y)
+        _sync(device)
+        t2 = time.perf_counter()
+        if i >= warmup:
+            total += t2 - t0
+            wait += t1 - t0
+            images += len(x)
+    return total, wait, images
+
+
+def _repeat(loader: DataLoader) -> Iterator:
+    while True:
+        yield from loader
+
+
+def run_bench(cfg: TrainConfig, rt: Runtime, inputs: RunInputs | None, steps: int = 20, warmup: int = 3) -> dict[str, float]:
+    device = rt.device
+    model = build_model(cfg, use_pretrained=False, announce=False).to(device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    fwd = torch.compile(model) if cfg.compile else model
+    optimizer = make_optimizer(cfg, model)
+    scaler = torch.amp.GradScaler(device.type, enabled=AMP_DTYPES[rt.amp] is torch.float16)
+    weights = torch.as_tensor(LABEL_WEIGHTS, dtype=torch.float32, device=device)
+
+    def prepare(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if rt.channels_last else x
+
+    def train_step(x: torch.Tensor, y: torch.Tensor) -> None:
+        x, y = prepare(x), y.to(device, non_blocking=True)
+        with autocast(device, rt.amp):
+            logits = fwd(x)
+        loss = weighted_bce_sum(logits, y, weights) / len(x)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    @torch.no_grad()
+    def infer_step(x: torch.Tensor, y: torch.Tensor) -> None:
+        with autocast(device, rt.amp):
+            fwd(prepare(x))
+
+    shape = (n_channels(cfg.combination), cfg.img_size, cfg.img_size)
+
+    def random_batches(batch: int) -> Iterator:
+        x = torch.rand(batch, *shape, device=device)
+        y = (torch.rand(batch, 6, device=device) < 0.1).float()
+        while True:
+            yield x, y
+
+    out: dict[str, float] = {}
+    model.train()
+    seconds, _, images = _timed_loop(random_batches(cfg.batch_size), train_step, steps, warmup, device)
+    out["train_random_tensors"] = images / seconds
+    model.eval()
+    seconds, _, images = _timed_loop(random_batches(cfg.eval_batch), infer_step, steps, warmup, device)
+    out["infer_random_tensors"] = images / seconds
+
+    if inputs is not None:
+        ids = inputs.folds["image_id"].tolist()
+        need = (steps + warmup) * max(cfg.batch_size, cfg.eval_batch)
+        ids = [ids[i] for i in np.random.default_rng(cfg.seed).permutation(len(ids))[:need]]
+        pin = device.type == "cuda"
+        train_ds: Dataset = inputs.datasets(ids, labeled=True, augment=cfg.augment)
+        loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers,
+                            pin_memory=pin, drop_last=len(ids) >= cfg.batch_size)
+        model.train()
+        seconds, wait, images = _timed_loop(_repeat(loader), train_step, steps, warmup, device)
+        out["train_data_loader"] = images / seconds
+        out["train_data_wait"] = 100.0 * wait / seconds
+        eval_ds = inputs.datasets(ids, labeled=True, augment=False)
+        loader = DataLoader(Subset(eval_ds, range(len(ids))), batch_size=cfg.eval_batch, num_workers=cfg.workers,
+                            pin_memory=pin)
+        model.eval()
+        seconds, wait, images = _timed_loop(_repeat(loader), infer_step, steps, warmup, device)
+        out["infer_data_loader"] = images / seconds
+        out["infer_data_wait"] = 100.0 * wait / seconds
+    return out
+
+
+def print_bench(cfg: TrainConfig, rt: Runtime, figures: dict[str, float]) -> None:
+    print(f"bench_model: {cfg.name} ({cfg.arch}, {n_channels(cfg.combination)} ch, {cfg.img_size} px, "
+          f"batch {cfg.batch_size}, {rt.device}, amp {rt.amp}, workers {cfg.workers})")
+    for name, value in figures.items():
+        unit = "%" if name.endswith("_wait") else "images/s"
+        print(f"{name}: {value:.1f} {unit}")

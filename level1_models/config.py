@@ -1,0 +1,166 @@
+"""A run's configuration: the named spec, the run options, and command-line overrides.
+
+``TrainConfig`` is one flat record (spec fields + run fields) so that ``--set key=value`` can
+override any of them; ``resolve`` fixes the automatic choices (device, mixed precision,
+channels-last) so the saved ``config.json`` says exactly what ran.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from level1_models.registry import ModelSpec, get_spec
+
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+DEVICES = ("auto", "cpu", "cuda")
+
+# Fields that decide what a checkpoint *is*: a model folder trained with other values cannot be
+# resumed or mixed with this run.
+IDENTITY_FIELDS = ("arch", "combination", "img_size", "output_stride")
+
+
+class ConfigError(ValueError):
+    """A bad override or option; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class TrainConfig(ModelSpec):
+    folds: tuple[int, ...] | None = None  # None: every fold of the folds table
+    limit: int | None = None  # at most this many training images per fold (validation stays whole)
+    device: str = "auto"  # auto | cpu | cuda (cuda:<i> accepted)
+    workers: int = 2  # DataLoader worker processes
+    seed: int = 42
+    amp: str = "auto"  # auto: bf16 on CUDA where supported, else fp16 on CUDA, off on CPU
+    channels_last: bool | None = None  # None: on for CUDA
+    compile: bool = False  # torch.compile the model
+    pretrained: bool = True  # use ImageNet weights when found locally
+    pretrained_file: str | None = None  # a local weights file (overrides timm's cache)
+    require_pretrained: bool = False  # missing weights are an error instead of training from scratch
+    eval_batch_size: int | None = None  # None: 2 x batch_size
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.amp not in AMP_MODES:
+            raise ConfigError(f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
+        if self.device.split(":")[0] not in DEVICES:
+            raise ConfigError(f"device must be auto, cpu or cuda[:i], got {self.device!r}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be >= 1 images per fold, got {self.limit}")
+        if self.workers < 0:
+            raise ConfigError(f"workers must be >= 0, got {self.workers}")
+
+    @property
+    def eval_batch(self) -> int:
+        return self.eval_batch_size or 2 * self.batch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in values.items() if k in known}
+        if kwargs.get("folds") is not None:
+            kwargs["folds"] = tuple(int(f) for f in kwargs["folds"])
+        return cls(**kwargs)
+
+    def identity(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in IDENTITY_FIELDS}
+
+
+_TYPES = typing.get_type_hints(TrainConfig)
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def _parse_bool(name: str, text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}: expected true or false, got {text!r}")
+
+
+def parse_field(name: str, text: str) -> Any:
+    """Parse the command-line text of one field by the field's declared type."""
+    if name not in _TYPES:
+        close = difflib.get_close_matches(name, FIELD_NAMES, n=3, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown config field {name!r}.{hint} Fields: {', '.join(FIELD_NAMES)}")
+    kind = _TYPES[name]
+    args = typing.get_args(kind)
+    optional = isinstance(kind, types.UnionType) and type(None) in args
+    if optional:
+        if text.strip().lower() in ("none", "null", ""):
+            return None
+        kind = next(a for a in args if a is not type(None))
+    try:
+        if kind is bool:
+            return _parse_bool(name, text)
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+        if kind is str:
+            return text
+        if typing.get_origin(kind) is tuple:
+            return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as err:
+        raise ConfigError(f"{name}: cannot read {text!r} as {getattr(kind, '__name__', kind)} ({err})") from None
+    raise ConfigError(f"{name}: unsupported field type {kind}")
+
+
+def parse_sets(items: Iterable[str]) -> dict[str, Any]:
+    """``["lr=3e-4", "augment=false"]`` -> typed overrides."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        out[key.strip().replace("-", "_")] = parse_field(key.strip().replace("-", "_"), value)
+    return out
+
+
+def build_config(name: str, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """The named spec with overrides applied (None values mean "not given")."""
+    spec = get_spec(name)
+    values = dataclasses.asdict(spec)
+    for key, value in (overrides or {}).items():
+        if key not in FIELD_NAMES:
+            parse_field(key, "")  # raises the unknown-field error with close matches
+        if key == "name" and value != name:
+            raise ConfigError("the model name is chosen with --model, not --set name=")
+        values[key] = value
+    try:
+        return TrainConfig.from_dict(values)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model {name}: {err}") from None
+
+
+def resolve(cfg: TrainConfig, cuda_available: bool, bf16_supported: bool, local_rank: int = 0) -> TrainConfig:
+    """Fix the automatic choices for this machine: device, mixed precision, channels-last."""
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if cuda_available else "cpu"
+    if device.startswith("cuda"):
+        if not cuda_available:
+            raise ConfigError("device cuda requested but torch sees no CUDA GPU; use --device cpu")
+        if device == "cuda":
+            device = f"cuda:{local_rank}"
+    amp = cfg.amp
+    if amp == "auto":
+        amp = ("bf16" if bf16_supported else "fp16") if device.startswith("cuda") else "off"
+    channels_last = device.startswith("cuda") if cfg.channels_last is None else cfg.channels_last
+    return dataclasses.replace(cfg, device=device, amp=amp, channels_last=channels_last)
+
+
+def read_config(path: Path) -> TrainConfig:
+    return TrainConfig.from_dict(json.loads(Path(path).read_text()))

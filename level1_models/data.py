@@ -1,0 +1,124 @@
+"""What a level-1 run reads: the shared folds and labels, the test ids, and the image datasets.
+
+The training loop sees data only through ``RunInputs``: the folds table, the labels, the test ids
+(exactly the sample submission's images, in its order) and a ``DatasetFactory`` that turns a list
+of image ids into a torch Dataset of (C x H x W image, six labels). The real factory reads the
+image cache through ``features.dataset.SliceDataset``; tests can pass a small synthetic one.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import pandas as pd
+from torch.utils.data import Dataset
+
+from competition.constants import LABELS
+from competition.labels import split_long_ids
+from competition.layout import Layout
+from competition.paths import WorkPaths
+
+
+class DatasetFactory(Protocol):
+    """Builds the Dataset of some images; ``labeled`` images carry their six labels."""
+
+    def __call__(self, image_ids: Sequence[str], labeled: bool, augment: bool) -> Dataset: ...
+
+
+@dataclass
+class RunInputs:
+    folds: pd.DataFrame  # image_id, fold (every labelled train image once)
+    labels: pd.DataFrame  # image_id + LABELS
+    test_ids: list[str]  # the sample submission's images, in its order
+    datasets: DatasetFactory
+    trainable: set[str] | None = None  # ids whose image exists (None: all); others are not trained on
+
+    def __post_init__(self) -> None:
+        if self.folds["image_id"].duplicated().any():
+            raise ValueError("the folds table lists an image twice; rebuild it with `python -m competition folds --force`")
+        missing = pd.Index(self.folds["image_id"]).difference(pd.Index(self.labels["image_id"]))
+        if len(missing):
+            raise ValueError(f"{len(missing)} images of the folds table have no labels (first: {missing[0]}); "
+                             f"rebuild labels and folds with `python -m competition prepare`")
+        if len(set(self.test_ids)) != len(self.test_ids):
+            raise ValueError("the test ids repeat an image")
+
+    @property
+    def fold_numbers(self) -> list[int]:
+        return sorted(int(f) for f in self.folds["fold"].unique())
+
+    def label_array(self, image_ids: Sequence[str]) -> np.ndarray:
+        table = self.labels.set_index("image_id")
+        return table.loc[list(image_ids), list(LABELS)].to_numpy(np.float64)
+
+
+def sample_submission_ids(path: Path | str) -> list[str]:
+    """Image ids of a long-format sample submission, in the file's order (each once)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sample submission {path} not found; is DATA the Kaggle competition folder?")
+    image_ids, _ = split_long_ids(pd.read_csv(path, usecols=["ID"])["ID"])
+    return list(dict.fromkeys(image_ids.tolist()))
+
+
+def _read_table(path: Path, what: str, data_dir: Path | str) -> pd.DataFrame:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} table {path} not found; run `make prepare DATA={data_dir}` first")
+    return pd.read_parquet(path)
+
+
+def pick_cache_size(available: Sequence[int], img_size: int) -> int:
+    """The smallest cached size that is at least the input size (else the largest one)."""
+    if not available:
+        raise FileNotFoundError("no image cache; run `make prepare` (it builds the cache) first")
+    big_enough = [s for s in sorted(available) if s >= img_size]
+    return big_enough[0] if big_enough else max(available)
+
+
+class CacheDatasets:
+    """The real DatasetFactory: ``features.dataset.SliceDataset`` over the image cache."""
+
+    def __init__(self, metadata: pd.DataFrame, labels: pd.DataFrame, cache_dir: Path, combination: str, img_size: int):
+        from features.cache import ImageCache, available_sizes
+
+        size = pick_cache_size(available_sizes(cache_dir), img_size)
+        if size < img_size:
+            print(f"note: the largest image cache is {size} px; inputs are upsampled to {img_size} px",
+                  file=sys.stderr, flush=True)
+        self.cache = ImageCache(cache_dir, size)
+        self.metadata, self.labels = metadata, labels
+        self.combination, self.img_size = combination, img_size
+
+    def __call__(self, image_ids: Sequence[str], labeled: bool, augment: bool) -> Dataset:
+        from features.dataset import SliceDataset
+
+        return SliceDataset(
+            image_ids, self.metadata, self.cache, self.combination, self.img_size,
+            labels=self.labels if labeled else None, augment=augment,
+        )
+
+    def cached(self, image_ids: Sequence[str]) -> set[str]:
+        from features.dataset import cached_only
+
+        return set(cached_only(image_ids, self.cache))
+
+
+def load_inputs(data_dir: Path | str, paths: WorkPaths, combination: str, img_size: int) -> RunInputs:
+    """The prepared tables of one dataset (``make prepare``) and its cache-backed datasets."""
+    layout = Layout.find(data_dir)
+    metadata = _read_table(paths.metadata, "metadata", data_dir)
+    labels = _read_table(paths.labels, "labels", data_dir)
+    folds = _read_table(paths.folds, "folds", data_dir)[["image_id", "fold"]]
+    test_ids = sample_submission_ids(layout.sample_submission)
+    test_meta = set(metadata.loc[metadata["split"] == "test", "image_id"])
+    absent = [i for i in test_ids if i not in test_meta]
+    if absent:
+        raise ValueError(f"{len(absent)} sample-submission images are not in the metadata's test split "
+                         f"(first: {absent[0]}); rebuild it with `make prepare DATA={data_dir}`")
+    factory = CacheDatasets(metadata, labels, paths.cache, combination, img_size)
+    return RunInputs(folds=folds, labels=labels, test_ids=test_ids, datasets=factory,
+                     trainable=factory.cached(folds["image_id"].tolist()))

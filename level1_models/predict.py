@@ -1,0 +1,109 @@
+"""Prediction with test-time augmentation, sharded over processes; loading a fold's best model.
+
+TTA ``hflip`` averages the probabilities of the image and its left-right mirror (heads are
+roughly symmetric, haemorrhages are not tied to a side). ``load_fold_model`` is the entry point
+for later tools (explanations, error analysis) that need a trained fold by model name.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from competition.paths import WorkPaths
+from level1_models.checkpoint import load_checkpoint, load_weights
+from level1_models.config import TrainConfig
+from level1_models.distributed import DistEnv, gather_predictions, shard
+from level1_models.modeling import create_network
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    dtype = AMP_DTYPES[amp]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
+    return [x, x.flip(-1)] if tta == "hflip" else [x]
+
+
+@torch.no_grad()
+def predict_probabilities(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    indices: Sequence[int] | np.ndarray,
+    *,
+    batch_size: int,
+    device: torch.device,
+    amp: str = "off",
+    channels_last: bool = False,
+    tta: str = "hflip",
+    workers: int = 0,
+) -> np.ndarray:
+    """Sigmoid probabilities (len(indices) x 6, float64) of ``dataset[indices]``, TTA-averaged."""
+    indices = np.asarray(indices, dtype=np.int64)
+    out = np.empty((len(indices), 6), dtype=np.float64)
+    if len(indices) == 0:
+        return out
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(Subset(dataset, indices.tolist()), batch_size=batch_size, shuffle=False,
+                        num_workers=workers, pin_memory=device.type == "cuda")
+    start = 0
+    for x, _ in loader:
+        x = x.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        probs = torch.zeros(x.shape[0], 6, dtype=torch.float64, device=device)
+        views = tta_views(x, tta)
+        for view in views:
+            with autocast(device, amp):
+                logits = model(view)
+            probs += torch.sigmoid(logits.double())
+        out[start : start + len(x)] = (probs / len(views)).cpu().numpy()
+        start += len(x)
+    model.train(was_training)
+    return out
+
+
+def predict_sharded(model: torch.nn.Module, dataset: Dataset, env: DistEnv, **kwargs) -> np.ndarray:
+    """Every process predicts its share of ``dataset``; every process gets all rows back, in order."""
+    n = len(dataset)
+    mine = shard(np.arange(n), env)
+    local = predict_probabilities(model, dataset, mine, **kwargs)
+    return gather_predictions(mine, local, n, env)
+
+
+def load_fold_model(
+    model_name: str,
+    fold: int,
+    *,
+    data_dir: Path | str | None = None,
+    work_dir: Path | str | None = None,
+    model_dir: Path | str | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.nn.Module, TrainConfig]:
+    """A fold's best model (eval mode) and the config it was trained with.
+
+    Give ``model_dir`` directly, or ``data_dir`` (and optionally ``work_dir``) to find
+    ``WorkPaths.model_dir(model_name)``.
+    """
+    if model_dir is None:
+        if data_dir is None and work_dir is None:
+            raise ValueError("load_fold_model needs model_dir, or data_dir / work_dir to find it")
+        model_dir = WorkPaths.for_data(data_dir or ".", work_dir).model_dir(model_name)
+    path = Path(model_dir) / f"fold{fold}" / "best.pt"
+    state = load_checkpoint(path)
+    if state.get("model_name") != model_name:
+        raise ValueError(f"{path} belongs to model {state.get('model_name')!r}, not {model_name!r}")
+    cfg = TrainConfig.from_dict(state["config"])
+    model = create_network(cfg)
+    load_weights(model, state, cfg, path)
+    return model.to(device).eval(), cfg
