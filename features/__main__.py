@@ -38,7 +38,7 @@ def cmd_windows(args: argparse.Namespace) -> None:
         print(f"window {name}: center {window.center:g} HU, width {window.width:g} HU")
     for name, comb in sorted(COMBINATIONS.items()):
         channels = ", ".join(c.window + (f"@{c.offset:+d}" if c.offset else "") for c in comb.channels)
-        print(f"combination {name}: {len(comb)} channels ({channels}), {comb.transform}")
+        print(f"combination {name}: {len(comb)} channel{'s' if len(comb) > 1 else ''} ({channels}), {comb.transform}")
 
 
 def build_parser() -> argparse.ArgumentParser:

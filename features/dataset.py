@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from competition.constants import LABELS
 from features.augment import AugmentConfig, Augmenter
 from features.cache import HU_MIN, ImageCache, resize_hu
-from features.windows import Combination, apply_combination, get_combination, usable_header_window
+from features.windows import FALLBACK_HEADER_WINDOW, Combination, apply_combination, get_combination
 
 MISSING = -1  # cache row of an image that is not cached
 
@@ -105,9 +105,11 @@ class SliceDataset(Dataset):
         self._header = None
         if self.combination.uses_header:
             meta = metadata.set_index("image_id")[["window_center", "window_width"]]
-            windows = meta.reindex(neighbours.ravel()).to_numpy(np.float64)
-            fixed = np.array([usable_header_window(c, w) for c, w in windows], dtype=np.float32)
-            self._header = fixed.reshape(n, len(offsets), 2)
+            windows = np.array(meta.reindex(neighbours.ravel()), dtype=np.float64)
+            # As usable_header_window, vectorised: missing or degenerate headers get the fallback.
+            usable = np.isfinite(windows).all(axis=1) & (windows[:, 1] > 0)
+            windows[~usable] = FALLBACK_HEADER_WINDOW
+            self._header = windows.astype(np.float32).reshape(n, len(offsets), 2)
 
         if labels is None:
             self._labels = np.zeros((n, len(LABELS)), dtype=np.float32)

@@ -85,6 +85,13 @@ def test_meta3_uses_each_slices_header_and_bsb_one_slice(built):
             center, width = float(f.WindowCenter[0]), float(f.WindowWidth[0])
             expected = np.clip((hu_of(root, neighbour) - (center - width / 2)) / width, 0, 1)
             np.testing.assert_allclose(x[c].numpy(), expected, atol=1e-6)
+    # A missing or degenerate header window falls back to the brain window (40/80).
+    odd = meta.copy()
+    odd.loc[odd["n_slices"] == 1, "window_width"] = np.nan
+    single = int(np.flatnonzero(odd["n_slices"] == 1)[0])
+    x, _ = SliceDataset(ids, odd, cache, "meta3", SIDE)[single]
+    for c in range(3):
+        np.testing.assert_allclose(x[c].numpy(), np.clip(hu_of(root, ids[single]) / 80.0, 0, 1), atol=1e-6)
     bsb = SliceDataset(ids, meta, cache, "bsb", SIDE)
     x, _ = bsb[2]
     hu = hu_of(root, ids[2])
@@ -224,3 +231,26 @@ def test_fast_transforms_match_albumentations():
     hu = np.full((16, 16, 1), 2000.0, np.float32)
     out = aug.geometric(hu)
     assert out.shape == (16, 16, 1) and out.max() == pytest.approx(2000.0) and out.min() >= -1024.0
+
+
+@pytest.mark.slow  # renders a small synthetic competition (about 5-20 s)
+def test_synthetic_competition_neighbours_and_its_truncated_file(tmp_path):
+    from competition.synthetic import TRUTH_DIR, generate
+
+    root = generate(tmp_path / "syn", preset="tiny", n_patients=3, seed=0, workers=1, progress=False, positive_rate=1.0)
+    meta = build_metadata(root, tmp_path / "m.parquet", workers=1, progress=False)
+    build_cache(root, meta, tmp_path / "cache", size=32, workers=2, progress=False)
+    cache = ImageCache(tmp_path / "cache")
+    series = pd.read_csv(root / TRUTH_DIR / "series.csv", dtype=str, keep_default_na=False)
+    truncated = [i for i in series["truncated_image_id"] if i]
+    assert len(truncated) == 1 and cache.bad_ids == truncated
+    # The generator's own slice order (0 = lowest z) for the series with a bleed.
+    index = pd.read_csv(root / TRUTH_DIR / "index.csv")
+    assert len(index)
+    order = {s: list(g.sort_values("slice_index")["image_id"]) for s, g in index.groupby("series_id")}
+    truth = expected_neighbours(order)
+    ids = list(truth)
+    np.testing.assert_array_equal(neighbour_ids(meta, ids, (-1, 0, 1)), np.array([truth[i] for i in ids], dtype=object))
+    with pytest.warns(UserWarning, match="not in the cache"):
+        ds = SliceDataset(list(meta["image_id"]), meta, cache, "brain3", 32)
+    assert (ds[list(meta["image_id"]).index(truncated[0])][0] == 0).all()
