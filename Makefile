@@ -19,13 +19,39 @@ PRESET     ?= demo
 SEED       ?= 0
 N          ?= 3000
 
+# Level 1, level 2, submission and explanation options: empty means "the Python default".
+MODEL    ?=
+MODELS   ?=
+FOLDS    ?=
+EPOCHS   ?=
+IMG_SIZE ?=
+BATCH    ?=
+LIMIT    ?=
+DEVICE   ?=
+GPUS     ?=
+TUNE     ?=
+TRIALS   ?=
+STORAGE  ?=
+FILE     ?=
+MESSAGE  ?=
+IMAGE    ?=
+TOP      ?=
+LABEL    ?=
+CACHE_SIZE ?= 256
+
 # Options passed on only when set, so the Python defaults stay the single source of truth.
 work_opt = $(if $(WORK),--work $(WORK))
+opt = $(if $(2),$(1) $(2))
+yes = $(filter 1 yes true,$(1))
+# GPUS=N trains one fold across N GPUs with DDP (torchrun); otherwise one process.
+launch = $(if $(GPUS),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(GPUS),$(PY))
+need = @test -n "$($(1))" || { echo "make $@: set $(1)=<$(2)>"; exit 2; }
 
-.PHONY: help setup test test-all ci synthetic data prepare bench bench-metadata clean-work
+.PHONY: help setup test test-all synthetic data prepare cache oof list-models stack submission submit \
+        explain report bench bench-metadata bench-features bench-train clean-work
 
 help: ## list the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(STAMP): pyproject.toml
 	@if ! $(PYTHON) -m uv --version >/dev/null 2>&1; then $(PYTHON) -m pip install --quiet uv; fi
@@ -47,13 +73,34 @@ synthetic: $(STAMP) ## write the synthetic competition into DEMO_DATA (PRESET=de
 data: $(STAMP) ## kaggle competitions download + safe unzip into DATA (needs Kaggle credentials)
 	$(PY) -m competition download --data $(DATA)
 
-prepare: $(STAMP) ## metadata, labels and folds for DATA (then the image cache)
+prepare: $(STAMP) ## metadata, labels, folds and the image cache for DATA
 	$(PY) -m competition prepare --data $(DATA) $(work_opt) --workers $(WORKERS)
+	$(PY) -m features cache --data $(DATA) $(work_opt) --size $(CACHE_SIZE) --workers $(WORKERS)
+
+cache: $(STAMP) ## only the image cache (int16 HU at CACHE_SIZE px) for DATA
+	$(PY) -m features cache --data $(DATA) $(work_opt) --size $(CACHE_SIZE) --workers $(WORKERS)
+
+list-models: $(STAMP) ## the model zoo (names for MODEL=)
+	$(PY) -m level1_models list
+
+oof: $(STAMP) ## K-fold level-1 training of MODEL -> OOF + test predictions (FOLDS EPOCHS IMG_SIZE BATCH LIMIT DEVICE GPUS)
+	$(call need,MODEL,zoo name; make list-models)
+	$(launch) -m level1_models oof --model $(MODEL) --data $(DATA) $(work_opt) $(call opt,--folds,$(FOLDS)) \
+	  $(call opt,--epochs,$(EPOCHS)) $(call opt,--img-size,$(IMG_SIZE)) $(call opt,--batch,$(BATCH)) \
+	  $(call opt,--limit,$(LIMIT)) $(call opt,--device,$(DEVICE))
 
 bench-metadata: $(STAMP) ## header-pass rate (headers/s per core) on up to N files of DATA
 	$(PY) -m competition bench --data $(DATA) --n $(N) --workers $(WORKERS)
 
-bench: bench-metadata ## every benchmark, one `name: value unit` line per figure
+bench-features: $(STAMP) ## cache build and loader rates against the naive pydicom/float64 baseline
+	$(PY) -m features.bench --data $(DATA) $(work_opt)
+
+bench-train: $(STAMP) ## training and inference images/s of MODEL, and the share of time spent waiting for data
+	$(call need,MODEL,zoo name; make list-models)
+	$(PY) -m level1_models bench --model $(MODEL) --data $(DATA) $(work_opt) $(call opt,--img-size,$(IMG_SIZE)) \
+	  $(call opt,--batch,$(BATCH)) $(call opt,--device,$(DEVICE))
+
+bench: bench-metadata bench-features ## every data benchmark, one `name: value unit` line per figure
 
 clean-work: ## delete the work folder of DATA (derived files only; DATA is never touched)
 	rm -rf $(if $(WORK),$(WORK),work/$(notdir $(abspath $(DATA))))
