@@ -266,6 +266,14 @@ class ImageCache:
         self._index: pd.Index | None = None
         self.reads = 0  # slices read through this object (in this process)
 
+    @classmethod
+    def for_size(cls, cache_dir: Path | str, size: int) -> "ImageCache":
+        """The cache to serve ``size`` px inputs from: that size if built, else the smallest larger
+        one (shrunk on the fly by the dataset), else the largest."""
+        sizes = available_sizes(cache_dir)
+        larger = [s for s in sizes if s >= size]
+        return cls(cache_dir, size=min(larger) if larger else (max(sizes) if sizes else size))
+
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_data"] = None  # a memmap would pickle as a full copy of the array

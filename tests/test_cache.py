@@ -155,6 +155,11 @@ def test_image_cache_pickles_small_and_names_its_errors(data, tmp_path):
         ImageCache(tmp_path / "cache")
     with pytest.raises(FileNotFoundError, match="--size 64"):
         ImageCache(tmp_path / "cache", size=64)
+    assert ImageCache.for_size(tmp_path / "cache", SIDE // 2).size == SIDE // 2
+    assert ImageCache.for_size(tmp_path / "cache", SIDE // 2 + 1).size == SIDE
+    assert ImageCache.for_size(tmp_path / "cache", 4 * SIDE).size == SIDE
+    with pytest.raises(FileNotFoundError, match="build it"):
+        ImageCache.for_size(tmp_path / "nothing", SIDE)
     cache = ImageCache(tmp_path / "cache", size=SIDE)
     image_id = meta["image_id"].iloc[0]
     before = cache.read_hu(image_id)
@@ -163,3 +168,31 @@ def test_image_cache_pickles_small_and_names_its_errors(data, tmp_path):
     np.testing.assert_array_equal(pickle.loads(blob).read_hu(image_id), before)
     status = np.fromfile(size_dir(tmp_path / "cache", SIDE) / "status.uint8", dtype=np.uint8)
     assert set(status) == {CACHED} and BAD not in status
+
+
+def test_cli_builds_the_cache_and_resumes(data, tmp_path, capsys):
+    from features.__main__ import main
+
+    work = tmp_path / "work"
+    assert main(["cache", "--data", str(data), "--work", str(work), "--size", "16", "--workers", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"{2 * N_SLICES} slices at 16 px ({2 * N_SLICES} now, 0 already there), 512 bytes/slice" in out
+    assert (work / "metadata.parquet").is_file() and len(ImageCache(work / "cache")) == 2 * N_SLICES
+    main(["cache", "--data", str(data), "--work", str(work), "--size", "16", "--no-progress"])
+    assert f"(0 now, {2 * N_SLICES} already there)" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # times several passes
+def test_bench_prints_every_figure(data, tmp_path, capsys):
+    from features.bench import main
+
+    assert main(["--data", str(data), "--work", str(tmp_path / "work"), "--size", "32", "--repeats", "1",
+                 "--loader-n", "8", "--baseline-n", "4", "--workers", "2"]) == 0
+    lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    for name in ("cache_build_per_core", "baseline_build_per_core", "cache_build_vs_baseline", "cache_read",
+                 "loader_bsb_aug_per_worker", "baseline_loader_bsb_aug_per_worker", "loader_vs_baseline_aug",
+                 "loader_brain3_aug_per_worker", "cache_bytes_per_slice", "targets_met"):
+        assert name in lines, name
+    assert lines["cache_bytes_per_slice"] == "2048 B"
+    assert "3.00 cache reads/item" not in lines["loader_bsb_aug_per_worker"] and "1.00 cache reads/item" in lines["loader_bsb_aug_per_worker"]
+    assert not list((tmp_path / "work").glob("bench-*"))  # scratch removed
