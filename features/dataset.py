@@ -62,6 +62,14 @@ def cached_only(image_ids: Sequence[str], cache: ImageCache) -> list[str]:
 
 
 class SliceDataset(Dataset):
+    """``ds[i]`` -> (C x size x size float32 tensor in [0, 1], float32 tensor of the six LABELS).
+
+    ``image_ids`` fixes the order; ``metadata`` gives each image's series and z order (and header
+    windows); ``labels`` (image_id + LABELS columns) may be None for test images (zeros are
+    returned). ``augment`` turns the training augmentations on; leave it off for validation, OOF
+    and test prediction. A cache of another size than ``size`` is resized on the fly.
+    """
+
     def __init__(
         self,
         image_ids: Sequence[str],
@@ -97,7 +105,7 @@ class SliceDataset(Dataset):
         if self.n_uncached:
             first = next(i for i, r in zip(self.image_ids, own) if r == MISSING)
             warnings.warn(
-                f"{self.n_uncached} of {n} images are not in the cache (listed as bad; first: {first}); "
+                f"{self.n_uncached} of {n} images are not in the cache (bad files, or not cached yet; first: {first}); "
                 f"they are served as air (all -1024 HU)",
                 stacklevel=2,
             )
