@@ -319,7 +319,12 @@ class ImageCache:
         self.reads += 1
         return np.array(self.data[self.row(image_id)])
 
-    def read_rows(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
-        """K x size x size int16 for already-resolved rows (the dataset's fast path)."""
+    def read_rows(self, rows: Sequence[int] | np.ndarray, dtype: np.dtype | type = DTYPE) -> np.ndarray:
+        """K x size x size (int16, or ``dtype``) for already-resolved rows: the dataset's fast path,
+        one copy out of the memory map, converted on the way."""
+        rows = np.asarray(rows)
         self.reads += len(rows)
-        return self.data[np.asarray(rows)]
+        data = np.asarray(self.data)  # a plain ndarray view: skips np.memmap's per-index bookkeeping
+        if len(rows) == 1:
+            return data[rows[0]].astype(dtype)[None]
+        return data[rows].astype(dtype, copy=False)

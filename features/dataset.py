@@ -152,11 +152,11 @@ class SliceDataset(Dataset):
         if (rows == MISSING).any():
             hu = np.full((len(rows), self.cache.size, self.cache.size), HU_MIN, dtype=np.float32)
         elif len(rows) == 1:
-            hu = self.cache.read_rows(rows).astype(np.float32)
+            hu = self.cache.read_rows(rows, dtype=np.float32)
         else:
             # Duplicate rows (series ends) are read once.
             unique, inverse = np.unique(rows, return_inverse=True)
-            hu = self.cache.read_rows(unique).astype(np.float32)[inverse]
+            hu = self.cache.read_rows(unique, dtype=np.float32)[inverse]
         if self.cache.size != self.size:
             hu = np.stack([resize_hu(s, self.size) for s in hu])
         return hu
@@ -173,4 +173,4 @@ class SliceDataset(Dataset):
             image = aug.photometric(apply_combination(self.combination, hu, header))
         else:
             image = apply_combination(self.combination, hu, header)
-        return torch.from_numpy(image), torch.tensor(self._labels[i])  # labels copied: callers may edit them
+        return torch.from_numpy(image), torch.from_numpy(self._labels[i].copy())  # a copy: callers may edit it

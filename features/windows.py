@@ -169,7 +169,7 @@ def apply_combination(
         raise ValueError(f"{len(offsets)} slices (offsets {offsets}) needed, got shape {slices.shape}")
     if comb.uses_header and header_windows is None:
         raise ValueError("this combination uses the header window: pass header_windows (K x 2)")
-    fn = WINDOW_FUNCTIONS[comb.transform]
+    linear = comb.transform == "linear"
     spatial = slices.shape[:-1] if channels_last else slices.shape[1:]
     out = np.empty((*spatial, len(comb)) if channels_last else (len(comb), *spatial), np.float32)
     for c, channel in enumerate(comb.channels):
@@ -178,8 +178,14 @@ def apply_combination(
             center, width = usable_header_window(*header_windows[k])
         else:
             center, width = PRESETS[channel.window].center, PRESETS[channel.window].width
-        if channels_last:
-            out[..., c] = fn(slices[..., k], center, width)
+        source = slices[..., k] if channels_last else slices[k]
+        target = out[..., c] if channels_last else out[c]
+        if linear:  # scaled here, clipped once for all channels below
+            np.subtract(source, np.float32(center - width / 2.0), out=target, dtype=np.float32)
+            target *= np.float32(1.0 / width)
         else:
-            fn(slices[k], center, width, out=out[c])
+            window_sigmoid(source, center, width, out=target)
+    if linear:
+        np.maximum(out, 0.0, out=out)
+        np.minimum(out, 1.0, out=out)
     return out
