@@ -1,0 +1,84 @@
+"""Patient (study) level diagnosis against brute-force pooling and sklearn's metrics."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import accuracy_score, recall_score, roc_auc_score, roc_curve
+
+from competition.study_level import (
+    study_level_report,
+    study_probability,
+    study_report_from_slices,
+    study_truth,
+    threshold_for_sensitivity,
+)
+
+
+def fabricate(n_studies: int = 60, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    rng = np.random.default_rng(seed)
+    meta, slices, labels = [], [], []
+    for s in range(n_studies):
+        n = int(rng.integers(1, 12))
+        positive = rng.random() < 0.4
+        for i in range(n):
+            image = f"ID_{len(meta):09x}"
+            y = int(positive and i >= n // 2)
+            meta.append({"image_id": image, "study_id": f"study{s:03d}"})
+            slices.append({"image_id": image, "any": float(np.clip(0.5 * y + rng.random() * 0.6, 0, 1))})
+            labels.append({"image_id": image, "any": y})
+    order = rng.permutation(len(meta))
+    return pd.DataFrame(meta).iloc[order], pd.DataFrame(slices), pd.DataFrame(labels).iloc[order[::-1]]
+
+
+@pytest.mark.parametrize("pooling", ["max", "top3_mean", "noisy_or"])
+def test_study_probability_equals_a_loop(pooling: str) -> None:
+    meta, slices, _ = fabricate()
+    got = study_probability(slices, meta, pooling)
+    study_of = dict(zip(meta["image_id"], meta["study_id"]))
+    expected: dict[str, list[float]] = {}
+    for image, p in zip(slices["image_id"], slices["any"]):
+        expected.setdefault(study_of[image], []).append(p)
+    for study, ps in expected.items():
+        ps = sorted(ps, reverse=True)
+        want = {"max": ps[0], "top3_mean": sum(ps[:3]) / len(ps[:3]), "noisy_or": 1 - np.prod([1 - p for p in ps])}[pooling]
+        assert got[study] == pytest.approx(want)
+    assert len(got) == len(expected) and list(got.index) == sorted(expected)
+
+
+def test_threshold_is_the_highest_reaching_the_target_as_in_roc_curve() -> None:
+    rng = np.random.default_rng(2)
+    y = rng.random(300) < 0.3
+    score = np.where(y, rng.beta(4, 2, 300), rng.beta(2, 4, 300))
+    fpr, tpr, thresholds = roc_curve(y, score, drop_intermediate=False)
+    for target in (0.5, 0.8, 0.95, 1.0):
+        t = threshold_for_sensitivity(y, score, target)
+        assert t == pytest.approx(thresholds[np.argmax(tpr >= target - 1e-12)])
+        assert recall_score(y, score >= t) >= target
+
+
+def test_report_equals_sklearn_metrics() -> None:
+    meta, slices, labels = fabricate(seed=4)
+    prob = study_probability(slices, meta)
+    truth = study_truth(labels, meta).reindex(prob.index)
+    report = study_level_report(truth.to_numpy(), prob.to_numpy(), target_sensitivity=0.9)
+    pred = prob.to_numpy() >= report["threshold"]
+    assert report["accuracy"] == pytest.approx(accuracy_score(truth, pred))
+    assert report["sensitivity"] == pytest.approx(recall_score(truth, pred))
+    assert report["specificity"] == pytest.approx(recall_score(truth, pred, pos_label=0))
+    assert report["roc_auc"] == pytest.approx(roc_auc_score(truth, prob))
+    assert report["sensitivity"] >= 0.9
+    assert report["n_studies"] == meta["study_id"].nunique() and report["n_positive"] == int(truth.sum())
+    assert study_report_from_slices(slices, labels, meta, target_sensitivity=0.9) == report
+    fixed = study_level_report(truth.to_numpy(), prob.to_numpy(), threshold=0.5)
+    assert fixed["threshold"] == 0.5 and fixed["accuracy"] == pytest.approx(accuracy_score(truth, prob >= 0.5))
+
+
+def test_bad_inputs() -> None:
+    meta, slices, _ = fabricate()
+    with pytest.raises(ValueError, match="unknown pooling 'mean'"):
+        study_probability(slices, meta, "mean")
+    with pytest.raises(ValueError, match=r"1 image\(s\) have no study_id"):
+        study_probability(slices, meta.iloc[1:])
+    with pytest.raises(ValueError, match="no positive study"):
+        threshold_for_sensitivity(np.zeros(3), np.ones(3))
