@@ -1,0 +1,4 @@
+"""Kaggle submission files: write (from the stacker or one level-1 model), validate, submit.
+
+Written files land in this folder as ``<basename of DATA>-<source>.csv.gz`` (git-ignored).
+"""
