@@ -199,7 +199,8 @@ def _run_chunks(chunks: list[list[tuple[int, str]]], args: tuple, workers: int) 
         for chunk in chunks:
             yield chunk, _cache_chunk(*args, chunk)
         return
-    with ProcessPoolExecutor(min(workers, len(chunks))) as pool:
+    pool = ProcessPoolExecutor(min(workers, len(chunks)))
+    try:
         # A bounded window of tasks in flight keeps memory flat on 870k slices.
         pending = {}
         it = iter(chunks)
@@ -214,6 +215,9 @@ def _run_chunks(chunks: list[list[tuple[int, str]]], args: tuple, workers: int) 
             nxt = next(it, None)
             if nxt is not None:
                 pending[pool.submit(_cache_chunk, *args, nxt)] = nxt
+    finally:
+        # On Ctrl-C, drop the queued tasks instead of finishing them; their rows stay "to do".
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _read_bad(path: Path) -> dict[str, tuple[str, str]]:

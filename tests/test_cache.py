@@ -104,26 +104,29 @@ def test_bad_files_are_listed_and_skipped(data, tmp_path, monkeypatch):
     assert len(pd.read_csv(again["bad_files_csv"])) == 2
 
 
-def test_interrupted_pass_resumes(data, tmp_path, monkeypatch):
+def _interrupt_on_row_6(*args):
+    """Stands in for the worker function: Ctrl-C while caching the chunk that holds row 6."""
+    if any(row == 6 for row, _ in args[-1]):
+        raise KeyboardInterrupt
+    return _real_cache_chunk(*args)
+
+
+_real_cache_chunk = cache_module._cache_chunk
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_interrupted_pass_resumes(data, tmp_path, monkeypatch, workers):
     meta = metadata_of(data, tmp_path)
     monkeypatch.setattr(cache_module, "CHUNK", 3)
-    calls = []
-    real_chunk = cache_module._cache_chunk
-
-    def failing_chunk(*args):
-        calls.append(len(args[-1]))
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_chunk(*args)
-
-    monkeypatch.setattr(cache_module, "_cache_chunk", failing_chunk)
+    # Forked pool workers inherit the patched module, so the interrupt also happens inside them.
+    monkeypatch.setattr(cache_module, "_cache_chunk", _interrupt_on_row_6)
     with pytest.raises(KeyboardInterrupt):
-        build_cache(data, meta, tmp_path / "cache", size=SIDE, workers=1, progress=False)
-    monkeypatch.setattr(cache_module, "_cache_chunk", real_chunk)
+        build_cache(data, meta, tmp_path / "cache", size=SIDE, workers=workers, progress=False)
+    monkeypatch.setattr(cache_module, "_cache_chunk", _real_cache_chunk)
     partial = ImageCache(tmp_path / "cache")
-    assert len(partial) == 6
-    result = build_cache(data, meta, tmp_path / "cache", size=SIDE, workers=1, progress=False)
-    assert result["already_done"] == 6 and result["written_now"] == len(meta) - 6
+    assert 6 <= len(partial) < len(meta) and partial.ids[6] not in partial
+    result = build_cache(data, meta, tmp_path / "cache", size=SIDE, workers=workers, progress=False)
+    assert result["already_done"] == len(partial) and result["written_now"] == len(meta) - len(partial)
     cache = ImageCache(tmp_path / "cache")
     for row in meta.itertuples():
         np.testing.assert_array_equal(cache.read_hu(row.image_id), np.clip(np.rint(read_hu(data / row.path)), -1024, None))
