@@ -44,10 +44,12 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_oof(args: argparse.Namespace) -> None:
+    get_spec(args.model)  # an unknown name fails here, before torch is imported
+    overrides = overrides_from(args)
     from level1_models.train import run_model
 
     try:
-        run_model(args.model, args.data, args.work, overrides_from(args))
+        run_model(args.model, args.data, args.work, overrides)
     finally:
         from level1_models.distributed import shutdown
 

@@ -338,9 +338,12 @@ def test_learns_better_than_the_constant_prior(fake_run):
     assert metrics["pooled"]["weighted_log_loss"] < 0.9 * metrics["prior_baseline"]["weighted_log_loss"]
 
 
-def test_interrupted_run_resumes_to_the_same_predictions(tmp_path, fake_run):
-    cfg, _, reference, _, _ = fake_run
-    inputs = make_inputs()
+def test_interrupted_run_resumes_to_the_same_predictions(tmp_path):
+    """A run stopped after fold 1's first epoch keeps fold 0, resumes fold 1 from its checkpoint
+    (running only the missing epochs) and ends with the predictions of an uninterrupted run."""
+    cfg = small_config(epochs=2, batch_size=8)
+    reference = tmp_path / "reference"
+    run_oof(cfg, make_inputs(n_train=48, n_test=8), reference, CPU)
 
     class Killed(Exception):
         pass
@@ -349,19 +352,19 @@ def test_interrupted_run_resumes_to_the_same_predictions(tmp_path, fake_run):
         if (fold, epoch) == (1, 1):
             raise Killed
 
-    out = tmp_path / "tiny_resnet"
+    out = tmp_path / "interrupted"
     with pytest.raises(Killed):
-        run_oof(cfg, inputs, out, CPU, on_epoch_end=die)
+        run_oof(cfg, make_inputs(n_train=48, n_test=8), out, CPU, on_epoch_end=die)
     folder = ModelFolder(out)
     assert (folder.fold_done(0).is_file() and folder.last(1).is_file() and not folder.fold_done(1).exists()
             and not folder.oof.exists())
     assert load_checkpoint(folder.last(1))["epoch"] == 1
     seen = []
-    run_oof(cfg, inputs, out, CPU, on_epoch_end=lambda f, e, row: seen.append((f, e)))
-    assert seen == [(1, 2), (1, 3)]  # only the missing epochs ran
+    run_oof(cfg, make_inputs(n_train=48, n_test=8), out, CPU, on_epoch_end=lambda f, e, row: seen.append((f, e)))
+    assert seen == [(1, 2)]  # only the missing epoch ran
     ours, ref = pd.read_parquet(folder.oof), pd.read_parquet(ModelFolder(reference).oof)
     np.testing.assert_allclose(ours[list(LABELS)].to_numpy(), ref[list(LABELS)].to_numpy(), rtol=1e-5, atol=1e-6)
-    assert pd.read_csv(folder.curves_csv(1))["epoch"].tolist() == [1, 2, 3]
+    assert pd.read_csv(folder.curves_csv(1))["epoch"].tolist() == [1, 2]
 
 
 def test_partial_folds_write_metrics_but_no_oof(tmp_path):
@@ -377,3 +380,107 @@ def test_partial_folds_write_metrics_but_no_oof(tmp_path):
         run_oof(small_config(folds=(7,)), inputs, out, CPU)
     with pytest.raises(ConfigError, match="other settings"):
         run_oof(small_config(folds=(0,), img_size=48), inputs, out, CPU)
+
+
+# --- end to end on a synthetic competition (Kaggle layout -> prepare -> cache -> oof) -----------
+
+E2E_OPTIONS = ["--model", "tiny_resnet", "--epochs", "1", "--img-size", "32", "--workers", "0", "--device", "cpu"]
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory) -> tuple[Path, Path]:
+    """The tiny synthetic competition, prepared like `make prepare` does, with two folds."""
+    from competition.folds import make_folds
+    from competition.labels import read_labels
+    from competition.layout import Layout
+    from competition.metadata import build_metadata
+    from competition.paths import WorkPaths
+    from competition.synthetic import generate
+    from features.cache import build_cache
+
+    root = tmp_path_factory.mktemp("synthetic")
+    data = generate(root / "tiny", preset="tiny", seed=0, workers=1, progress=False)
+    paths = WorkPaths.for_data(data, root / "work").ensure()
+    metadata = build_metadata(data, paths.metadata, workers=1, progress=False)
+    labels = read_labels(Layout.find(data).train_csv)
+    labels.to_parquet(paths.labels, index=False)
+    make_folds(metadata, labels, n_folds=2, seed=42).to_parquet(paths.folds, index=False)
+    build_cache(data, metadata, paths.cache, size=64, workers=1, progress=False)
+    return data, paths.root
+
+
+def _copy_prepared(work: Path, to: Path) -> Path:
+    """A fresh work folder sharing the prepared tables and cache (no model folders)."""
+    import shutil
+
+    shutil.copytree(work, to, ignore=shutil.ignore_patterns("models"))
+    return to
+
+
+@pytest.fixture(scope="session")
+def e2e_run(synthetic, tmp_path_factory) -> tuple[Path, Path, str]:
+    """`python -m level1_models oof` (in process): one epoch, two folds, on the tiny competition."""
+    from level1_models.__main__ import main
+
+    data, work = synthetic
+    work = _copy_prepared(work, tmp_path_factory.mktemp("e2e") / "work")
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["oof", "--data", str(data), "--work", str(work), *E2E_OPTIONS]) == 0
+    return data, work, printed.getvalue()
+
+
+def test_cli_oof_on_a_synthetic_competition_writes_every_output(e2e_run):
+    data, work, printed = e2e_run
+    assert "fold 0: best epoch 1/1" in printed and "fold 1: best epoch 1/1" in printed
+    folder = ModelFolder(work / "models" / "tiny_resnet")
+    for path in (folder.oof, folder.test, folder.metrics, folder.config, folder.curves_png,
+                 folder.best(0), folder.best(1), folder.curves_csv(0), folder.curves_csv(1)):
+        assert path.is_file() and path.stat().st_size > 0, path
+    train_ids = pd.read_parquet(work / "labels.parquet")["image_id"]
+    oof = pd.read_parquet(folder.oof)
+    assert sorted(oof["image_id"]) == sorted(train_ids)  # every train image exactly once
+    assert not oof["image_id"].duplicated().any()
+    test = pd.read_parquet(folder.test)
+    assert test["image_id"].tolist() == sample_submission_ids(data / "stage_2_sample_submission.csv")
+    assert np.isfinite(test[list(LABELS)].to_numpy()).all()
+    metrics = json.loads(folder.metrics.read_text())
+    assert metrics["complete"] and set(metrics["folds"]) == {"0", "1"}
+    saved = json.loads(folder.config.read_text())
+    assert saved["img_size"] == 32 and saved["epochs"] == 1 and saved["combination"] == "bsb"
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch + timm: ~10 s alone, minutes on a loaded box
+def test_killed_run_restarts_where_it_stopped(e2e_run, synthetic, tmp_path, capsys):
+    """SIGKILL a real `oof` process once its first checkpoint exists, restart it, and get what
+    the uninterrupted run got; a kill never leaves a half file that looks whole."""
+    from level1_models.__main__ import main
+
+    data, reference, _ = e2e_run
+    killed = _copy_prepared(synthetic[1], tmp_path / "killed")
+    folder = ModelFolder(killed / "models" / "tiny_resnet")
+    command = ["oof", "--data", str(data), "--work", str(killed), *E2E_OPTIONS]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "level1_models", *command], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not folder.last(0).exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert folder.last(0).exists(), "the run ended or stalled before its first checkpoint"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not folder.oof.exists() and not folder.test.exists()
+    for done in folder.root.glob("fold*/done.json"):  # whatever is marked finished is whole
+        json.loads(done.read_text())
+    capsys.readouterr()
+    assert main(command) == 0
+    restarted = capsys.readouterr().out
+    assert "resuming after epoch" in restarted or "finished earlier" in restarted
+    assert not list(folder.root.rglob(".*.tmp-*"))
+    ours = pd.read_parquet(folder.oof)
+    ref = pd.read_parquet(ModelFolder(reference / "models" / "tiny_resnet").oof)
+    assert ours["image_id"].tolist() == ref["image_id"].tolist()
+    np.testing.assert_allclose(ours[list(LABELS)].to_numpy(), ref[list(LABELS)].to_numpy(), rtol=1e-4, atol=1e-6)

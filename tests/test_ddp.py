@@ -1,0 +1,180 @@
+"""Data-parallel training on CPU (gloo, 2 processes) gives what one process gives, up to
+floating-point noise: same global batches, loss scaled so DDP's gradient average is the global
+mean, predictions sharded and gathered, only rank 0 writing files."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from competition.constants import LABELS
+from level1_models.config import build_config
+from level1_models.data import RunInputs
+from level1_models.distributed import shard
+from level1_models.train import ModelFolder, run_oof, setup_runtime
+
+REPO = Path(__file__).resolve().parents[1]
+torch.set_num_threads(1)
+
+# A LayerNorm model (no batch statistics) without augmentation, dropout or drop-path: nothing
+# depends on how a global batch is split between processes.
+OVERRIDES = dict(epochs=2, img_size=32, batch_size=8, workers=0, device="cpu", augment=False, lr=3e-3)
+MODEL = "tiny_convnext"
+
+
+class Squares(Dataset):
+    """Label j shows as a bright square at place j; an image depends only on its id."""
+
+    def __init__(self, image_ids, labels: np.ndarray, channels: int = 3, size: int = 32):
+        self.ids, self.labels, self.channels, self.size = list(image_ids), labels, channels, size
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int):
+        rng = np.random.default_rng(int(self.ids[i][3:], 16))
+        x = rng.normal(0.3, 0.1, (self.channels, self.size, self.size)).astype(np.float32)
+        for j in range(5):
+            if self.labels[i, j]:
+                r, c = divmod(j, 3)
+                x[:, r * 8 + 2 : r * 8 + 8, c * 8 + 2 : c * 8 + 8] += 0.8
+        return torch.from_numpy(x), torch.from_numpy(self.labels[i].astype(np.float32))
+
+
+def make_inputs(n_train: int = 40, n_test: int = 10) -> RunInputs:
+    ids = [f"ID_{i:09x}" for i in range(1, n_train + n_test + 1)]
+    rng = np.random.default_rng(1)
+    sub = (rng.random((len(ids), 5)) < 0.15).astype(np.int8)
+    table = pd.DataFrame(np.concatenate([sub, sub.max(1, keepdims=True)], 1), columns=list(LABELS))
+    table.insert(0, "image_id", ids)
+    by_id = table.set_index("image_id")
+
+    def datasets(image_ids, labeled, augment):
+        return Squares(image_ids, by_id.loc[list(image_ids), list(LABELS)].to_numpy())
+
+    labels = table.iloc[:n_train].reset_index(drop=True)
+    folds = pd.DataFrame({"image_id": labels["image_id"], "fold": np.arange(n_train) % 2})
+    return RunInputs(folds=folds, labels=labels, test_ids=ids[n_train:], datasets=datasets)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out: str, errors) -> None:
+    # What torchrun sets for each process.
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        torch.set_num_threads(1)
+        cfg, rt = setup_runtime(build_config(MODEL, OVERRIDES))
+        assert rt.env.world_size == world and rt.env.rank == rank and torch.distributed.get_backend() == "gloo"
+        run_oof(cfg, make_inputs(), Path(out), rt)
+        torch.distributed.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test
+        errors.put(f"rank {rank}: {traceback.format_exc()}")
+        raise
+
+
+def test_shards_cover_every_row_once():
+    from level1_models.distributed import DistEnv
+
+    rows = np.arange(11)
+    parts = [shard(rows, DistEnv(rank=r, world_size=3)) for r in range(3)]
+    assert sorted(np.concatenate(parts).tolist()) == rows.tolist()
+
+
+def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    cfg, rt = setup_runtime(build_config(MODEL, OVERRIDES))
+    assert rt.env.world_size == 1
+    single = tmp_path / "single"
+    run_oof(cfg, make_inputs(), single, rt)
+
+    # Forked workers inherit the imported modules (a spawned process would import torch again).
+    ctx = multiprocessing.get_context("fork")
+    errors = ctx.Queue()
+    port, ddp = _free_port(), tmp_path / "ddp"
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, str(ddp), errors)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    messages = [errors.get() for _ in range(errors.qsize())] if not errors.empty() else []
+    assert all(p.exitcode == 0 for p in procs), "\n".join(messages) or [p.exitcode for p in procs]
+
+    one, two = ModelFolder(single), ModelFolder(ddp)
+    a, b = pd.read_parquet(one.oof), pd.read_parquet(two.oof)
+    assert a["image_id"].tolist() == b["image_id"].tolist()
+    np.testing.assert_allclose(b[list(LABELS)].to_numpy(), a[list(LABELS)].to_numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(pd.read_parquet(two.test)[list(LABELS)].to_numpy(),
+                               pd.read_parquet(one.test)[list(LABELS)].to_numpy(), rtol=1e-4, atol=1e-6)
+    for k in (0, 1):  # the training curves agree too (loss averaged over both processes' images)
+        ca, cb = pd.read_csv(one.curves_csv(k)), pd.read_csv(two.curves_csv(k))
+        np.testing.assert_allclose(cb["train_loss"], ca["train_loss"], rtol=1e-4)
+        np.testing.assert_allclose(cb["val_weighted_log_loss"], ca["val_weighted_log_loss"], rtol=1e-4)
+    config = json.loads(two.config.read_text())
+    assert config["runtime"]["world_size"] == 2
+    assert not list(ddp.rglob(".*.tmp-*"))
+
+
+def test_batch_must_split_evenly(monkeypatch):
+    from level1_models.config import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kw: None)
+    with pytest.raises(ConfigError, match="not divisible by 3 processes"):
+        setup_runtime(build_config(MODEL, {**OVERRIDES, "batch_size": 8}))
+
+
+@pytest.mark.slow
+def test_torchrun_cli_on_a_synthetic_competition(tmp_path):
+    """`torchrun --nproc_per_node=2 -m level1_models oof` (what `make oof GPUS=2` runs) on CPU."""
+    from competition.folds import make_folds
+    from competition.labels import read_labels
+    from competition.layout import Layout
+    from competition.metadata import build_metadata
+    from competition.paths import WorkPaths
+    from competition.synthetic import generate
+    from features.cache import build_cache
+    from level1_models.__main__ import main
+
+    data = generate(tmp_path / "tiny", preset="tiny", seed=0, workers=1, progress=False)
+    paths = WorkPaths.for_data(data, tmp_path / "work").ensure()
+    metadata = build_metadata(data, paths.metadata, workers=1, progress=False)
+    labels = read_labels(Layout.find(data).train_csv)
+    labels.to_parquet(paths.labels, index=False)
+    make_folds(metadata, labels, n_folds=2, seed=42).to_parquet(paths.folds, index=False)
+    build_cache(data, metadata, paths.cache, size=64, workers=1, progress=False)
+    options = ["--model", MODEL, "--data", str(data), "--epochs", "1", "--img-size", "32", "--batch", "8",
+               "--workers", "0", "--device", "cpu", "--set", "augment=false"]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    run = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "level1_models", "oof",
+                          "--work", str(paths.root), *options], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("fold 0: best epoch") == 1  # only rank 0 reports
+    single = tmp_path / "single"
+    import shutil
+
+    shutil.copytree(paths.root, single, ignore=shutil.ignore_patterns("models"))
+    assert main(["oof", "--work", str(single), *options]) == 0
+    a = pd.read_parquet(ModelFolder(single / "models" / MODEL).oof)
+    b = pd.read_parquet(ModelFolder(paths.model_dir(MODEL)).oof)
+    assert a["image_id"].tolist() == b["image_id"].tolist()
+    np.testing.assert_allclose(b[list(LABELS)].to_numpy(), a[list(LABELS)].to_numpy(), rtol=1e-4, atol=1e-6)
