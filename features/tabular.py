@@ -102,27 +102,36 @@ class _Order:
 
 
 def _shift(p: np.ndarray, pos: np.ndarray, length: np.ndarray, d: int) -> np.ndarray:
-    """Row i gets row i+d of its own series (d < 0: previous slices), NaN past the series ends."""
+    """Slice i gets slice i+d of its own series (d < 0: previous slices), NaN past the series ends.
+
+    ``p`` is label-major, (labels, rows in series order), so every label's row is contiguous.
+    """
     out = np.full_like(p, np.nan)
-    n = len(p)
+    n = p.shape[1]
     if d > 0:
-        out[: n - d] = p[d:]
+        out[:, : n - d] = p[:, d:]
     elif d < 0:
-        out[-d:] = p[: n + d]
+        out[:, -d:] = p[:, : n + d]
     else:
         out[:] = p
-    outside = (pos + d < 0) | (pos + d >= length)
-    out[outside] = np.nan
+    out[:, (pos + d < 0) | (pos + d >= length)] = np.nan
     return out
 
 
 def _rolling_mean(p: np.ndarray, pos: np.ndarray, length: np.ndarray, half: int) -> np.ndarray:
     """Mean over the centred window clipped to the series (edges average what is there)."""
-    cs = np.vstack([np.zeros((1, p.shape[1])), np.cumsum(p, axis=0, dtype=np.float64)])
-    rows = np.arange(len(p))
+    cs = np.zeros((p.shape[0], p.shape[1] + 1))
+    np.cumsum(p, axis=1, dtype=np.float64, out=cs[:, 1:])
+    rows = np.arange(p.shape[1])
     lo = rows - np.minimum(half, pos)
     hi = rows + np.minimum(half, length - 1 - pos)
-    return (cs[hi + 1] - cs[lo]) / (hi - lo + 1)[:, None]
+    return (cs[:, hi + 1] - cs[:, lo]) / (hi - lo + 1)
+
+
+def _study_sort(v: np.ndarray, study: np.ndarray) -> np.ndarray:
+    """Row order by (study, value): a value sort, then a stable (radix) sort on the integer study code."""
+    by_value = np.argsort(v, kind="stable")
+    return by_value[np.argsort(study[by_value], kind="stable")]
 
 
 def _study_stats(v: np.ndarray, study: np.ndarray, n_study: int, config: TabularFeatureConfig) -> list[np.ndarray]:
@@ -132,7 +141,7 @@ def _study_stats(v: np.ndarray, study: np.ndarray, n_study: int, config: Tabular
     rank within the study (average rank of ties / study size, as pandas rank(pct=True))].
     """
     n = np.bincount(study, minlength=n_study)
-    o = np.lexsort((v, study))
+    o = _study_sort(v, study)
     vs, ss = v[o], study[o]
     starts = np.r_[0, np.cumsum(n)[:-1]]
     mean = np.bincount(study, weights=v, minlength=n_study) / n
@@ -200,51 +209,70 @@ def build_tabular_features(
     predictions: Mapping[str, pd.DataFrame],
     metadata: pd.DataFrame,
     config: TabularFeatureConfig = TabularFeatureConfig(),
+    row_order: str = "input",
 ) -> pd.DataFrame:
     """Neighbour-slice and study features of every row of the level-1 prediction tables.
 
     ``predictions``: model name -> table of ``image_id`` + the six LABELS probabilities, every
     table with the same image_id rows in the same order (train OOF and test stacked together:
     a series lies wholly in one split). ``metadata``: the metadata table (``META_COLUMNS`` at
-    least, plus ``config.group_col``). Returns ``image_id`` + ``feature_names(...)`` (float32), rows
-    in the order of the prediction tables; columns are ``<model>__<label>__<feature>``.
+    least, plus ``config.group_col``). Returns ``image_id`` + ``feature_names(...)`` (float32);
+    columns are ``<model>__<label>__<feature>``. Rows come in the order of the prediction tables
+    (``row_order="input"``) or in series order (``"series"``: each series' rows together, by slice_index), which
+    skips a random-access gather of every column (~12% of the time on 200k rows x 2 models): a
+    caller that can realign its few per-row arrays instead (ids, labels, folds) may ask for it.
     """
+    if row_order not in ("input", "series"):
+        raise TabularFeatureError(f"row_order must be 'input' or 'series', got {row_order!r}")
     ids, probs, meta = _align(predictions, metadata)
     if config.group_col not in meta.columns:
         raise TabularFeatureError(f"metadata lacks the study column {config.group_col!r}")
     ord_ = _Order.from_meta(meta, config.group_col)
     names = feature_names(list(probs), config)
     per_label = len(label_feature_names(config))
-    # Column-major so each feature column is written contiguously at the table's row order.
+    # Computed in series order, label-major (each label's values contiguous), then (row_order
+    # "input") gathered back to the table's row order, one contiguous output column at a time.
     out = np.empty((len(ids), len(names)), dtype=np.float32, order="F")
     rows = ord_.order
+    back = np.empty_like(rows)
+    back[rows] = np.arange(len(rows))
+
+    def put(column: int, values_in_series_order: np.ndarray) -> None:
+        out[:, column] = values_in_series_order[back] if row_order == "input" else values_in_series_order
 
     slice_index = meta["slice_index"].to_numpy()[rows]
     n_slices = meta["n_slices"].to_numpy()[rows].astype(np.float64)
-    out[rows, 0] = np.where(n_slices > 1, slice_index / np.maximum(n_slices - 1, 1), 0.5)
-    out[rows, 1] = n_slices
-    out[rows, 2] = np.bincount(ord_.study, minlength=ord_.n_study)[ord_.study]
+    put(0, np.where(n_slices > 1, slice_index / np.maximum(n_slices - 1, 1), 0.5))
+    put(1, n_slices)
+    put(2, np.bincount(ord_.study, minlength=ord_.n_study)[ord_.study])
 
     col = len(GLOBAL_FEATURES)
     k = config.k_neighbours
     for m, p_table in probs.items():
-        p = p_table[rows]
+        p64 = np.ascontiguousarray(p_table[rows].T)  # (labels, rows in series order)
+        p = p64.astype(np.float32)
         shifts = {d: _shift(p, ord_.pos, ord_.length, d) for d in range(-config.max_offset, config.max_offset + 1) if d}
         blocks = [p]
         blocks += [shifts[-d] for d in range(1, k + 1)] + [shifts[d] for d in range(1, k + 1)]
         blocks += [p - shifts[-d] for d in range(1, k + 1)] + [p - shifts[d] for d in range(1, k + 1)]
+        # Rolling max grows window by window: each wider window adds two shifts to the narrower one's max.
+        running, reach, maxes = p.copy(), 0, {}
+        for w in sorted(set(config.rolling_windows)):
+            for d in range(reach + 1, w // 2 + 1):
+                np.fmax(running, shifts[-d], out=running)
+                np.fmax(running, shifts[d], out=running)
+            reach = w // 2
+            maxes[w] = running.copy()
         for w in config.rolling_windows:
-            h = w // 2
-            blocks.append(_rolling_mean(p, ord_.pos, ord_.length, h))
-            blocks.append(np.fmax.reduce([p, *(shifts[d] for d in range(-h, h + 1) if d)]))
+            blocks += [_rolling_mean(p64, ord_.pos, ord_.length, w // 2), maxes[w]]
         for j in range(len(LABELS)):
             base = col + j * per_label
             for i, block in enumerate(blocks):
-                out[rows, base + i] = block[:, j]
-            for i, stat in enumerate(_study_stats(p[:, j], ord_.study, ord_.n_study, config)):
-                out[rows, base + len(blocks) + i] = stat
+                put(base + i, block[j])
+            for i, stat in enumerate(_study_stats(p64[j], ord_.study, ord_.n_study, config)):
+                put(base + len(blocks) + i, stat)
         col += len(LABELS) * per_label
     assert col == len(names)
     frame = pd.DataFrame(out, columns=names, copy=False)
-    frame.insert(0, "image_id", ids.to_numpy())
+    frame.insert(0, "image_id", ids.to_numpy() if row_order == "input" else ids.to_numpy()[rows])
     return frame

@@ -91,14 +91,21 @@ def brute_force(meta: pd.DataFrame, preds: dict[str, pd.DataFrame], cfg: Tabular
     return out.reset_index()
 
 
-@pytest.mark.parametrize("k, windows", [(5, (3, 5, 9)), (2, (3, 7)), (0, (3,))])
-def test_features_equal_brute_force(k: int, windows: tuple[int, ...]) -> None:
+@pytest.mark.parametrize("k, windows, row_order", [(5, (3, 5, 9), "input"), (2, (7, 3), "series"), (0, (3,), "input")])
+def test_features_equal_brute_force(k: int, windows: tuple[int, ...], row_order: str) -> None:
     meta, preds = fabricate(seed=k)
     cfg = TabularFeatureConfig(k_neighbours=k, rolling_windows=windows)
-    fast = build_tabular_features(preds, meta, cfg)
+    fast = build_tabular_features(preds, meta, cfg, row_order=row_order)
     slow = brute_force(meta, preds, cfg)
     assert list(fast.columns) == ["image_id", *feature_names(["cnn_a", "cnn_b"], cfg)]
-    assert fast["image_id"].tolist() == preds["cnn_a"]["image_id"].tolist()  # rows keep the input order
+    if row_order == "input":
+        assert fast["image_id"].tolist() == preds["cnn_a"]["image_id"].tolist()
+    else:
+        # Each series one contiguous run of rows, slices in increasing slice_index.
+        series = meta.set_index("image_id").loc[fast["image_id"], ["series_id", "slice_index"]]
+        runs = (series["series_id"] != series["series_id"].shift()).sum()
+        assert runs == series["series_id"].nunique()
+        assert (series.groupby("series_id", sort=False)["slice_index"].diff().dropna() > 0).all()
     slow = slow.set_index("image_id").loc[fast["image_id"], fast.columns[1:]]
     np.testing.assert_allclose(fast.iloc[:, 1:].to_numpy(np.float64), slow.to_numpy(np.float64), rtol=1e-5, atol=1e-6)
 
