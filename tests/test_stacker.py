@@ -1,0 +1,183 @@
+"""The level-2 stacker: equal to sklearn's cross_val_predict on the same folds, better than every
+level-1 input when neighbouring slices carry signal, strict about alignment, tunable with Optuna."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+from lightgbm import LGBMClassifier
+from sklearn.model_selection import PredefinedSplit, cross_val_predict
+
+from competition.constants import LABELS
+from competition.metric import weighted_log_loss
+from competition.paths import WorkPaths
+from features.tabular import TabularFeatureConfig
+from level2_stacking.__main__ import main as stack_main
+from level2_stacking.frame import StackFrameError, build_stack_frame
+from level2_stacking.lgbm import DEFAULT_PARAMS, cross_validate
+from level2_stacking.synthetic import fabricate_competition, write_fabricated_work
+from level2_stacking.tune import load_best_params, open_study, tune
+
+# One thread: on a busy 2-core box, OpenMP threads spinning against each other are 10x slower.
+FAST = {**DEFAULT_PARAMS, "num_threads": 1, "learning_rate": 0.1, "min_data_in_leaf": 20}
+
+
+def toy_table(n: int = 1200, n_features: int = 10, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, n_features)).astype(np.float32)
+    x[rng.random(x.shape) < 0.1] = np.nan  # missing neighbours are NaN in the real table
+    logit = np.nan_to_num(x) @ rng.normal(size=(n_features, len(LABELS)))
+    y = (rng.random((n, len(LABELS))) < 1 / (1 + np.exp(-logit))).astype(np.float64)
+    folds = rng.integers(0, 4, n)
+    x_test = rng.normal(size=(300, n_features)).astype(np.float32)
+    columns = [f"f{i}" for i in range(n_features)]
+    return pd.DataFrame(x, columns=columns), y, folds, pd.DataFrame(x_test, columns=columns)
+
+
+def test_cross_validation_equals_sklearn_cross_val_predict() -> None:
+    x, y, folds, x_test = toy_table()
+    rounds = 25
+    ours = cross_validate(x, y, folds, x_test, params=FAST, num_boost_round=rounds, early_stopping_rounds=None, progress=False)
+    ref_oof = np.column_stack([
+        cross_val_predict(LGBMClassifier(n_estimators=rounds, **FAST), x, y[:, j], cv=PredefinedSplit(folds),
+                          method="predict_proba")[:, 1]
+        for j in range(len(LABELS))
+    ])
+    np.testing.assert_allclose(ours.oof, ref_oof, rtol=1e-10, atol=1e-12)
+    ref_test = np.zeros((len(x_test), len(LABELS)))
+    for f in np.unique(folds):
+        for j in range(len(LABELS)):
+            clf = LGBMClassifier(n_estimators=rounds, **FAST).fit(x[folds != f], y[folds != f, j])
+            ref_test[:, j] += clf.predict_proba(x_test)[:, 1] / len(np.unique(folds))
+    np.testing.assert_allclose(ours.test, ref_test, rtol=1e-10, atol=1e-12)
+    assert ours.loss == pytest.approx(weighted_log_loss(y, ref_oof))
+    assert (ours.best_iterations == rounds).all()
+
+
+def test_early_stopping_stops_and_on_fold_reports_running_loss() -> None:
+    x, y, folds, _ = toy_table(seed=1)
+    seen: list[tuple[int, float]] = []
+    res = cross_validate(x, y, folds, params=FAST, num_boost_round=2000, early_stopping_rounds=10,
+                         on_fold=lambda step, loss: seen.append((step, loss)), progress=False)
+    assert (res.best_iterations < 2000).all()
+    assert [s for s, _ in seen] == [0, 1, 2, 3]
+    assert seen[-1][1] == pytest.approx(res.loss)
+
+
+@pytest.fixture(scope="module")
+def fabricated_work(tmp_path_factory) -> WorkPaths:
+    paths = WorkPaths.for_data("rsna-fake", tmp_path_factory.mktemp("work"))
+    comp = fabricate_competition(n_patients=60, n_test_patients=12, slices=(12, 28), seed=3)
+    write_fabricated_work(paths, comp, {"cnn_a": 2.0, "cnn_b": 2.5}, seed=3)
+    return paths
+
+
+def test_stacker_beats_every_level1_input(fabricated_work: WorkPaths, capsys) -> None:
+    paths = fabricated_work
+    argv = ["--data", "rsna-fake", "--work", str(paths.root), "--threads", "1", "--neighbours", "2",
+            "--rounds", "100", "--early-stopping", "20", "--no-progress"]
+    assert stack_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "mean of level 1" in out and "stacker" in out and "roc_auc" in out
+    metrics = json.loads((paths.stack / "metrics.json").read_text())
+    scores = {name: row["weighted"] for name, row in metrics["scores"].items()}
+    print(scores)
+    assert scores["stacker"] < min(scores["cnn_a"], scores["cnn_b"], scores["mean of level 1"])
+    assert set(metrics["scores"]["stacker"]) == {"weighted", *LABELS}
+    assert metrics["study_level"]["stacker"]["sensitivity"] >= 0.95
+
+    folds = pd.read_parquet(paths.folds)
+    oof = pd.read_parquet(paths.stack / "oof.parquet")
+    assert oof["image_id"].tolist() == folds["image_id"].tolist() and (oof["fold"] == folds["fold"]).all()
+    labels = pd.read_parquet(paths.labels).set_index("image_id").loc[oof["image_id"], list(LABELS)].to_numpy()
+    assert weighted_log_loss(labels, oof[list(LABELS)].to_numpy()) == pytest.approx(scores["stacker"])
+    test = pd.read_parquet(paths.stack / "test.parquet")
+    level1_test = pd.read_parquet(paths.model_dir("cnn_a") / "test.parquet")
+    assert sorted(test["image_id"]) == sorted(level1_test["image_id"])
+    assert test[list(LABELS)].notna().all().all() and test[list(LABELS)].to_numpy().max() <= 1
+
+
+def _copy_work(src: WorkPaths, dst: Path) -> WorkPaths:
+    import shutil
+
+    shutil.copytree(src.root, dst)
+    return WorkPaths(dst)
+
+
+def _rewrite(paths: WorkPaths, model: str, name: str, change) -> None:
+    path = paths.model_dir(model) / name
+    change(pd.read_parquet(path)).to_parquet(path, index=False)
+
+
+@pytest.mark.parametrize(
+    "model_file, change, message",
+    [
+        ("oof.parquet", lambda t: t.iloc[1:], r"cnn_b/oof.parquet vs the folds table: 1 image\(s\) missing"),
+        ("oof.parquet", lambda t: pd.concat([t, t.iloc[:1]]), r"cnn_b/oof.parquet vs the folds table: duplicated image_id"),
+        ("oof.parquet", lambda t: t.assign(fold=(t["fold"] + 1) % 5), r"cnn_b: OOF folds differ from the folds table"),
+        ("test.parquet", lambda t: t.iloc[:-1], r"cnn_b/test.parquet vs cnn_a/test.parquet: 1 image\(s\) missing"),
+        ("test.parquet", lambda t: pd.concat([t, t.iloc[:1].assign(image_id="ID_extra")]), r"1 unexpected image"),
+        ("oof.parquet", lambda t: t.assign(any=t["any"].where(t.index != 5, np.nan)), r"outside \[0, 1\] or NaN"),
+    ],
+    ids=["oof_missing", "oof_duplicate", "oof_other_folds", "test_missing", "test_extra", "nan"],
+)
+def test_frame_refuses_misaligned_level1_outputs(fabricated_work, tmp_path, model_file, change, message) -> None:
+    paths = _copy_work(fabricated_work, tmp_path / "w")
+    _rewrite(paths, "cnn_b", model_file, change)
+    with pytest.raises(StackFrameError, match=message):
+        build_stack_frame(paths, ["cnn_a", "cnn_b"], TabularFeatureConfig(k_neighbours=1, rolling_windows=(3,)))
+
+
+def test_frame_model_choice_and_leaky_folds(fabricated_work, tmp_path) -> None:
+    paths = _copy_work(fabricated_work, tmp_path / "w")
+    cfg = TabularFeatureConfig(k_neighbours=1, rolling_windows=(3,))
+    assert build_stack_frame(paths, ["cnn_b"], cfg).models == ["cnn_b"]
+    assert build_stack_frame(paths, None, cfg).models == ["cnn_a", "cnn_b"]
+    with pytest.raises(StackFrameError, match=r"\['nope'\] have no oof.parquet"):
+        build_stack_frame(paths, ["cnn_a", "nope"], cfg)
+    # Image-level (not patient-level) folds would leak through neighbour features.
+    folds = pd.read_parquet(paths.folds)
+    folds["fold"] = np.arange(len(folds)) % 5
+    folds.to_parquet(paths.folds, index=False)
+    with pytest.raises(StackFrameError, match="spans several folds"):
+        build_stack_frame(paths, None, cfg)
+    with pytest.raises(StackFrameError, match="no level-1 model outputs"):
+        build_stack_frame(WorkPaths(tmp_path / "empty"), None, cfg)
+
+
+def test_optuna_study_resumes_and_its_best_params_are_used(tmp_path, capsys) -> None:
+    paths = WorkPaths.for_data("rsna-fake", tmp_path / "w")
+    comp = fabricate_competition(n_patients=30, n_test_patients=5, slices=(8, 14), n_folds=3, seed=5)
+    write_fabricated_work(paths, comp, {"cnn_a": 2.0, "cnn_b": 2.5}, seed=5)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    frame = build_stack_frame(paths, None, TabularFeatureConfig(k_neighbours=1, rolling_windows=(3,)))
+    x, y, folds = frame.x_train.iloc[:, :40], frame.y, frame.folds
+    kw = dict(storage=storage, name="t", num_threads=1, num_boost_round=20, early_stopping_rounds=5, progress=False)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    params, loss, study = tune(x, y, folds, trials=2, **kw)
+    assert len(study.trials) == 2
+    first = study.trials[0]
+    assert first.params["num_leaves"] == DEFAULT_PARAMS["num_leaves"]  # the defaults are trial 0
+    assert sorted(first.intermediate_values) == list(range(3))  # one report per fold: pruning can act
+    params, loss, study = tune(x, y, folds, trials=3, **kw)  # resumes: one more trial, not three
+    assert len(open_study(storage, "t").trials) == 3
+    assert loss == pytest.approx(min(t.value for t in study.trials if t.value is not None))
+
+    # The CLI: --tune writes best_params.json (sqlite in the stack folder by default) ...
+    base = ["--data", "rsna-fake", "--work", str(paths.root), "--threads", "1", "--neighbours", "1",
+            "--rounds", "20", "--early-stopping", "5", "--no-progress"]
+    assert stack_main([*base, "--tune", "--trials", "2"]) == 0
+    assert (paths.stack / "optuna.db").is_file()
+    saved = load_best_params(paths.stack / "best_params.json")
+    assert saved["models"] == ["cnn_a", "cnn_b"] and saved["finished_trials"] == 2
+    # ... which the next plain run uses.
+    capsys.readouterr()
+    assert stack_main(base) == 0
+    assert "parameters: tuned (best_params.json)" in capsys.readouterr().out
+    used = json.loads((paths.stack / "metrics.json").read_text())["params"]
+    assert used["num_leaves"] == saved["params"]["num_leaves"]
+    assert used["learning_rate"] == pytest.approx(saved["params"]["learning_rate"])
