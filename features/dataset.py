@@ -16,6 +16,7 @@ import os
 import warnings
 from collections.abc import Sequence
 
+import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -169,7 +170,9 @@ class SliceDataset(Dataset):
             if len(hu) == 1:  # one slice: warp it as a plain H x W image
                 hu = aug.geometric(hu[0])[None]
             else:
-                hu = aug.geometric(np.ascontiguousarray(hu.transpose(1, 2, 0))).transpose(2, 0, 1)
+                # K x H x W <-> H x W x K: cv2.merge is ~10x faster than numpy's transposing copy,
+                # and windowing reads contiguous slices several times faster than strided ones.
+                hu = np.ascontiguousarray(aug.geometric(cv2.merge(list(hu))).transpose(2, 0, 1))
             image = aug.photometric(apply_combination(self.combination, hu, header))
         else:
             image = apply_combination(self.combination, hu, header)
