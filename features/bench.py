@@ -166,6 +166,8 @@ def run_bench(args: argparse.Namespace) -> None:
     size = args.size
     print(f"bench_slices: {len(sample)} slices ({sample['series_id'].nunique()} series, DICOM {shape} -> {size} px)")
     print(f"bench_repeats: {args.repeats} runs (medians)")
+    # Other jobs on the machine slow the wall-clock rates (and, less, the per-CPU-second ones).
+    print(f"machine_load: {os.getloadavg()[0] / (os.cpu_count() or 1):.1f} runnable per core (1-min load average)")
 
     with tempfile.TemporaryDirectory(dir=paths.root, prefix="bench-") as tmp:
         tmp = Path(tmp)
