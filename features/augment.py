@@ -40,7 +40,7 @@ class AugmentConfig:
 
 
 class BrightnessContrast(A.RandomBrightnessContrast):
-    """RandomBrightnessContrast (same parameters and sampling) with a float32 in-place apply:
+    """RandomBrightnessContrast (same parameters and sampling) with a plain float32 apply:
     albucore's float path goes through float64 OpenCV calls and costs ~3 ms on 3 x 256 x 256."""
 
     def apply(self, img: np.ndarray, alpha: float, beta: float, **params) -> np.ndarray:
