@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import pandas as pd
 
 from features.tabular import TabularFeatureConfig, build_tabular_features
 from level2_stacking.synthetic import fabricate_competition, fabricate_predictions

@@ -15,10 +15,12 @@ import numpy as np
 import pandas as pd
 
 from competition.constants import LABELS
+from competition.labels import read_labels
+from competition.layout import Layout, LayoutError
 from competition.paths import WorkPaths
 from competition.study_level import DEFAULT_TARGET_SENSITIVITY
 from features.tabular import TabularFeatureConfig
-from level2_stacking.frame import OOF_FILE, TEST_FILE, build_stack_frame
+from level2_stacking.frame import OOF_FILE, TEST_FILE, StackFrameError, align_exact, build_stack_frame
 from level2_stacking.lgbm import DEFAULT_PARAMS, EARLY_STOPPING_ROUNDS, NUM_BOOST_ROUND, cross_validate
 from level2_stacking.report import format_table, oof_sources, score_table, study_table
 from level2_stacking.tune import (
@@ -50,15 +52,44 @@ class StackOutcome:
     test_path: Path
     metrics_path: Path
     params_source: str
+    test_scores: pd.DataFrame | None = None       # only where DATA has the answers (synthetic data)
+    test_study_level: pd.DataFrame | None = None
 
     def report(self) -> str:
-        return "\n".join([
+        lines = [
             "OOF log loss (weighted = the competition metric):",
             format_table(self.scores),
             "",
-            "Study-level diagnosis (per-study max of `any`, threshold favouring recall):",
+            "Study-level diagnosis on OOF (per-study max of `any`, threshold chosen for the target sensitivity):",
             format_table(self.study_level),
-        ])
+        ]
+        if self.test_scores is not None and self.test_study_level is not None:
+            lines += [
+                "",
+                "Test log loss against the answers in DATA:",
+                format_table(self.test_scores),
+                "",
+                "Study-level diagnosis on test (thresholds chosen on OOF):",
+                format_table(self.test_study_level),
+            ]
+        return "\n".join(lines)
+
+
+def _test_answers(data_dir: Path | str, test_ids: np.ndarray) -> np.ndarray | None:
+    """The true test labels (N, 6) in ``test_ids`` order where DATA carries them, else None."""
+    try:
+        layout = Layout.find(data_dir)
+    except LayoutError:
+        return None
+    if layout.answers is None or not len(test_ids):
+        return None
+    answers = read_labels(layout.answers)
+    try:
+        aligned = align_exact(answers, pd.Index(test_ids), f"answers {layout.answers} vs the test predictions")
+    except StackFrameError as exc:
+        print(f"note: not scoring test: {exc}")
+        return None
+    return aligned[list(LABELS)].to_numpy(np.float64)
 
 
 def _choose_params(paths: WorkPaths, frame, s: StackSettings) -> tuple[dict[str, object], str]:
@@ -109,6 +140,13 @@ def run_stack(data_dir: Path | str, work_dir: Path | str | None = None, settings
     scores = score_table(frame.y, sources)
     metadata = pd.read_parquet(paths.metadata, columns=["image_id", "study_id"])
     studies = study_table(frame.train_ids, frame.y, sources, metadata, settings.target_sensitivity)
+    test_scores = test_studies = None
+    y_test = _test_answers(data_dir, frame.test_ids)
+    if y_test is not None:
+        test_sources = oof_sources(frame.level1_test, result.test)
+        test_scores = score_table(y_test, test_sources)
+        test_studies = study_table(frame.test_ids, y_test, test_sources, metadata, settings.target_sensitivity,
+                                   thresholds=studies["threshold"].to_dict())
     metrics_path = paths.stack / METRICS_FILE
     metrics_path.write_text(json.dumps({
         "models": frame.models,
@@ -122,5 +160,9 @@ def run_stack(data_dir: Path | str, work_dir: Path | str | None = None, settings
         "scores": scores.to_dict(orient="index"),
         "study_level": studies.to_dict(orient="index"),
         "target_sensitivity": settings.target_sensitivity,
+        **({} if test_scores is None else {
+            "test_scores": test_scores.to_dict(orient="index"),
+            "test_study_level": test_studies.to_dict(orient="index"),
+        }),
     }, indent=2, default=float) + "\n")
-    return StackOutcome(scores, studies, oof_path, test_path, metrics_path, source)
+    return StackOutcome(scores, studies, oof_path, test_path, metrics_path, source, test_scores, test_studies)

@@ -26,16 +26,18 @@ def score_table(y: np.ndarray, sources: dict[str, np.ndarray]) -> pd.DataFrame:
 
 
 def study_table(
-    train_ids: np.ndarray, y: np.ndarray, sources: dict[str, np.ndarray], metadata: pd.DataFrame,
-    target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY,
+    image_ids: np.ndarray, y: np.ndarray, sources: dict[str, np.ndarray], metadata: pd.DataFrame,
+    target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY, thresholds: dict[str, float] | None = None,
 ) -> pd.DataFrame:
-    """Patient (study) level diagnosis of each source's OOF `any`, at a recall-favouring threshold."""
+    """Patient (study) level diagnosis of each source's `any`, at a recall-favouring threshold:
+    chosen on these rows, or given per source (e.g. the OOF thresholds, applied to test)."""
     any_col = LABELS.index("any")
-    truth = study_truth(pd.DataFrame({"image_id": train_ids, "any": y[:, any_col]}), metadata)
+    truth = study_truth(pd.DataFrame({"image_id": image_ids, "any": y[:, any_col]}), metadata)
     rows = {}
     for name, p in sources.items():
-        prob = study_probability(pd.DataFrame({"image_id": train_ids, "any": p[:, any_col]}), metadata)
-        rows[name] = study_level_report(truth.to_numpy(), prob.reindex(truth.index).to_numpy(), target_sensitivity)
+        prob = study_probability(pd.DataFrame({"image_id": image_ids, "any": p[:, any_col]}), metadata)
+        fixed = None if thresholds is None else thresholds[name]
+        rows[name] = study_level_report(truth.to_numpy(), prob.reindex(truth.index).to_numpy(), target_sensitivity, fixed)
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "source"
     return table

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from competition.constants import LABELS
+from competition.labels import labels_to_long
+from competition.layout import ANSWERS_NAME
 from competition.paths import WorkPaths
 from level2_stacking.frame import OOF_FILE, TEST_FILE
 
@@ -84,3 +87,15 @@ def write_fabricated_work(paths: WorkPaths, comp: FabricatedCompetition, models:
         folder.mkdir(parents=True, exist_ok=True)
         oof[["image_id", "fold", *LABELS]].sample(frac=1.0, random_state=i).to_parquet(folder / OOF_FILE, index=False)
         test.to_parquet(folder / TEST_FILE, index=False)
+
+
+def write_fabricated_data(root: Path, comp: FabricatedCompetition) -> Path:
+    """A DATA folder holding what the stacker and the submission writer read from it: the test
+    folder (empty: no images are needed), the sample submission and the test answers."""
+    root = Path(root)
+    (root / "stage_2_test").mkdir(parents=True, exist_ok=True)
+    test_ids = comp.metadata.loc[comp.metadata["split"] == "test", "image_id"]
+    answers = labels_to_long(comp.labels.loc[comp.labels["image_id"].isin(test_ids)])
+    answers.to_csv(root / ANSWERS_NAME, index=False)
+    answers.assign(Label=0.5).to_csv(root / "stage_2_sample_submission.csv", index=False)
+    return root

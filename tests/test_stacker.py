@@ -19,8 +19,10 @@ from features.tabular import TabularFeatureConfig
 from level2_stacking.__main__ import main as stack_main
 from level2_stacking.frame import StackFrameError, build_stack_frame
 from level2_stacking.lgbm import DEFAULT_PARAMS, cross_validate
-from level2_stacking.synthetic import fabricate_competition, write_fabricated_work
+from level2_stacking.synthetic import fabricate_competition, write_fabricated_data, write_fabricated_work
 from level2_stacking.tune import load_best_params, open_study, tune
+from submissions.validate import validate_submission
+from submissions.write import write_from_work
 
 # One thread: on a busy 2-core box, OpenMP threads spinning against each other are 10x slower.
 FAST = {**DEFAULT_PARAMS, "num_threads": 1, "learning_rate": 0.1, "min_data_in_leaf": 20}
@@ -70,15 +72,18 @@ def test_early_stopping_stops_and_on_fold_reports_running_loss() -> None:
 
 @pytest.fixture(scope="module")
 def fabricated_work(tmp_path_factory) -> WorkPaths:
-    paths = WorkPaths.for_data("rsna-fake", tmp_path_factory.mktemp("work"))
-    comp = fabricate_competition(n_patients=60, n_test_patients=12, slices=(12, 28), seed=3)
+    root = tmp_path_factory.mktemp("fab")
+    paths = WorkPaths.for_data(root / "rsna-fake", root / "work")
+    comp = fabricate_competition(n_patients=60, n_test_patients=20, slices=(12, 28), seed=3)
     write_fabricated_work(paths, comp, {"cnn_a": 2.0, "cnn_b": 2.5}, seed=3)
+    write_fabricated_data(root / "rsna-fake", comp)
     return paths
 
 
 def test_stacker_beats_every_level1_input(fabricated_work: WorkPaths, capsys) -> None:
     paths = fabricated_work
-    argv = ["--data", "rsna-fake", "--work", str(paths.root), "--threads", "1", "--neighbours", "2",
+    data = paths.root.parent / "rsna-fake"
+    argv = ["--data", str(data), "--work", str(paths.root), "--threads", "1", "--neighbours", "2",
             "--rounds", "100", "--early-stopping", "20", "--no-progress"]
     assert stack_main(argv) == 0
     out = capsys.readouterr().out
@@ -99,6 +104,19 @@ def test_stacker_beats_every_level1_input(fabricated_work: WorkPaths, capsys) ->
     level1_test = pd.read_parquet(paths.model_dir("cnn_a") / "test.parquet")
     assert sorted(test["image_id"]) == sorted(level1_test["image_id"])
     assert test[list(LABELS)].notna().all().all() and test[list(LABELS)].to_numpy().max() <= 1
+
+    # DATA carries the test answers: held-out images, never seen by any fold, confirm it.
+    test_scores = {name: row["weighted"] for name, row in metrics["test_scores"].items()}
+    print(test_scores)
+    assert test_scores["stacker"] < min(test_scores["cnn_a"], test_scores["cnn_b"], test_scores["mean of level 1"])
+    assert "Test log loss against the answers" in out
+    thresholds = {name: row["threshold"] for name, row in metrics["study_level"].items()}
+    assert {name: row["threshold"] for name, row in metrics["test_study_level"].items()} == thresholds
+
+    # The stacker's test predictions make a valid submission.
+    written = write_from_work(data, paths.root, None, paths.root / "subs")
+    assert written.name == "rsna-fake-stack.csv.gz"
+    assert validate_submission(written, data / "stage_2_sample_submission.csv") == len(test) * len(LABELS)
 
 
 def _copy_work(src: WorkPaths, dst: Path) -> WorkPaths:
