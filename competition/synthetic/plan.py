@@ -40,10 +40,11 @@ PRESETS: dict[str, Preset] = {
     "tiny": Preset(n_patients=8, size=64, slices=(20, 24), test_fraction=0.25),
 }
 
-# Primary subtype of a positive study, and which others come along with it. Tuned (see
-# tests/test_synthetic.py and the module docstring) so slice-level rates land near the real
-# data's: epidural 0.4%, intraparenchymal 4.8%, intraventricular 3.5%, subarachnoid 4.7%,
-# subdural 6.3%, any 14%.
+# Primary subtype of a positive study, and which others come along with it (chance each).
+# Tuned so that slice-level rates land near the real data's (epidural 0.4%, intraparenchymal
+# 4.8%, intraventricular 3.5%, subarachnoid 4.7%, subdural 6.3%, any 14%): rendering the labels
+# of 720 studies (seed 5, `render.study_areas`) gave 0.43%, 4.6%, 3.8%, 4.3%, 6.0%, any 15.3%.
+# A 100-patient demo varies around these by a few points (whole studies are positive or not).
 PRIMARY = {"epidural": 0.04, "intraparenchymal": 0.21, "intraventricular": 0.35, "subarachnoid": 0.19, "subdural": 0.21}
 COMPANIONS = {
     "epidural": {"subdural": 0.35, "subarachnoid": 0.2, "intraparenchymal": 0.15},
@@ -130,8 +131,8 @@ def _subtype_set(rng: np.random.Generator, positive_rate: float) -> list[str]:
 
 
 def _bleeds_for(subtypes: list[str], head: Head, rng: np.random.Generator, knobs: Knobs) -> list[Bleed]:
-    """Bleeds of the given subtypes; the ones after the first sit on the same side, near it, as
-    bleeds of one injury do."""
+    """Bleeds of the given subtypes. The most common subtype of the set is placed first and the
+    others near it (same side, same region), as the bleeds of one injury are."""
     bleeds: list[Bleed] = []
     order = sorted(subtypes, key=lambda t: t != max(subtypes, key=lambda s: PRIMARY[s]))
     for subtype in order:
