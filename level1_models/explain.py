@@ -225,9 +225,14 @@ def render_panel(image: np.ndarray, attrs: Attributions, channels: Sequence[int]
     axes[0].set_title("windowed input" + (" (centre slice)" if len(channels) < len(image) else ""))
     cam = attrs.maps["grad_cam"][0]
     axes[1].imshow(shown, vmin=0, vmax=1, **gray)
-    top = float(cam.max())
-    heat = axes[1].imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=top if top > 0 else 1)
-    fig.colorbar(heat, ax=axes[1], fraction=0.046, pad=0.02)
+    top = float(cam.max()) if cam.max() > 0 else 1.0
+    # Opacity follows the heat, so the slice stays readable where the model did not look.
+    level = np.clip(cam / top, 0, 1)
+    heat = plt.get_cmap("jet")(level)
+    heat[..., 3] = 0.7 * np.sqrt(level)
+    axes[1].imshow(heat)
+    scale = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, top), cmap="jet")
+    fig.colorbar(scale, ax=axes[1], fraction=0.046, pad=0.02)
     axes[1].set_title(METHOD_TITLES["grad_cam"])
     for ax, method, cmap in zip(axes[2:], METHODS[1:], ("gray", "gray", "hot")):
         ax.imshow(magnitude(attrs.maps[method], channels), cmap=cmap, vmin=0, vmax=1)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+from sklearn.metrics import auc, precision_recall_curve, roc_curve
 
 from competition.constants import LABELS
 from competition.study_level import DEFAULT_TARGET_SENSITIVITY, threshold_for_sensitivity
@@ -103,6 +103,18 @@ def confusion_frame(point: OperatingPoint) -> pd.DataFrame:
                          "called positive": [point.tp, point.fp], "called negative": [point.fn, point.tn]})
 
 
+MAX_PLOT_POINTS = 4000  # a curve over 750k slices is drawn through this many of its points
+
+
+def _thin(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Evenly spaced points of long curves (ends kept): the picture is the same, the PNG is quick."""
+    n = len(arrays[0])
+    if n <= MAX_PLOT_POINTS:
+        return arrays
+    keep = np.unique(np.linspace(0, n - 1, MAX_PLOT_POINTS).round().astype(np.int64))
+    return tuple(np.asarray(a)[keep] for a in arrays)
+
+
 def _pyplot():
     import matplotlib
 
@@ -119,13 +131,31 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def roc_points(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """(false positive rates, true positive rates) thinned for drawing, and the ROC AUC of the full
+    curve (one sort of the scores instead of two)."""
+    fpr, tpr, _ = roc_curve(y_true, score)
+    area = float(auc(fpr, tpr))
+    fpr, tpr = _thin(fpr, tpr)
+    return fpr, tpr, area
+
+
+def pr_points(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """(precision, recall) thinned for drawing, and the average precision of the full curve
+    (sklearn's ``average_precision_score`` formula: sum over recall steps of precision)."""
+    precision, recall, _ = precision_recall_curve(y_true, score)
+    ap = -float(np.sum(np.diff(recall) * precision[:-1]))
+    precision, recall = _thin(precision, recall)
+    return precision, recall, ap
+
+
 def plot_roc(y: np.ndarray, p: np.ndarray, title: str, out_png: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 5))
     for j, label in enumerate(LABELS):
         if 0 < y[:, j].sum() < len(y):
-            fpr, tpr, _ = roc_curve(y[:, j], p[:, j])
-            ax.plot(fpr, tpr, lw=2.2 if label == "any" else 1.3, label=f"{label} (AUC {roc_auc_score(y[:, j], p[:, j]):.3f})")
+            fpr, tpr, area = roc_points(y[:, j], p[:, j])
+            ax.plot(fpr, tpr, lw=2.2 if label == "any" else 1.3, label=f"{label} (AUC {area:.3f})")
         else:
             ax.plot([], [], " ", label=f"{label} (one class only)")
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
@@ -145,8 +175,7 @@ def plot_pr(y: np.ndarray, p: np.ndarray, title: str, out_png: Path) -> Path:
     for j, label in enumerate(LABELS):
         color = f"C{j}"
         if 0 < y[:, j].sum():
-            precision, recall, _ = precision_recall_curve(y[:, j], p[:, j])
-            ap = average_precision_score(y[:, j], p[:, j])
+            precision, recall, ap = pr_points(y[:, j], p[:, j])
             ax.step(recall, precision, where="post", color=color, lw=2.2 if label == "any" else 1.3,
                     label=f"{label} (AP {ap:.3f}, prevalence {y[:, j].mean():.3f})")
             ax.axhline(y[:, j].mean(), color=color, lw=0.6, ls=":")
@@ -165,9 +194,11 @@ def plot_pr(y: np.ndarray, p: np.ndarray, title: str, out_png: Path) -> Path:
 def plot_threshold(table: pd.DataFrame, point: OperatingPoint, title: str, out_png: Path) -> Path:
     plt = _pyplot()
     finite = table[np.isfinite(table["threshold"])]
+    columns = ("sensitivity", "specificity", "f1")
+    thinned = dict(zip(("threshold", *columns), _thin(*(finite[c].to_numpy() for c in ("threshold", *columns)))))
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for column, color in (("sensitivity", "C3"), ("specificity", "C0"), ("f1", "C2")):
-        ax.step(finite["threshold"], finite[column], where="post", color=color, label=column)
+    for column, color in zip(columns, ("C3", "C0", "C2")):
+        ax.step(thinned["threshold"], thinned[column], where="post", color=color, label=column)
     ax.axvline(point.threshold, color="black", ls="--", lw=1)
     ax.annotate(f"t = {point.threshold:.3f}\nsensitivity {point.sensitivity:.3f}\nspecificity {point.specificity:.3f}"
                 f"\nF1 {point.f1:.3f}", xy=(point.threshold, 0.5), xytext=(8, 0), textcoords="offset points",

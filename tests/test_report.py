@@ -13,14 +13,15 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from sklearn.metrics import confusion_matrix, f1_score, log_loss, recall_score
+from sklearn.metrics import average_precision_score, confusion_matrix, f1_score, log_loss, recall_score, roc_auc_score
 
 from competition.cli import run_main
 from competition.constants import LABEL_WEIGHTS, LABELS
 from level1_models.curves import COLUMNS, plot_curves
 from level2_stacking.html_report import MEAN_NAME, STACK_NAME, build_report, main as report_main
 from level2_stacking.plots import (
-    CONFUSION_FILE, OPERATING_POINT_FILE, PLOT_FILES, operating_point, threshold_table, write_prediction_plots,
+    CONFUSION_FILE, MAX_PLOT_POINTS, OPERATING_POINT_FILE, PLOT_FILES, operating_point, pr_points, roc_points,
+    threshold_table, write_prediction_plots,
 )
 from level2_stacking.plots import main as plots_main
 
@@ -62,6 +63,18 @@ def test_operating_point_is_the_highest_threshold_reaching_the_target():
         assert point.f1 == pytest.approx(f1_score(y, s >= brute))
     fixed = operating_point(y, s, threshold=0.5)
     assert fixed.threshold == 0.5 and fixed.tp == np.sum((s >= 0.5) & (y == 1))
+
+
+def test_curve_areas_match_sklearn_and_long_curves_are_thinned():
+    for n in (300, 20_000):
+        y, s = _scores(np.random.default_rng(n), n)
+        s = s + np.random.default_rng(0).normal(0, 1e-3, n)  # mostly distinct scores: long curves
+        fpr, tpr, area = roc_points(y, s)
+        precision, recall, ap = pr_points(y, s)
+        assert area == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+        assert ap == pytest.approx(average_precision_score(y, s), abs=1e-12)
+        assert len(fpr) <= MAX_PLOT_POINTS and len(recall) <= MAX_PLOT_POINTS
+        assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
 
 
 # --- a work folder with two level-1 models and a stack -------------------------------------------
