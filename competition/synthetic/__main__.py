@@ -5,8 +5,9 @@ import argparse
 import sys
 import time
 from dataclasses import fields
+from pathlib import Path
 
-from competition.synthetic import PRESETS, Knobs, contact_sheet, generate, score_submission
+from competition.synthetic import MARKER, PRESETS, Knobs, contact_sheet, generate, score_submission
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,9 +41,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             knobs = {f.name: getattr(args, f.name) for f in fields(Knobs) if getattr(args, f.name) is not None}
             start = time.perf_counter()
+            existed = (Path(args.out) / MARKER).is_file()
             out = generate(args.out, preset=args.preset, n_patients=args.patients, size=args.size, seed=args.seed,
                            workers=args.workers, progress=not args.quiet, **knobs)
-            print(f"wrote {out} ({time.perf_counter() - start:.1f} s)")
+            if existed:
+                print(f"{out} is complete already (same configuration): nothing to do")
+            else:
+                print(f"wrote {out} ({time.perf_counter() - start:.1f} s)")
         elif args.command == "score":
             scores = score_submission(args.submission, args.answers)
             for name, value in scores.items():

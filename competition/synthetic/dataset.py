@@ -76,10 +76,11 @@ def generate(
     config = resolve_config(preset, n_patients, size, seed, **knobs)
     if (out / MARKER).exists():
         done = json.loads((out / MARKER).read_text())
-        if {k: done.get(k) for k in config} != config:
+        differ = [f"{k}={done.get(k)} (asked {v})" for k, v in config.items() if done.get(k) != v]
+        if differ:
             raise ValueError(
-                f"{out} holds a synthetic dataset made with a different configuration "
-                f"({ {k: done.get(k) for k in config} }); remove it or choose another output folder"
+                f"{out} holds a synthetic dataset made with a different configuration: {', '.join(differ)}; "
+                f"remove it or choose another output folder"
             )
         return out
     if out.exists():
