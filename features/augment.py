@@ -51,6 +51,21 @@ class BrightnessContrast(A.RandomBrightnessContrast):
         return np.clip(out, 0.0, 1.0, out=out)
 
 
+class Affine(A.Affine):
+    """A.Affine (same parameters and sampling) whose apply calls cv2.warpAffine directly for up to
+    four channels, skipping albumentations' per-call identity test and chunking (~40% of its cost)."""
+
+    def apply(self, img: np.ndarray, matrix: np.ndarray, output_shape: tuple[int, int], **params) -> np.ndarray:
+        if img.ndim == 3 and img.shape[2] > 4:  # cv2 fills at most four channels: albumentations chunks
+            return super().apply(img, matrix, output_shape, **params)
+        size = (int(round(output_shape[1])), int(round(output_shape[0])))
+        # A scalar borderValue would fill only the first channel: cv2 wants one value per channel.
+        fill = tuple(self.fill) if isinstance(self.fill, (tuple, list)) else (float(self.fill),) * 4
+        out = cv2.warpAffine(img, matrix[:2], size, flags=self.interpolation, borderMode=self.border_mode,
+                             borderValue=fill)
+        return out[..., None] if img.ndim == 3 and out.ndim == 2 else out
+
+
 def geometric_transform(size: int, cfg: AugmentConfig = AugmentConfig(), seed: int | None = None) -> A.Compose:
     """For H x W x K float32 HU slices; output size x size x K."""
     return A.Compose(
@@ -58,7 +73,7 @@ def geometric_transform(size: int, cfg: AugmentConfig = AugmentConfig(), seed: i
             A.HorizontalFlip(p=cfg.hflip),
             A.VerticalFlip(p=cfg.vflip),
             A.RandomResizedCrop(size=(size, size), scale=cfg.crop_scale, ratio=(0.9, 1.1), p=cfg.crop),
-            A.Affine(
+            Affine(
                 translate_percent=(-cfg.shift, cfg.shift),
                 scale=cfg.scale,
                 rotate=(-cfg.rotate, cfg.rotate),

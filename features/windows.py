@@ -119,11 +119,9 @@ def n_channels(name: str) -> int:
 
 
 def window_linear(hu: np.ndarray, center: float, width: float, out: np.ndarray | None = None) -> np.ndarray:
-    """``clip((hu - (center - width / 2)) / width, 0, 1)`` as float32."""
-    low = np.float32(center - width / 2.0)
-    scale = np.float32(1.0 / width)
-    out = np.subtract(hu, low, out=out, dtype=np.float32)
-    out *= scale
+    """``clip((hu - (center - width / 2)) / width, 0, 1)`` as float32 (as one multiply-add)."""
+    out = np.multiply(hu, np.float32(1.0 / width), out=out, dtype=np.float32)
+    out += np.float32(-(center - width / 2.0) / width)
     return np.clip(out, 0.0, 1.0, out=out)
 
 
@@ -180,12 +178,11 @@ def apply_combination(
             center, width = PRESETS[channel.window].center, PRESETS[channel.window].width
         source = slices[..., k] if channels_last else slices[k]
         target = out[..., c] if channels_last else out[c]
-        if linear:  # scaled here, clipped once for all channels below
-            np.subtract(source, np.float32(center - width / 2.0), out=target, dtype=np.float32)
-            target *= np.float32(1.0 / width)
+        if linear:  # hu * scale + offset here, clipped once for all channels below
+            np.multiply(source, np.float32(1.0 / width), out=target, dtype=np.float32)
+            target += np.float32(-(center - width / 2.0) / width)
         else:
             window_sigmoid(source, center, width, out=target)
     if linear:
-        np.maximum(out, 0.0, out=out)
-        np.minimum(out, 1.0, out=out)
+        np.clip(out, 0.0, 1.0, out=out)
     return out

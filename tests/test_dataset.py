@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import albumentations as A
+import cv2
 import numpy as np
 import pandas as pd
 import pydicom
@@ -12,7 +13,7 @@ from torch.utils.data import DataLoader
 from competition.constants import LABELS
 from competition.metadata import build_metadata
 from dicom_factory import write_ct
-from features.augment import AugmentConfig, Augmenter, BrightnessContrast
+from features.augment import Affine, AugmentConfig, Augmenter, BrightnessContrast
 from features.cache import ImageCache, build_cache
 from features.dataset import SliceDataset, cached_only, neighbour_ids
 from features.windows import apply_combination
@@ -217,6 +218,15 @@ def test_fast_transforms_match_albumentations():
     ours, theirs = BrightnessContrast(p=1), A.RandomBrightnessContrast(p=1)
     for alpha, beta in ((1.2, 0.1), (0.8, -0.15)):
         np.testing.assert_allclose(ours.apply(img, alpha=alpha, beta=beta), theirs.apply(img, alpha=alpha, beta=beta), atol=1e-6)
+    # Affine's direct cv2 call gives what albumentations' own apply gives.
+    rng = np.random.default_rng(1)
+    matrix = np.array([[0.95, 0.2, 3.0], [-0.2, 1.05, -2.0], [0, 0, 1]])
+    for shape in ((16, 16), (16, 16, 1), (16, 16, 3), (16, 16, 6)):
+        hu = rng.uniform(-1000, 2000, shape).astype(np.float32)
+        ours = Affine(fill=-1024.0, border_mode=cv2.BORDER_CONSTANT, p=1)
+        theirs = A.Affine(fill=-1024.0, border_mode=cv2.BORDER_CONSTANT, p=1)
+        np.testing.assert_array_equal(ours.apply(hu, matrix=matrix, output_shape=(16, 16)),
+                                      theirs.apply(hu, matrix=matrix, output_shape=(16, 16)))
     # Photometric on C x H x W: one set of holes, shared by every channel; the rest untouched.
     chw = np.ascontiguousarray(img.transpose(2, 0, 1)) + 0.5
     erase = Augmenter(16, AugmentConfig(erase=1.0, erase_holes=(2, 2), erase_size=(0.2, 0.3), brightness_contrast=0),
