@@ -36,6 +36,7 @@ class TrainConfig(ModelSpec):
     limit: int | None = None  # at most this many training images per fold (validation stays whole)
     device: str = "auto"  # auto | cpu | cuda (cuda:<i> accepted)
     workers: int = 2  # DataLoader worker processes
+    threads: int | None = None  # torch CPU threads per process (None: torch's default)
     seed: int = 42
     amp: str = "auto"  # auto: bf16 on CUDA where supported, else fp16 on CUDA, off on CPU
     channels_last: bool | None = None  # None: on for CUDA
@@ -55,6 +56,8 @@ class TrainConfig(ModelSpec):
             raise ConfigError(f"limit must be >= 1 images per fold, got {self.limit}")
         if self.workers < 0:
             raise ConfigError(f"workers must be >= 0, got {self.workers}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
 
     @property
     def eval_batch(self) -> int:

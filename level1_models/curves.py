@@ -21,6 +21,7 @@ def plot_curves(curves: Mapping[int, pd.DataFrame], out_png: Path, title: str) -
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
     for k, (fold, frame) in enumerate(sorted(curves.items())):
@@ -36,6 +37,7 @@ def plot_curves(curves: Mapping[int, pd.DataFrame], out_png: Path, title: str) -
     axes[1].set_title("validation weighted log loss (o = best)")
     for ax in axes:
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)

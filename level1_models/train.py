@@ -122,6 +122,8 @@ def setup_runtime(cfg: TrainConfig) -> tuple[TrainConfig, Runtime]:
                           f"pick a multiple (the global batch is split evenly)")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     return cfg, Runtime(device=device, env=env, amp=cfg.amp, channels_last=cfg.channels_last)
 
 

@@ -382,6 +382,21 @@ def test_partial_folds_write_metrics_but_no_oof(tmp_path):
         run_oof(small_config(folds=(0,), img_size=48), inputs, out, CPU)
 
 
+def test_bench_reports_random_and_data_fed_rates(capsys):
+    from level1_models.bench import print_bench, run_bench
+
+    cfg = small_config(batch_size=4, eval_batch_size=4)
+    figures = run_bench(cfg, CPU, make_inputs(n_train=24, n_test=4), steps=2, warmup=1)
+    assert set(figures) == {"train_random_tensors", "infer_random_tensors", "train_data_loader", "train_data_wait",
+                            "infer_data_loader", "infer_data_wait"}
+    assert all(v > 0 for k, v in figures.items() if not k.endswith("_wait"))
+    assert all(0 <= figures[k] <= 100 for k in ("train_data_wait", "infer_data_wait"))
+    print_bench(cfg, CPU, figures)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[1].startswith("train_random_tensors: ") and lines[1].endswith(" images/s")
+    assert all(": " in line for line in lines)
+
+
 # --- end to end on a synthetic competition (Kaggle layout -> prepare -> cache -> oof) -----------
 
 E2E_OPTIONS = ["--model", "tiny_resnet", "--epochs", "1", "--img-size", "32", "--workers", "0", "--device", "cpu"]

@@ -96,13 +96,17 @@ def test_list_matches_like_timm():
     assert list_models("nothing*") == []
 
 
-def test_cli_list_and_unknown_model():
+def test_cli_list_and_unknown_model(capsys):
+    from competition.cli import run_main
+    from level1_models.__main__ import main
+
     out = subprocess.run([sys.executable, "-m", "level1_models", "list", "tiny_*"], capture_output=True, text=True)
     assert out.returncode == 0 and "tiny_resnet" in out.stdout and "vgg16" not in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "level1_models", "oof", "--model", "vgg61", "--data", "nowhere"],
-                         capture_output=True, text=True)
-    assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines()[-1].startswith("level1_models: error: unknown model 'vgg61'. Did you mean: vgg16")
+    assert run_main(main, ["oof", "--model", "vgg61", "--data", "nowhere"], prog="level1_models") == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("level1_models: error: unknown model 'vgg61'. Did you mean: vgg16")
+    assert run_main(main, ["oof", "--model", "vgg16", "--data", "nowhere", "--set", "epoch=2"], prog="level1_models") == 2
+    assert "unknown config field 'epoch'. Did you mean: epochs" in capsys.readouterr().err
 
 
 def test_registering_twice_or_a_bad_spec_fails():
