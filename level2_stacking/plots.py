@@ -203,7 +203,10 @@ def plot_threshold(table: pd.DataFrame, point: OperatingPoint, title: str, out_p
     ax.annotate(f"t = {point.threshold:.3f}\nsensitivity {point.sensitivity:.3f}\nspecificity {point.specificity:.3f}"
                 f"\nF1 {point.f1:.3f}", xy=(point.threshold, 0.5), xytext=(8, 0), textcoords="offset points",
                 fontsize=8, va="center", bbox={"boxstyle": "round", "fc": "white", "alpha": 0.8})
-    ax.set(xlabel="threshold on predicted any", ylabel="rate", xlim=(0, 1), ylim=(0, 1.02),
+    # Zoom on the scores' range: a weak or calibrated-low model predicts in a narrow band.
+    lo, hi = (float(finite["threshold"].min()), float(finite["threshold"].max())) if len(finite) else (0.0, 1.0)
+    pad = 0.05 * (hi - lo) if hi > lo else 0.05
+    ax.set(xlabel="threshold on predicted any", ylabel="rate", xlim=(max(0.0, lo - pad), min(1.0, hi + pad)), ylim=(0, 1.02),
            title=f"any vs threshold: {title}\n(dashed: highest t with sensitivity >= {point.target_sensitivity:g})")
     ax.legend(fontsize=8, loc="lower left")
     ax.grid(alpha=0.3)
