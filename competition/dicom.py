@@ -24,6 +24,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pydicom.errors import InvalidDicomError
 
 # The competition's UIDs are "ID_<hex>" strings, not valid DICOM UIDs: validating them on every
@@ -86,14 +87,46 @@ def has_12bit_quirk(ds: Dataset) -> bool:
     )
 
 
+_NATIVE_LE = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
+
+
+def _native_pixels(ds: Dataset) -> np.ndarray | None:
+    """The stored values of an uncompressed little-endian 16-bit single-frame slice, or None.
+
+    The competition's files are all of this kind, and decoding them straight from the bytes is
+    about 20x faster than ``ds.pixel_array``. It does what pydicom does to them: bits above
+    BitsStored are masked off (unsigned) or sign-extended (signed). Anything else, and any
+    pixel data of the wrong length, returns None so that pydicom decodes it (or says why not).
+    """
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax not in _NATIVE_LE or int(ds.get("BitsAllocated", 0)) != 16 or int(ds.get("SamplesPerPixel", 1)) != 1:
+        return None
+    if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+        return None
+    rows, cols, data = int(ds.get("Rows", 0)), int(ds.get("Columns", 0)), ds.PixelData
+    if rows * cols == 0 or len(data) != rows * cols * 2:
+        return None
+    bits = int(ds.get("BitsStored", 16))
+    if not 1 <= bits <= 16:
+        return None
+    if int(ds.get("PixelRepresentation", 0)) == 1:
+        shift = 16 - bits  # sign-extend from BitsStored
+        return (np.frombuffer(data, "<i2").reshape(rows, cols) << shift) >> shift
+    raw = np.frombuffer(data, "<u2").reshape(rows, cols)
+    return raw & np.uint16((1 << bits) - 1) if bits < 16 else raw
+
+
 def hu_from_dataset(ds: Dataset, path: Path | str = "<dataset>") -> np.ndarray:
     """The HU image (float32, rows x columns) of an already-read dataset."""
     if "PixelData" not in ds:
         raise DicomReadError(path, "no pixel data (tag 7FE0,0010 missing); re-download the file")
-    try:
-        pixels = ds.pixel_array
-    except Exception as exc:  # pydicom raises ValueError/AttributeError/... for broken pixel data
-        raise DicomReadError(path, f"pixel data cannot be decoded ({type(exc).__name__}: {exc})") from exc
+    pixels = _native_pixels(ds)
+    if pixels is None:
+        try:
+            pixels = ds.pixel_array
+        except Exception as exc:  # pydicom raises ValueError/AttributeError/... for broken pixel data
+            raise DicomReadError(path, f"pixel data cannot be decoded ({type(exc).__name__}: {exc})") from exc
     if pixels.ndim != 2:
         raise DicomReadError(path, f"expected one 2-D slice, got pixel array of shape {pixels.shape}")
     slope = first_number(ds.get("RescaleSlope"), 1.0)

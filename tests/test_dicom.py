@@ -118,3 +118,16 @@ def test_real_sample_matches_pydicom(real_sample):
     # Brain parenchyma is in there: a real head, read with the right intercept.
     centre = read_hu(files[len(files) // 2])[200:300, 200:300]
     assert -50 < float(np.median(centre)) < 100
+
+
+@pytest.mark.parametrize("bits_stored, pixel_representation", [(12, 0), (16, 0), (12, 1), (16, 1), (10, 0)])
+def test_fast_native_decoding_equals_pydicom(tmp_path, bits_stored, pixel_representation):
+    # High bits set beyond BitsStored: pydicom masks (unsigned) or sign-extends (signed) them.
+    rng = np.random.default_rng(bits_stored + pixel_representation)
+    stored = rng.integers(0, 1 << 16, size=(16, 24), dtype=np.uint16)
+    stored[0, :4] = [0xF123, 0x0FFF, 0x0800, 0x8000]
+    stored = stored.view(np.int16) if pixel_representation else stored
+    path = write_ct(tmp_path / "ID_00000000f.dcm", stored, bits_stored=bits_stored,
+                    pixel_representation=pixel_representation, intercept=-1024)
+    ds = pydicom.dcmread(path)
+    np.testing.assert_array_equal(read_hu(path), apply_modality_lut(ds.pixel_array, ds).astype(np.float32))
