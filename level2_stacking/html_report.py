@@ -62,8 +62,8 @@ def _read_json(path: Path) -> dict:
 
 
 def find_sources(paths: WorkPaths) -> tuple[list[Source], list[str]]:
-    """Every level-1 folder with ``oof.parquet``, their mean (two or more), and the stack; plus
-    one note per model folder that is not finished yet."""
+    """Every level-1 folder with ``oof.parquet`` and the stack (in that order); plus one note per
+    model folder that is not finished yet."""
     sources, notes = [], []
     model_dirs = sorted(d for d in paths.models.iterdir() if d.is_dir()) if paths.models.is_dir() else []
     for d in model_dirs:
@@ -77,9 +77,6 @@ def find_sources(paths: WorkPaths) -> tuple[list[Source], list[str]]:
             what += f", {cfg['img_size']} px"
         test = pd.read_parquet(d / TEST_FILE) if (d / TEST_FILE).is_file() else None
         sources.append(Source(d.name, "level 1", pd.read_parquet(d / OOF_FILE), test, d, what))
-    level1 = list(sources)
-    if len(level1) >= 2:
-        sources.append(_mean_source(level1))
     if (paths.stack / OOF_FILE).is_file():
         meta = _read_json(paths.stack / "metrics.json")
         what = f"LightGBM over {', '.join(meta.get('models', [])) or '?'}; parameters {meta.get('params_source', '?')}"
@@ -320,11 +317,30 @@ def build_report(
         answers_path = None
     answers = read_labels(answers_path) if answers_path is not None else None
 
-    sources, notes = find_sources(paths)
+    found, notes = find_sources(paths)
+
+    def scored(source: Source) -> bool:
+        """Score a source; one that does not fit the labels is left out with a note, not fatal."""
+        try:
+            source.scores = score_source(source, labels, metadata, answers, target_sensitivity)
+        except ValueError as err:
+            notes.append(f"{source.name}: left out: {err}")
+            return False
+        return True
+
+    sources = [s for s in found if scored(s)]
+    level1 = [s for s in sources if s.level == "level 1"]
+    if len(level1) >= 2:
+        try:
+            mean = _mean_source(level1)
+        except ValueError as err:
+            notes.append(f"{MEAN_NAME}: left out: {err}")
+        else:
+            if scored(mean):
+                sources.insert(len(level1), mean)
     figures: dict[str, dict[str, Path]] = {}
     panels: dict[str, list[Path]] = {}
     for s in sources:
-        s.scores = score_source(s, labels, metadata, answers, target_sensitivity)
         if s.folder is not None:
             figs = write_prediction_plots(s.folder, labels, s.name, target_sensitivity)
             figures[s.name] = {k: v for k, v in figs.items() if k in PLOT_FILES}

@@ -146,6 +146,10 @@ def work(tmp_path_factory):
     expected[STACK_NAME] = (stack_oof, stack_test)
     # An unfinished model: listed in a note, not scored.
     (work / "models" / "tiny_c" / "fold0").mkdir(parents=True)
+    # Predictions for another dataset (an unknown image): left out with a note, the rest still reported.
+    (work / "models" / "tiny_d").mkdir(parents=True)
+    _frame(["ID_fffffffff", *train_ids[1:]], _predictions(rng, y_all[:n_train], 1.0), folds).to_parquet(
+        work / "models" / "tiny_d" / "oof.parquet", index=False)
     return data, work, y_all[:n_train], y_all[n_train:], expected
 
 
@@ -229,6 +233,7 @@ def test_report_is_self_contained_valid_and_scores_every_model(work):
         assert float(cells[2]) == pytest.approx(reference_wll(y_train, oof), abs=1e-4)
         assert float(cells[-1]) == pytest.approx(reference_wll(y_test, test), abs=1e-4)  # test, from the answers
     assert "tiny_c: not finished" in page
+    assert "tiny_d: left out: tiny_d OOF: 1 image(s) have no label (first: ID_fffffffff)" in page
     best = [el for el in root.iter("td") if el.get("class") == "best"]
     assert best, "the best value of each column is marked"
 
