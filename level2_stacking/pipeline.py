@@ -7,6 +7,7 @@ its fold, ``test.parquet``), so the submission writer treats the stacker like an
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -115,9 +116,12 @@ def _choose_params(paths: WorkPaths, frame, s: StackSettings) -> tuple[dict[str,
 def run_stack(data_dir: Path | str, work_dir: Path | str | None = None, settings: StackSettings = StackSettings()) -> StackOutcome:
     paths = WorkPaths.for_data(data_dir, work_dir)
     feature_config = TabularFeatureConfig(k_neighbours=settings.k_neighbours)
+    print(f"building level-2 features under {paths.stack} ...", flush=True)
+    start = time.perf_counter()
     frame = build_stack_frame(paths, settings.models, feature_config)
     print(f"stacking {len(frame.models)} level-1 model(s) {', '.join(frame.models)}: "
-          f"{len(frame.train_ids)} train x {frame.x_train.shape[1]} features, {len(frame.test_ids)} test rows")
+          f"{len(frame.train_ids)} train x {frame.x_train.shape[1]} features, {len(frame.test_ids)} test rows "
+          f"(features in {time.perf_counter() - start:.1f} s)", flush=True)
     paths.stack.mkdir(parents=True, exist_ok=True)
     params, source = _choose_params(paths, frame, settings)
     params = {**params, "num_threads": settings.num_threads}
