@@ -89,6 +89,19 @@ oof: $(STAMP) ## K-fold level-1 training of MODEL -> OOF + test predictions (FOL
 	  $(call opt,--epochs,$(EPOCHS)) $(call opt,--img-size,$(IMG_SIZE)) $(call opt,--batch,$(BATCH)) \
 	  $(call opt,--limit,$(LIMIT)) $(call opt,--device,$(DEVICE))
 
+stack: $(STAMP) ## level-2 features + LightGBM over every level-1 folder (or MODELS=a,b; TUNE=1 TRIALS=n STORAGE=url) -> submission
+	$(PY) -m level2_stacking --data $(DATA) $(work_opt) $(call opt,--models,$(MODELS)) $(if $(call yes,$(TUNE)),--tune) \
+	  $(call opt,--trials,$(TRIALS)) $(call opt,--storage,$(STORAGE))
+	$(PY) -m submissions write --data $(DATA) $(work_opt) --stack
+
+submission: $(STAMP) ## a submission straight from one level-1 model (MODEL=name)
+	$(call need,MODEL,zoo name of a trained model)
+	$(PY) -m submissions write --data $(DATA) $(work_opt) --model $(MODEL)
+
+submit: $(STAMP) ## kaggle competitions submit FILE with MESSAGE (validated against DATA's sample submission first)
+	$(call need,FILE,path of a submission file)
+	$(PY) -m submissions submit --file $(FILE) --message "$(if $(MESSAGE),$(MESSAGE),$(notdir $(FILE)))" --data $(DATA)
+
 bench-metadata: $(STAMP) ## header-pass rate (headers/s per core) on up to N files of DATA
 	$(PY) -m competition bench --data $(DATA) --n $(N) --workers $(WORKERS)
 
@@ -100,7 +113,10 @@ bench-train: $(STAMP) ## training and inference images/s of MODEL, and the share
 	$(PY) -m level1_models bench --model $(MODEL) --data $(DATA) $(work_opt) $(call opt,--img-size,$(IMG_SIZE)) \
 	  $(call opt,--batch,$(BATCH)) $(call opt,--device,$(DEVICE))
 
-bench: bench-metadata bench-features ## every data benchmark, one `name: value unit` line per figure
+bench-stack: $(STAMP) ## level-2 feature builder rate on a fabricated ~200k-row table
+	$(PY) -m level2_stacking.bench
+
+bench: bench-metadata bench-features bench-stack ## every data benchmark, one `name: value unit` line per figure
 
 clean-work: ## delete the work folder of DATA (derived files only; DATA is never touched)
 	rm -rf $(if $(WORK),$(WORK),work/$(notdir $(abspath $(DATA))))
