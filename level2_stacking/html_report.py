@@ -32,7 +32,7 @@ from competition.metric import per_label_log_loss, weighted_log_loss
 from competition.paths import WorkPaths
 from competition.study_level import DEFAULT_TARGET_SENSITIVITY, study_report_from_slices
 from level2_stacking.plots import (
-    CONFUSION_FILE, OOF_FILE, PLOT_FILES, aligned_truth, operating_point, write_prediction_plots,
+    OOF_FILE, PLOT_FILES, aligned_truth, operating_point, write_prediction_plots,
 )
 
 REPORT_FILE = "index.html"
