@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split", default="train", choices=("train", "test"),
                    help="where --top looks: OOF predictions (train) or test predictions")
     p.add_argument("--layer", default=None, help="Grad-CAM layer (dotted module name; default: found from the model)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (cuda when there is a GPU)")
     return p.parse_args(argv)
 
 
@@ -42,9 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     image_ids = [i.strip() for i in args.image.split(",") if i.strip()] if args.image is not None else None
     if image_ids is not None and not image_ids:
         raise ValueError("--image is empty; give an image id such as ID_0a1b2c3d4")
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     written = explain_images(
         args.model, args.data, args.work, image_ids=image_ids, top=args.top, label=args.label,
-        fold=args.fold, split=args.split, layer=args.layer, device=args.device,
+        fold=args.fold, split=args.split, layer=args.layer, device=device,
     )
     for path in written:
         print(path)

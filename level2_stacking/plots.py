@@ -13,6 +13,7 @@ Next to the folder's ``oof.parquet`` (the files are rewritten each time, so they
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -258,11 +259,16 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--model", default=None, help="a level-1 model folder's name")
     which.add_argument("--stack", action="store_true", help="the level-2 stack folder")
     p.add_argument("--target-sensitivity", type=float, default=DEFAULT_TARGET_SENSITIVITY)
+    p.add_argument("--skip-missing", action="store_true",
+                   help="say so and succeed when the folder has no oof.parquet yet (make oof FOLDS=0)")
     args = p.parse_args(argv)
     paths = WorkPaths.for_data(args.data, args.work)
     if not paths.labels.is_file():
         raise FileNotFoundError(f"{paths.labels} not found; run `make prepare DATA={args.data}` first")
     folder = paths.stack if args.stack else paths.model_dir(args.model)
+    if args.skip_missing and not (folder / OOF_FILE).is_file():
+        print(f"no {folder / OOF_FILE} yet: its plots are drawn once every fold is done", file=sys.stderr)
+        return 0
     written = write_prediction_plots(folder, pd.read_parquet(paths.labels), "stack" if args.stack else args.model,
                                      args.target_sensitivity)
     for path in written.values():
@@ -271,8 +277,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     from competition.cli import run_main
 
     sys.exit(run_main(main, prog="plots"))

@@ -302,7 +302,7 @@ def test_make_explain_top_and_image(prepared, capsys):
         assert f"fold {own} " in title and image_id in title and f"truth = {truth}" in title
 
     image_id = labels["image_id"].iloc[3]
-    rc, out, err = _run(base + ["--image", image_id, "--label", "subdural", "--fold", "1"], capsys)
+    rc, out, err = _run(base + ["--image", image_id, "--label", "subdural", "--fold", "1", "--device", "auto"], capsys)
     assert rc == 0, err
     title = Image.open(out.strip()).text["Title"]
     assert "fold 1 " in title and "subdural: p = " in title

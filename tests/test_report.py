@@ -183,6 +183,9 @@ def test_plots_cli_for_a_model_and_the_stack(work, capsys):
     assert run_main(plots_main, ["--data", str(data), "--work", str(w), "--model", "tiny_c"], prog="plots") == 2
     err = capsys.readouterr().err
     assert "oof.parquet not found" in err and len(err.strip().splitlines()) == 1
+    argv = ["--data", str(data), "--work", str(w), "--model", "tiny_c", "--skip-missing"]
+    assert run_main(plots_main, argv, prog="plots") == 0  # make oof FOLDS=0: nothing to draw yet, not an error
+    assert "once every fold is done" in capsys.readouterr().err
 
 
 def _parse(page: str) -> ET.Element:
