@@ -88,10 +88,12 @@ oof: $(STAMP) ## K-fold level-1 training of MODEL -> OOF + test predictions (FOL
 	$(launch) -m level1_models oof --model $(MODEL) --data $(DATA) $(work_opt) $(call opt,--folds,$(FOLDS)) \
 	  $(call opt,--epochs,$(EPOCHS)) $(call opt,--img-size,$(IMG_SIZE)) $(call opt,--batch,$(BATCH)) \
 	  $(call opt,--limit,$(LIMIT)) $(call opt,--device,$(DEVICE))
+	$(PY) -m level2_stacking.plots --data $(DATA) $(work_opt) --model $(MODEL) --skip-missing
 
 stack: $(STAMP) ## level-2 features + LightGBM over every level-1 folder (or MODELS=a,b; TUNE=1 TRIALS=n STORAGE=url) -> submission
 	$(PY) -m level2_stacking --data $(DATA) $(work_opt) $(call opt,--models,$(MODELS)) $(if $(call yes,$(TUNE)),--tune) \
 	  $(call opt,--trials,$(TRIALS)) $(call opt,--storage,$(STORAGE))
+	$(PY) -m level2_stacking.plots --data $(DATA) $(work_opt) --stack
 	$(PY) -m submissions write --data $(DATA) $(work_opt) --stack
 
 submission: $(STAMP) ## a submission straight from one level-1 model (MODEL=name)
@@ -101,6 +103,15 @@ submission: $(STAMP) ## a submission straight from one level-1 model (MODEL=name
 submit: $(STAMP) ## kaggle competitions submit FILE with MESSAGE (validated against DATA's sample submission first)
 	$(call need,FILE,path of a submission file)
 	$(PY) -m submissions submit --file $(FILE) --message "$(if $(MESSAGE),$(MESSAGE),$(notdir $(FILE)))" --data $(DATA)
+
+explain: $(STAMP) ## Grad-CAM, Guided Backprop, DeconvNet, Guided Grad-CAM panels: MODEL and IMAGE=id[,id] or TOP=n (LABEL, DEVICE)
+	$(call need,MODEL,zoo name of a trained model)
+	@test -n "$(IMAGE)$(TOP)" || { echo "make explain: set IMAGE=<image_id> or TOP=<n>"; exit 2; }
+	$(PY) -m level1_models.explain_cli --model $(MODEL) --data $(DATA) $(work_opt) $(call opt,--image,$(IMAGE)) \
+	  $(call opt,--top,$(TOP)) $(call opt,--label,$(LABEL)) $(call opt,--device,$(DEVICE))
+
+report: $(STAMP) ## one self-contained HTML page: every model's scores side by side, ROC/PR/threshold plots, curves, explanations
+	$(PY) -m level2_stacking.html_report --data $(DATA) $(work_opt)
 
 bench-metadata: $(STAMP) ## header-pass rate (headers/s per core) on up to N files of DATA
 	$(PY) -m competition bench --data $(DATA) --n $(N) --workers $(WORKERS)
