@@ -35,6 +35,7 @@ def plot_curves(curves: Mapping[int, pd.DataFrame], out_png: Path, title: str) -
                             facecolors="none")
     axes[0].set_title("train loss (weighted BCE)")
     axes[1].set_title("validation weighted log loss (o = best)")
+    axes[1].set_yscale("log")  # early BatchNorm epochs can spike far above the rest
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

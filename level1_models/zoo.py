@@ -139,7 +139,7 @@ def tiny_efficientnet() -> ModelSpec:
 def tiny_convnext() -> ModelSpec:
     return ModelSpec(
         name="tiny_convnext", arch="test_convnext", combination="bss_sigmoid", img_size=64, batch_size=32,
-        epochs=6, lr=3e-3, weight_decay=1e-4, cpu_friendly=True,
+        epochs=6, lr=1e-3, weight_decay=1e-4, warmup_epochs=0.5, cpu_friendly=True,
         description="tiny ConvNeXt (timm test_convnext, LayerNorm: batch-independent) on sigmoid bss at 64 px",
     )
 
