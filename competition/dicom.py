@@ -12,6 +12,7 @@ One function, :func:`read_hu`, is the only way pixels enter the pipeline. It han
 """
 from __future__ import annotations
 
+import io
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,6 +50,10 @@ HEADER_TAGS = (
     "BitsStored",
     "PixelRepresentation",
 )
+
+
+HEADER_PREFIX = 8192  # bytes read for a header-only pass; the competition's headers are ~1 KB
+PIXEL_DATA_TAG_LE = b"\xe0\x7f\x10\x00"  # (7FE0,0010) as little-endian group, element
 
 
 class DicomReadError(ValueError):
@@ -145,6 +150,13 @@ def read_dataset(path: Path | str, *, stop_before_pixels: bool = False) -> Datas
     """Read a DICOM file, turning every way it can fail into a DicomReadError naming it."""
     path = Path(path)
     try:
+        if stop_before_pixels:
+            with open(path, "rb") as fh:
+                head = fh.read(HEADER_PREFIX)
+            # Parsing an in-memory prefix is ~30% faster than pydicom's buffered file reads, but only
+            # a prefix that holds the PixelData tag is known to hold the whole header.
+            if PIXEL_DATA_TAG_LE in head:
+                return pydicom.dcmread(io.BytesIO(head), stop_before_pixels=True)
         return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
     except FileNotFoundError as exc:
         raise DicomReadError(path, "file not found; check DATA points at the Kaggle layout") from exc

@@ -131,3 +131,21 @@ def test_fast_native_decoding_equals_pydicom(tmp_path, bits_stored, pixel_repres
                     pixel_representation=pixel_representation, intercept=-1024)
     ds = pydicom.dcmread(path)
     np.testing.assert_array_equal(read_hu(path), apply_modality_lut(ds.pixel_array, ds).astype(np.float32))
+
+
+@pytest.mark.parametrize("comment_bytes", [0, 20000])
+def test_header_only_read_equals_full_read(tmp_path, comment_bytes):
+    # The header pass parses an in-memory prefix when it holds the whole header; a header longer
+    # than the prefix (a long comment here) must fall back to reading the file, not lose fields.
+    path = write_ct(tmp_path / "ID_00000000c.dcm", np.zeros((8, 8), np.uint16), z=42.0)
+    if comment_bytes:
+        ds = pydicom.dcmread(path)
+        ds.ImageComments = "x" * comment_bytes
+        ds.save_as(path)
+    header = read_dataset(path, stop_before_pixels=True)
+    assert "PixelData" not in header
+    got, full = header_fields(header), header_fields(pydicom.dcmread(path))
+    assert got.keys() == full.keys()
+    for key, value in full.items():
+        assert got[key] == value or (value != value and got[key] != got[key]), key  # NaN == NaN here
+    assert got["z"] == 42.0
