@@ -16,6 +16,8 @@ DEMO_DATA  ?= data/synthetic
 WORK       ?=
 WORKERS    ?= 2
 PRESET     ?= demo
+PATIENTS   ?=
+SUBMISSIONS ?= submissions
 SEED       ?= 0
 N          ?= 3000
 
@@ -37,17 +39,20 @@ MESSAGE  ?=
 IMAGE    ?=
 TOP      ?=
 LABEL    ?=
+SET      ?=
+STACK_OPTS ?=
 CACHE_SIZE ?= 256
 
 # Options passed on only when set, so the Python defaults stay the single source of truth.
 work_opt = $(if $(WORK),--work $(WORK))
 opt = $(if $(2),$(1) $(2))
 yes = $(filter 1 yes true,$(1))
+sets = $(foreach s,$(SET),--set $(s))
 # GPUS=N trains one fold across N GPUs with DDP (torchrun); otherwise one process.
 launch = $(if $(GPUS),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(GPUS),$(PY))
 need = @test -n "$($(1))" || { echo "make $@: set $(1)=<$(2)>"; exit 2; }
 
-.PHONY: help setup test test-all synthetic data prepare cache oof list-models stack submission submit \
+.PHONY: help setup demo test test-all synthetic data prepare cache oof list-models stack submission submit \
         explain report bench bench-metadata bench-features bench-train clean-work
 
 help: ## list the targets
@@ -67,8 +72,25 @@ test: $(STAMP) ## run the fast test suite (what CI runs)
 test-all: $(STAMP) ## run every test, slow ones included
 	$(PY) -m pytest -q
 
+# The demo: three small CNNs that differ in architecture and window combination, a short Optuna study.
+DEMO_MODELS ?= tiny_resnet tiny_convnext tiny_efficientnet
+DEMO_EPOCHS ?= 3
+DEMO_TRIALS ?= 4
+DEMO_STACK  ?= --rounds 400 --neighbours 3 --early-stopping 40
+# Run a stage; on failure name it and the way back in (every stage keeps and reuses finished work).
+stage = echo ">>> demo: $(1)" && { $(2); } || { echo "make demo: stage '$(1)' failed (see above); fix that and run make demo again: finished stages are kept" >&2; exit 1; }
+demo_vars = DATA=$(DEMO_DATA) $(if $(WORK),WORK=$(WORK)) SUBMISSIONS=$(SUBMISSIONS)
+
+demo: $(STAMP) ## the whole competition on the synthetic data: generate, prepare, 3 CNNs, stack + Optuna, submission, score, report
+	@$(call stage,synthetic competition,$(PY) -m competition.synthetic generate --out $(DEMO_DATA) --preset $(PRESET) --seed $(SEED) --workers $(WORKERS) $(call opt,--patients,$(PATIENTS)))
+	@$(call stage,prepare,$(MAKE) --no-print-directory prepare $(demo_vars))
+	@$(foreach m,$(DEMO_MODELS),$(call stage,level 1 $(m),$(MAKE) --no-print-directory oof $(demo_vars) MODEL=$(m) EPOCHS=$(DEMO_EPOCHS)) &&) true
+	@$(call stage,stack,$(MAKE) --no-print-directory stack $(demo_vars) TUNE=1 TRIALS=$(DEMO_TRIALS) STACK_OPTS="$(DEMO_STACK)")
+	@$(call stage,report,$(MAKE) --no-print-directory report $(demo_vars))
+	@$(call stage,summary,$(PY) -m level2_stacking.summary --data $(DEMO_DATA) $(work_opt) --submission $(SUBMISSIONS)/$(notdir $(abspath $(DEMO_DATA)))-stack.csv.gz)
+
 synthetic: $(STAMP) ## write the synthetic competition into DEMO_DATA (PRESET=demo|tiny, SEED=0)
-	$(PY) -m competition.synthetic generate --out $(DEMO_DATA) --preset $(PRESET) --seed $(SEED) --workers $(WORKERS)
+	$(PY) -m competition.synthetic generate --out $(DEMO_DATA) --preset $(PRESET) --seed $(SEED) --workers $(WORKERS) $(call opt,--patients,$(PATIENTS))
 
 data: $(STAMP) ## kaggle competitions download + safe unzip into DATA (needs Kaggle credentials)
 	$(PY) -m competition download --data $(DATA)
@@ -87,18 +109,18 @@ oof: $(STAMP) ## K-fold level-1 training of MODEL -> OOF + test predictions (FOL
 	$(call need,MODEL,zoo name; make list-models)
 	$(launch) -m level1_models oof --model $(MODEL) --data $(DATA) $(work_opt) $(call opt,--folds,$(FOLDS)) \
 	  $(call opt,--epochs,$(EPOCHS)) $(call opt,--img-size,$(IMG_SIZE)) $(call opt,--batch,$(BATCH)) \
-	  $(call opt,--limit,$(LIMIT)) $(call opt,--device,$(DEVICE))
+	  $(call opt,--limit,$(LIMIT)) $(call opt,--device,$(DEVICE)) $(sets)
 	$(PY) -m level2_stacking.plots --data $(DATA) $(work_opt) --model $(MODEL) --skip-missing
 
 stack: $(STAMP) ## level-2 features + LightGBM over every level-1 folder (or MODELS=a,b; TUNE=1 TRIALS=n STORAGE=url) -> submission
 	$(PY) -m level2_stacking --data $(DATA) $(work_opt) $(call opt,--models,$(MODELS)) $(if $(call yes,$(TUNE)),--tune) \
-	  $(call opt,--trials,$(TRIALS)) $(call opt,--storage,$(STORAGE))
+	  $(call opt,--trials,$(TRIALS)) $(call opt,--storage,$(STORAGE)) $(STACK_OPTS)
 	$(PY) -m level2_stacking.plots --data $(DATA) $(work_opt) --stack
-	$(PY) -m submissions write --data $(DATA) $(work_opt) --stack
+	$(PY) -m submissions write --data $(DATA) $(work_opt) --stack --out-dir $(SUBMISSIONS)
 
 submission: $(STAMP) ## a submission straight from one level-1 model (MODEL=name)
 	$(call need,MODEL,zoo name of a trained model)
-	$(PY) -m submissions write --data $(DATA) $(work_opt) --model $(MODEL)
+	$(PY) -m submissions write --data $(DATA) $(work_opt) --model $(MODEL) --out-dir $(SUBMISSIONS)
 
 submit: $(STAMP) ## kaggle competitions submit FILE with MESSAGE (validated against DATA's sample submission first)
 	$(call need,FILE,path of a submission file)
@@ -122,7 +144,7 @@ bench-features: $(STAMP) ## cache build and loader rates against the naive pydic
 bench-train: $(STAMP) ## training and inference images/s of MODEL, and the share of time spent waiting for data
 	$(call need,MODEL,zoo name; make list-models)
 	$(PY) -m level1_models bench --model $(MODEL) --data $(DATA) $(work_opt) $(call opt,--img-size,$(IMG_SIZE)) \
-	  $(call opt,--batch,$(BATCH)) $(call opt,--device,$(DEVICE))
+	  $(call opt,--batch,$(BATCH)) $(call opt,--device,$(DEVICE)) $(sets)
 
 bench-stack: $(STAMP) ## level-2 feature builder rate on a fabricated ~200k-row table
 	$(PY) -m level2_stacking.bench
