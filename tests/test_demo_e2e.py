@@ -1,0 +1,80 @@
+"""`make demo`, smaller: the same Makefile path on a small synthetic competition, end to end.
+
+It runs the real targets (generate, prepare, two CNNs, stack with a short Optuna study, submission,
+report, summary) into tmp_path and checks that the outputs exist, that their ids align, and that
+the stack beats the constant prior.
+"""
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from competition.constants import LABELS
+from competition.labels import read_labels
+from competition.metric import prior_baseline, weighted_log_loss
+from conftest import REPO
+
+MODELS = ("tiny_resnet", "tiny_convnext")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    data, work, subs = root / "mini", root / "work", root / "subs"
+    cmd = ["make", "--no-print-directory", "demo", f"DEMO_DATA={data}", f"WORK={work}", f"SUBMISSIONS={subs}",
+           "PRESET=tiny", "PATIENTS=16", f"DEMO_MODELS={' '.join(MODELS)}", "DEMO_EPOCHS=2", "DEMO_TRIALS=2",
+           "DEMO_STACK=--rounds 60 --neighbours 2 --early-stopping 10 --threads 1"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return data, work, subs, result.stdout
+
+
+def test_every_stage_ran_and_named_itself(demo):
+    _, _, _, out = demo
+    for stage in ("synthetic competition", "prepare", *(f"level 1 {m}" for m in MODELS), "stack", "report", "summary"):
+        assert f">>> demo: {stage}" in out
+    assert "constant prior" in out and "stacker (level 2)" in out
+
+
+def test_outputs_exist_and_ids_align(demo):
+    data, work, subs, _ = demo
+    folds = pd.read_parquet(work / "folds.parquet")
+    sample_ids = pd.read_csv(data / "stage_2_sample_submission.csv")["ID"].str.rsplit("_", n=1).str[0].unique()
+    for source in (*(work / "models" / m for m in MODELS), work / "stack"):
+        oof = pd.read_parquet(source / "oof.parquet")
+        test = pd.read_parquet(source / "test.parquet")
+        assert sorted(oof["image_id"]) == sorted(folds["image_id"]), source
+        assert sorted(test["image_id"]) == sorted(sample_ids), source
+        assert np.isfinite(oof[list(LABELS)].to_numpy()).all()
+    assert (work / "reports" / "index.html").is_file()
+    submission = pd.read_csv(subs / f"{data.name}-stack.csv.gz")
+    assert len(submission) == len(sample_ids) * len(LABELS)
+
+
+def test_stack_beats_the_constant_prior(demo):
+    _, work, _, _ = demo
+    labels = pd.read_parquet(work / "labels.parquet")
+    oof = pd.read_parquet(work / "stack" / "oof.parquet")[["image_id", *LABELS]]
+    folds = pd.read_parquet(work / "folds.parquet")[["image_id", "fold"]]
+    table = oof.merge(folds, on="image_id", validate="one_to_one").merge(labels, on="image_id", suffixes=("_pred", ""))
+    y = table[list(LABELS)].to_numpy(float)
+    pred = table[[f"{c}_pred" for c in LABELS]].to_numpy(float)
+    prior = np.empty_like(y)
+    for fold in table["fold"].unique():  # the prior as the stack sees it: rates of the other folds
+        val = (table["fold"] == fold).to_numpy()
+        prior[val] = prior_baseline(y[~val], int(val.sum()))
+    assert weighted_log_loss(y, pred) < weighted_log_loss(y, prior)
+
+
+def test_submission_scores_against_the_answers(demo):
+    data, _, subs, out = demo
+    from competition.synthetic import score_submission
+
+    score = score_submission(subs / f"{data.name}-stack.csv.gz", data / "stage_2_test_answers.csv")
+    truth = read_labels(data / "stage_2_test_answers.csv")
+    assert 0 < score["weighted_log_loss"] < 1
+    assert f"{score['weighted_log_loss']:.4f}" in out
+    assert len(truth) > 0
