@@ -132,6 +132,16 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _finish(plt, fig, ax, out_png: Path, legend_loc: str) -> Path:
+    """The common tail of every plot here: legend, grid, layout, atomic save, close."""
+    ax.legend(fontsize=8, loc=legend_loc)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, out_png)
+    plt.close(fig)
+    return out_png
+
+
 def roc_points(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """(false positive rates, true positive rates) thinned for drawing, and the ROC AUC of the full
     curve (one sort of the scores instead of two)."""
@@ -162,12 +172,7 @@ def plot_roc(y: np.ndarray, p: np.ndarray, title: str, out_png: Path) -> Path:
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
     ax.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity (true positive rate)",
            xlim=(0, 1), ylim=(0, 1.01), title=f"ROC: {title}")
-    ax.legend(fontsize=8, loc="lower right")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    _save(fig, out_png)
-    plt.close(fig)
-    return out_png
+    return _finish(plt, fig, ax, out_png, "lower right")
 
 
 def plot_pr(y: np.ndarray, p: np.ndarray, title: str, out_png: Path) -> Path:
@@ -184,12 +189,7 @@ def plot_pr(y: np.ndarray, p: np.ndarray, title: str, out_png: Path) -> Path:
             ax.plot([], [], " ", label=f"{label} (no positive)")
     ax.set(xlabel="recall (sensitivity)", ylabel="precision", xlim=(0, 1), ylim=(0, 1.01),
            title=f"precision-recall: {title}")
-    ax.legend(fontsize=8, loc="upper right")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    _save(fig, out_png)
-    plt.close(fig)
-    return out_png
+    return _finish(plt, fig, ax, out_png, "upper right")
 
 
 def plot_threshold(table: pd.DataFrame, point: OperatingPoint, title: str, out_png: Path) -> Path:
@@ -209,12 +209,7 @@ def plot_threshold(table: pd.DataFrame, point: OperatingPoint, title: str, out_p
     pad = 0.05 * (hi - lo) if hi > lo else 0.05
     ax.set(xlabel="threshold on predicted any", ylabel="rate", xlim=(max(0.0, lo - pad), min(1.0, hi + pad)), ylim=(0, 1.02),
            title=f"any vs threshold: {title}\n(dashed: highest t with sensitivity >= {point.target_sensitivity:g})")
-    ax.legend(fontsize=8, loc="lower left")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    _save(fig, out_png)
-    plt.close(fig)
-    return out_png
+    return _finish(plt, fig, ax, out_png, "lower left")
 
 
 def write_prediction_plots(pred_dir: Path | str, labels: pd.DataFrame, title: str,
