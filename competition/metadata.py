@@ -6,8 +6,8 @@ dataset whose table already covers every file reads nothing.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -15,9 +15,12 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from competition.atomic import write_parquet
 from competition.badfiles import record_bad_files
 from competition.dicom import HEADER_TAGS, DicomReadError, header_fields, read_dataset
 from competition.layout import Layout
+from competition.locks import stage_lock
+from competition.pools import worker_pool
 
 CHUNK = 2000  # files per resumable part; also the unit of work handed to a process
 
@@ -70,9 +73,20 @@ def build_metadata(
     progress: bool = True,
     bad_files_csv: Path | str | None = None,
 ) -> pd.DataFrame:
-    """Read every header of the dataset into ``out_path`` (parquet); returns the table."""
+    """Read every header of the dataset into ``out_path`` (parquet); returns the table.
+
+    Holds the ``metadata`` lock of ``out_path``'s folder: a second run on the same folder is told
+    who holds it instead of sharing (and deleting) the parts folder.
+    """
     layout = Layout.find(data_dir)
     out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with stage_lock(out_path.parent, "metadata"):
+        return _build_metadata(layout, out_path, workers, progress, bad_files_csv)
+
+
+def _build_metadata(layout: Layout, out_path: Path, workers: int | None, progress: bool,
+                    bad_files_csv: Path | str | None) -> pd.DataFrame:
     files = list_images(layout)
     if files.empty:
         raise FileNotFoundError(f"no .dcm files under {layout.train_dir} or {layout.test_dir}")
@@ -97,16 +111,14 @@ def build_metadata(
     root = str(layout.root)
     with tqdm(total=len(files), initial=len(files) - len(todo), desc="headers", unit="file", disable=not progress) as bar, ExitStack() as stack:
         if workers > 1:
-            pool = stack.enter_context(ProcessPoolExecutor(workers))
+            pool = stack.enter_context(worker_pool(workers))
             futures = [pool.submit(read_headers, root, chunk) for chunk in chunks]
             results = (future.result() for future in futures)
         else:  # in-process: no pool start-up for small datasets, and easy to debug
             results = (read_headers(root, chunk) for chunk in chunks)
         for n, (good, bad) in enumerate(results):
             part = pd.DataFrame(good, columns=["path", *COLUMNS[3:]]).drop(columns=["slice_index", "n_slices"])
-            tmp = parts_dir / f"tmp-{n}.parquet"
-            part.to_parquet(tmp, index=False)
-            tmp.replace(parts_dir / f"part-{n_parts + n:06d}.parquet")
+            write_parquet(parts_dir / f"part-{n_parts + n:06d}.parquet", part)  # whole or absent
             kept.append(part)
             bad_rows += bad
             bar.update(len(good) + len(bad))
@@ -116,10 +128,6 @@ def build_metadata(
     table = add_slice_order(table)[COLUMNS]
     if bad_files_csv is not None:
         record_bad_files(bad_files_csv, bad_rows, stage="metadata")
-    tmp = out_path.with_suffix(".tmp")
-    table.to_parquet(tmp, index=False)
-    tmp.replace(out_path)
-    for p in parts_dir.glob("*.parquet"):
-        p.unlink()
-    parts_dir.rmdir()
+    write_parquet(out_path, table)
+    shutil.rmtree(parts_dir)  # also any temporary file a killed run left there
     return table

@@ -59,5 +59,6 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
     assert "does not exist" in result.stderr and "make data" in result.stderr
+    (tmp_path / "stage_2_train").mkdir()
     result = run_here(capsys, "folds", "--data", str(tmp_path), "--work", str(tmp_path / "w"))
     assert result.returncode == 2 and "run `python -m competition metadata" in result.stderr

@@ -1,0 +1,47 @@
+"""Free-space check before a large write, so a full disk is one line up front, not a crash midway."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from competition.failures import FixableError, human_bytes
+
+MARGIN = 1 << 26  # 64 MiB kept free beside the write (temporary files, tables, logs)
+
+
+class NotEnoughSpaceError(FixableError):
+    """The disk that would receive a write has too little free space."""
+
+
+def existing_folder(path: Path | str) -> Path:
+    """``path`` itself if it is a folder, else its nearest existing ancestor."""
+    folder = Path(path).absolute()
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def check_free_space(path: Path | str, needed_bytes: int, what: str = "this write", margin: int = MARGIN) -> int:
+    """Raise :class:`NotEnoughSpaceError` unless the disk of ``path`` has ``needed_bytes`` (+ margin)
+    free; returns the free bytes. ``needed_bytes`` is what is still to be written, not the total."""
+    folder = existing_folder(path)
+    free = shutil.disk_usage(folder).free
+    if needed_bytes > 0 and free < needed_bytes + margin:
+        raise NotEnoughSpaceError(
+            f"{what} needs {human_bytes(needed_bytes)} in {folder} but only {human_bytes(free)} is free; free space "
+            f"there or point WORK= (--work) at a larger disk, then run the same command again: finished work is kept"
+        )
+    return free
+
+
+def allocate(path: Path | str, size: int) -> None:
+    """Grow ``path`` to ``size`` bytes with real blocks (not sparse), so writes through a memory map
+    cannot die with SIGBUS on a full disk: a short disk fails here, as an ENOSPC OSError."""
+    with open(path, "ab") as f:
+        current = os.fstat(f.fileno()).st_size
+        if size > current:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(f.fileno(), current, size - current)
+            else:  # macOS: sparse, the free-space check is the guard
+                f.truncate(size)
