@@ -1,6 +1,6 @@
 # RSNA Intracranial Hemorrhage Detection: from `kaggle competitions download` to `kaggle competitions submit`.
 # `make help` lists the targets. Variables (the users' interface, see README):
-#   DATA WORK MODEL MODELS FOLDS EPOCHS IMG_SIZE BATCH LIMIT DEVICE GPUS TUNE TRIALS STORAGE FILE MESSAGE IMAGE TOP LABEL
+#   DATA WORK N_FOLDS MODEL MODELS FOLDS EPOCHS IMG_SIZE BATCH LIMIT DEVICE GPUS TUNE TRIALS STORAGE FILE MESSAGE IMAGE TOP LABEL
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -20,6 +20,7 @@ PATIENTS   ?=
 SUBMISSIONS ?= submissions
 SEED       ?= 0
 N          ?= 3000
+N_FOLDS    ?=
 
 # Level 1, level 2, submission and explanation options: empty means "the Python default".
 MODEL    ?=
@@ -89,14 +90,17 @@ demo: $(STAMP) ## the whole competition on the synthetic data: generate, prepare
 	@$(call stage,report,$(MAKE) --no-print-directory report $(demo_vars))
 	@$(call stage,summary,$(PY) -m level2_stacking.summary --data $(DEMO_DATA) $(work_opt) --submission $(SUBMISSIONS)/$(notdir $(abspath $(DEMO_DATA)))-stack.csv.gz)
 
-synthetic: $(STAMP) ## write the synthetic competition into DEMO_DATA (PRESET=demo|tiny, SEED=0)
-	$(PY) -m competition.synthetic generate --out $(DEMO_DATA) --preset $(PRESET) --seed $(SEED) --workers $(WORKERS) $(call opt,--patients,$(PATIENTS))
+# `make synthetic DATA=x` writes x; without DATA on the command line (or in the environment) DEMO_DATA.
+synthetic_out = $(if $(filter command line environment,$(origin DATA)),$(DATA),$(DEMO_DATA))
+
+synthetic: $(STAMP) ## write the synthetic competition into DATA if given, else DEMO_DATA (PRESET=demo|tiny, SEED=0)
+	$(PY) -m competition.synthetic generate --out $(synthetic_out) --preset $(PRESET) --seed $(SEED) --workers $(WORKERS) $(call opt,--patients,$(PATIENTS))
 
 data: $(STAMP) ## kaggle competitions download + safe unzip into DATA (needs Kaggle credentials)
 	$(PY) -m competition download --data $(DATA)
 
-prepare: $(STAMP) ## metadata, labels, folds and the image cache for DATA
-	$(PY) -m competition prepare --data $(DATA) $(work_opt) --workers $(WORKERS)
+prepare: $(STAMP) ## metadata, labels, folds (N_FOLDS, default 5) and the image cache for DATA
+	$(PY) -m competition prepare --data $(DATA) $(work_opt) --workers $(WORKERS) $(call opt,--n-folds,$(N_FOLDS))
 	$(PY) -m features cache --data $(DATA) $(work_opt) --size $(CACHE_SIZE) --workers $(WORKERS)
 
 cache: $(STAMP) ## only the image cache (int16 HU at CACHE_SIZE px) for DATA
