@@ -131,6 +131,22 @@ def dataset_pass(ds: SliceDataset, limit: int) -> int:
     return n
 
 
+def readable_only(sample: pd.DataFrame, data: Path) -> pd.DataFrame:
+    """The rows whose DICOM both sides can decode; the others (a truncated file, say) are skipped
+    and counted, so a benchmark never stops on a broken file."""
+    keep, skipped = [], []
+    for rel in sample["path"]:
+        try:
+            pydicom.dcmread(data / rel).pixel_array
+            keep.append(True)
+        except Exception as exc:  # any unreadable file: the benchmark measures the readable ones
+            keep.append(False)
+            skipped.append(f"{rel}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    if skipped:
+        print(f"bench_skipped: {len(skipped)} unreadable files (first: {skipped[0]})")
+    return sample[keep]
+
+
 def png16_figures(cache: ImageCache, ids: list[str], repeats: int) -> tuple[float, float, float]:
     """Bytes/slice, encode and decode rates of the same HU as 16-bit PNG (HU + 1024)."""
     images = [(cache.read_hu(i).astype(np.int32) + 1024).clip(0, 65535).astype(np.uint16) for i in ids]
@@ -160,7 +176,7 @@ def run_bench(args: argparse.Namespace) -> None:
     metadata = metadata.sort_values(["series_id", "slice_index"])
     per_series = metadata.groupby("series_id", sort=False).size()
     chosen = per_series.index[(per_series.cumsum() <= args.n) | (np.arange(len(per_series)) == 0)]
-    sample = metadata[metadata["series_id"].isin(chosen)].copy()
+    sample = readable_only(metadata[metadata["series_id"].isin(chosen)].copy(), Path(args.data))
     files = [Path(args.data) / p for p in sample["path"]]
     shape = f"{int(sample['rows'].median())}x{int(sample['columns'].median())}"
     ids = sample["image_id"].tolist()

@@ -60,3 +60,25 @@ def write_ct(
 def random_stored(rng: np.random.Generator, shape=(32, 32)) -> np.ndarray:
     """12-bit unsigned raw values (HU -1024..3071 with intercept -1024)."""
     return rng.integers(0, 4096, size=shape, dtype=np.uint16)
+
+
+def write_mini_competition(data: Path, patients: int = 6, slices: int = 3, broken: bool = False) -> Path:
+    """A small competition in the Kaggle layout: ``patients`` x ``slices`` labelled train slices
+    (even patients positive on their middle slice), one test slice, and with ``broken`` one train
+    file that is not DICOM at all (for the bad-files list)."""
+    import pandas as pd
+
+    from competition.constants import LABELS
+
+    rows = []
+    for p in range(patients):
+        for s in range(slices):
+            image_id = f"ID_{p:04x}{s:05x}"
+            write_ct(data / "stage_2_train" / f"{image_id}.dcm", np.zeros((4, 4), np.uint16),
+                     patient=f"ID_{p:08x}", series=f"ID_{p:010x}", z=float(s))
+            rows += [(f"{image_id}_{label}", int(p % 2 == 0 and s == 1)) for label in LABELS]
+    write_ct(data / "stage_2_test" / "ID_fffffffff.dcm", np.zeros((4, 4), np.uint16))
+    if broken:
+        (data / "stage_2_train" / "ID_eeeeeeeee.dcm").write_bytes(b"not a DICOM file")
+    pd.DataFrame(rows, columns=["ID", "Label"]).to_csv(data / "stage_2_train.csv", index=False)
+    return data

@@ -44,6 +44,7 @@ def test_no_credentials_is_one_clear_error(no_credentials, tmp_path, fake_kaggle
     with pytest.raises(KaggleCredentialsError, match=r"kaggle\.json.*KAGGLE_USERNAME and KAGGLE_KEY"):
         download_competition(tmp_path / "data")
     assert fake_kaggle == []
+    assert not (tmp_path / "data").exists()  # no empty DATA left behind to confuse the next command
 
 
 def test_token_file_must_be_private_and_valid(no_credentials):
