@@ -72,7 +72,7 @@ def file_in_traceback(exc: BaseException) -> str | None:
                 return value.name
     for frame in frames:
         if str(frame.f_globals.get("__name__", "")).split(".")[0] in PACKAGES:
-            for name in ("tmp", "path", "target", "out_path", "csv_path", "dst"):
+            for name in ("path", "target", "out_path", "csv_path", "dst", "tmp"):
                 found = _path_like(frame.f_locals.get(name))
                 if found:
                     return found
