@@ -133,8 +133,9 @@ def describe(exc: BaseException, expected: tuple[type[BaseException], ...] = (),
         return (f"{checkpoint} is not a readable checkpoint ({first_line(exc, 100)}); delete it to train that "
                 f"fold again, or restore a good copy")
     if isinstance(exc, BrokenProcessPool):
-        return ("a worker process died (killed by the system, most often for lack of memory); run again "
-                "with fewer workers (WORKERS=, --workers): finished work is kept")
+        return ("a worker process died (killed by the system: most often for lack of memory, or a disk that "
+                "filled up under a memory-mapped write: check `df`); run again with fewer workers "
+                "(WORKERS=, --workers): finished work is kept")
     if isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc):
         return (f"a DataLoader worker died ({first_line(exc, 100)}), most often for lack of memory or of "
                 f"/dev/shm; lower BATCH or the loader workers (--workers, SET=workers=N), then {RERUN}")
