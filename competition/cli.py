@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,7 @@ from competition.failures import FixableError, debug_requested, describe
 from competition.kaggle_cli import KaggleCredentialsError, KaggleError
 from competition.labels import LabelError
 from competition.layout import Layout, LayoutError
+from competition.locks import stage_lock
 from competition.paths import WorkPaths
 
 # The project's own errors a user can fix (OS failures and the like: competition.failures);
@@ -38,6 +40,12 @@ def work_paths(args: argparse.Namespace) -> WorkPaths:
     """The work folder of ``--data``/``--work``, created only once DATA is known to be a competition."""
     Layout.find(args.data)
     return WorkPaths.for_data(args.data, args.work).ensure()
+
+
+def work_lock(args: argparse.Namespace, stage: str) -> contextlib.AbstractContextManager:
+    """``with work_lock(args, "stack"):`` one run at a time of ``stage`` in the work folder of
+    ``--data``/``--work`` (DATA is checked first, so a typo creates no work folder)."""
+    return stage_lock(work_paths(args).root, stage)
 
 
 def _work_folder(argv: list[str]) -> str | None:

@@ -45,15 +45,19 @@ def _holder_text(fd: int, path: Path) -> str:
 @contextlib.contextmanager
 def stage_lock(work_root: Path | str, stage: str) -> Iterator[Path]:
     """Hold the lock of ``stage`` in ``work_root`` (re-entrant within a process) or raise
-    :class:`LockHeldError` naming the holder."""
+    :class:`LockHeldError` naming the holder. Under torchrun only rank 0 takes it."""
     path = lock_path(work_root, stage)
     key = str(path.absolute())
-    if key in _held:  # e.g. `prepare` calling `metadata`: already ours
-        _held[key] += 1
+    if key in _held or os.environ.get("RANK", "0") != "0":
+        # Already ours (`prepare` calling `metadata`), or a non-zero rank of a torchrun job whose
+        # rank 0 holds it for the whole job.
+        _held[key] = _held.get(key, 0) + 1
         try:
             yield path
         finally:
             _held[key] -= 1
+            if not _held[key]:
+                del _held[key]
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o664)

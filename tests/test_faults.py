@@ -168,18 +168,41 @@ def test_second_run_reports_the_lock_holder(tmp_path):
     assert not (work / "metadata.parquet").exists()
 
 
-def test_a_killed_holder_does_not_leave_the_lock_stuck(tmp_path):
-    script = f"from competition.locks import stage_lock\nimport time\nwith stage_lock({str(tmp_path)!r}, 'stack'):\n" \
+@contextlib.contextmanager
+def held_elsewhere(work: Path, stage: str) -> Iterator[subprocess.Popen]:
+    """Another process holding ``stage``'s lock of ``work`` until the block ends."""
+    script = f"from competition.locks import stage_lock\nimport time\nwith stage_lock({str(work)!r}, {stage!r}):\n" \
              f"    print('held', flush=True); time.sleep(60)\n"
     holder = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(LockHeldError, match=f"pid {holder.pid} on "):
-            with stage_lock(tmp_path, "stack"):
-                pass
+        yield holder
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.parametrize("stage, package, argv", [
+    ("oof-tiny_resnet", "level1_models", ["oof", "--model", "tiny_resnet"]),
+    ("stack", "level2_stacking", []),
+])
+def test_model_and_stack_runs_take_their_lock(tmp_path, capsys, stage, package, argv):
+    import importlib
+
+    main = importlib.import_module(f"{package}.__main__").main
+    data = write_mini_competition(tmp_path / "mini", patients=2, slices=1)
+    work = tmp_path / "work"
+    with held_elsewhere(work, stage) as holder:
+        code = run_main(main, [*argv, "--data", str(data), "--work", str(work)], prog=package)
+    line = one_line_error(capsys.readouterr().err)
+    assert code == 2 and f"another run holds {work / '.locks' / stage}.lock" in line and f"pid {holder.pid} " in line
+
+
+def test_a_killed_holder_does_not_leave_the_lock_stuck(tmp_path):
+    with held_elsewhere(tmp_path, "stack") as holder:
+        with pytest.raises(LockHeldError, match=f"pid {holder.pid} on "):
+            with stage_lock(tmp_path, "stack"):
+                pass
     with stage_lock(tmp_path, "stack"):  # the kernel released it with the process
         with stage_lock(tmp_path, "stack"):  # re-entrant within one process
             pass
@@ -205,17 +228,18 @@ def test_concurrent_prepare_one_finishes_other_reports_lock_or_both_correct(tmp_
 
 def test_bad_files_list_keeps_every_stage_under_concurrent_writers(tmp_path):
     csv = tmp_path / "bad_files.csv"
+    start = time.time() + 4  # after every interpreter has started: the writers overlap
     script = textwrap.dedent(f"""
-        import sys
+        import sys, time
         from competition.badfiles import record_bad_files
-        stage = sys.argv[1]
-        for i in range(10):
-            record_bad_files({str(csv)!r}, [{{"image_id": f"ID_{{stage}}{{i}}", "path": "p", "reason": "r"}}], stage)
+        name = sys.argv[1]
+        time.sleep(max(0.0, {start} - time.time()))
+        for i in range(15):  # a stage of its own per write: every entry must survive
+            record_bad_files({str(csv)!r}, [{{"image_id": f"ID_{{name}}{{i}}", "path": "p", "reason": "r"}}], f"{{name}}{{i}}")
     """)
     writers = [subprocess.Popen([sys.executable, "-c", script, s], cwd=REPO) for s in ("a", "b", "c")]
     assert [w.wait() for w in writers] == [0, 0, 0]
-    table = pd.read_csv(csv)
-    assert sorted(table["stage"]) == ["a", "b", "c"]  # each stage's last entry; none lost to a race
+    assert len(pd.read_csv(csv)) == 3 * 15  # none lost to a read-modify-write race
 
 
 # --- worker pools and a killed parent ----------------------------------------------------------
