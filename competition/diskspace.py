@@ -22,15 +22,18 @@ def existing_folder(path: Path | str) -> Path:
     return folder
 
 
-def check_free_space(path: Path | str, needed_bytes: int, what: str = "this write", margin: int = MARGIN) -> int:
+def check_free_space(path: Path | str, needed_bytes: int, what: str = "this write", margin: int = MARGIN,
+                     elsewhere: str = "WORK= (--work)") -> int:
     """Raise :class:`NotEnoughSpaceError` unless the disk of ``path`` has ``needed_bytes`` (+ margin)
-    free; returns the free bytes. ``needed_bytes`` is what is still to be written, not the total."""
+    free; returns the free bytes. ``needed_bytes`` is what is still to be written, not the total;
+    ``elsewhere`` is the option that moves the write to another disk."""
     folder = existing_folder(path)
     free = shutil.disk_usage(folder).free
     if needed_bytes > 0 and free < needed_bytes + margin:
         raise NotEnoughSpaceError(
-            f"{what} needs {human_bytes(needed_bytes)} in {folder} but only {human_bytes(free)} is free; free space "
-            f"there or point WORK= (--work) at a larger disk, then run the same command again: finished work is kept"
+            f"{what} needs {human_bytes(needed_bytes)} (and {human_bytes(margin)} to spare) in {folder} but only "
+            f"{human_bytes(free)} is free; free space "
+            f"there or point {elsewhere} at a larger disk, then run the same command again: finished work is kept"
         )
     return free
 

@@ -1,6 +1,7 @@
 """`make data`: download the competition with the kaggle client and unzip it safely into DATA."""
 from __future__ import annotations
 
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -51,7 +52,7 @@ def safe_unzip(archive_path: Path | str, target_dir: Path | str, progress: bool 
         members = archive.infolist()
         targets = [safe_target(root, m.filename) for m in members]
         to_write = [m.file_size for m, t in zip(members, targets) if not (t.is_file() and t.stat().st_size == m.file_size)]
-        check_free_space(root, sum(to_write), f"unzipping {Path(archive_path).name}")
+        check_free_space(root, sum(to_write), f"unzipping {Path(archive_path).name}", elsewhere="DATA=")
         for member, target in tqdm(list(zip(members, targets)), desc=f"unzip {Path(archive_path).name}", unit="file", disable=not progress):
             if member.is_dir():
                 target.mkdir(parents=True, exist_ok=True)
@@ -59,10 +60,13 @@ def safe_unzip(archive_path: Path | str, target_dir: Path | str, progress: bool 
             if target.is_file() and target.stat().st_size == member.file_size:
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(target.name + ".partial")
-            with archive.open(member) as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-            tmp.replace(target)
+            tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")  # unique: two unzips never share one
+            try:
+                with archive.open(member) as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+                tmp.replace(target)
+            finally:
+                tmp.unlink(missing_ok=True)  # a full disk leaves no half file behind
             written += 1
     return written
 
