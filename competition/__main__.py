@@ -10,8 +10,9 @@ from pathlib import Path
 import pandas as pd
 
 from competition.atomic import write_parquet
-from competition.cli import add_data_args, run_main, work_lock, work_paths
+from competition.cli import add_data_args, run_main, work_paths
 from competition.constants import LABELS
+from competition.locks import stage_lock
 
 
 def cmd_download(args: argparse.Namespace) -> None:
@@ -147,7 +148,7 @@ PREPARE_COMMANDS = ("metadata", "labels", "folds", "prepare")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in PREPARE_COMMANDS:  # one run at a time writes a work folder's tables
-        with work_lock(args, "prepare"):
+        with stage_lock(work_paths(args).root, "prepare"):
             args.func(args)
     else:
         args.func(args)

@@ -44,8 +44,10 @@ def work_paths(args: argparse.Namespace) -> WorkPaths:
 
 def work_lock(args: argparse.Namespace, stage: str) -> contextlib.AbstractContextManager:
     """``with work_lock(args, "stack"):`` one run at a time of ``stage`` in the work folder of
-    ``--data``/``--work`` (DATA is checked first, so a typo creates no work folder)."""
-    return stage_lock(work_paths(args).root, stage)
+    ``--data``/``--work``. Without a work folder there is nothing to guard yet (the stage reports
+    its missing inputs): no lock is taken and no folder is created."""
+    root = WorkPaths.for_data(args.data, args.work).root
+    return stage_lock(root, stage) if root.is_dir() else contextlib.nullcontext()
 
 
 def _work_folder(argv: list[str]) -> str | None:
