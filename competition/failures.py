@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import pickle
 import re
 import shutil
+import sysconfig
 import zipfile
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -62,21 +64,40 @@ def checkpoint_file(exc: BaseException) -> str | None:
     return None
 
 
+def _our_code(frame) -> bool:
+    """A frame of this project (or of a script using it), not of the standard library or a package."""
+    if str(frame.f_globals.get("__name__", "")).split(".")[0] in PACKAGES:
+        return True
+    library = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    return not frame.f_code.co_filename.startswith(("<", *library))
+
+
 def file_in_traceback(exc: BaseException) -> str | None:
     """Best guess at the file being written or read: an open file object, else a path-named local
-    of the innermost frame of this project's packages."""
+    of the innermost frame of this project's code."""
     frames = _frames(exc.__traceback__)
     for frame in frames:
         for value in frame.f_locals.values():
             if isinstance(value, io.IOBase) and isinstance(getattr(value, "name", None), str):
                 return value.name
     for frame in frames:
-        if str(frame.f_globals.get("__name__", "")).split(".")[0] in PACKAGES:
+        if _our_code(frame):
             for name in ("path", "target", "out_path", "csv_path", "dst", "tmp"):
                 found = _path_like(frame.f_locals.get(name))
                 if found:
                     return found
     return None
+
+
+def damaged_file(exc: BaseException) -> str | None:
+    """The table or JSON file that failed to parse (a half-written file, a disk fault), or None."""
+    if not (type(exc).__module__.startswith("pyarrow") or isinstance(exc, json.JSONDecodeError)):
+        return None
+    quoted = re.search(r"'([^']+\.(?:parquet|json|csv))'", str(exc))
+    if quoted:
+        return quoted.group(1)
+    found = file_in_traceback(exc)
+    return found if found and Path(found).is_file() else None
 
 
 def _errno_of(exc: OSError) -> int | None:
@@ -132,6 +153,10 @@ def describe(exc: BaseException, expected: tuple[type[BaseException], ...] = (),
             return describe_os_error(exc, checkpoint)
         return (f"{checkpoint} is not a readable checkpoint ({first_line(exc, 100)}); delete it to train that "
                 f"fold again, or restore a good copy")
+    damaged = damaged_file(exc)
+    if damaged is not None:
+        return (f"{damaged} is damaged ({first_line(exc, 100)}); delete it and run the stage that writes it again "
+                f"(the other finished files are kept)")
     if isinstance(exc, BrokenProcessPool):
         return ("a worker process died (killed by the system: most often for lack of memory, or a disk that "
                 "filled up under a memory-mapped write: check `df`); run again with fewer workers "

@@ -443,3 +443,19 @@ def test_tiny_preset_prepares_as_the_readme_says(tmp_path):
     second = make("prepare", "N_FOLDS=3", "CACHE_SIZE=64")
     assert second.returncode == 0, second.stderr
     assert pd.read_parquet(work / "folds.parquet")["fold"].nunique() == 3
+
+
+@pytest.mark.parametrize("name", ["metadata.parquet", "metrics.json"])
+def test_damaged_table_or_json_names_the_file(tmp_path, capsys, name):
+    import json
+
+    damaged = tmp_path / name
+    damaged.write_bytes(b"PAR1 half a file")
+
+    def main(argv):
+        path = damaged
+        return pd.read_parquet(path) if name.endswith(".parquet") else json.loads(path.read_text())
+
+    code, err = in_process(main, [], capsys)
+    line = one_line_error(err)
+    assert code == 2 and f"{damaged} is damaged" in line and "delete it" in line
