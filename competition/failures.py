@@ -117,6 +117,19 @@ def _free_near(path: str) -> str:
         return "unknown"
 
 
+def _load_cause(exc: BaseException) -> str:
+    """torch's weights-only refusal is a page of advice with the reason in the middle: keep the reason."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if isinstance(exc, EOFError):
+        return "the file ends early: empty or truncated"
+    if not lines or not lines[0].startswith("Weights only load failed"):
+        return first_line(exc, 200).split(". ")[0][:100]
+    reason = [line.replace("WeightsUnpickler error:", "").strip() for line in lines[1:]
+              if not line.startswith(("Please file an issue", "Check the documentation"))]
+    text = " ".join(r for r in reason if r) or "refused by the weights-only loader"
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
 def describe_os_error(exc: OSError, fallback: str | None = None) -> str:
     code = _errno_of(exc)
     file = exc.filename or file_in_traceback(exc) or fallback or "the work folder"
@@ -151,7 +164,7 @@ def describe(exc: BaseException, expected: tuple[type[BaseException], ...] = (),
                                                    EOFError, ValueError, OSError)):
         if isinstance(exc, OSError) and exc.errno is not None:
             return describe_os_error(exc, checkpoint)
-        return (f"{checkpoint} is not a readable checkpoint ({first_line(exc, 100)}); delete it to train that "
+        return (f"{checkpoint} is not a readable checkpoint ({_load_cause(exc)}); delete it to train that "
                 f"fold again, or restore a good copy")
     damaged = damaged_file(exc)
     if damaged is not None:
