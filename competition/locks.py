@@ -81,11 +81,11 @@ def stage_lock(work_root: Path | str, stage: str) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def file_lock(path: Path | str) -> Iterator[None]:
-    """Wait for, then hold, a short exclusive lock beside ``path`` (``.<name>.lock``): for a
-    read-modify-write of a file that concurrent runs share."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o664)
+    """Wait for, then hold, a short exclusive lock on ``path`` (``.locks/<name>.lock`` beside it):
+    for a read-modify-write of a file that concurrent runs share."""
+    lock = lock_path(Path(path).parent, Path(path).name)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o664)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
