@@ -7,6 +7,7 @@ import sys
 import pandas as pd
 
 from competition.cli import add_data_args, run_main, work_paths
+from competition.locks import stage_lock
 
 
 def cmd_cache(args: argparse.Namespace) -> None:
@@ -57,7 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.func(args)
+    if args.command == "cache":  # one build per size and work folder at a time
+        with stage_lock(work_paths(args).root, f"cache-{args.size}px"):
+            args.func(args)
+    else:
+        args.func(args)
     return 0
 
 

@@ -19,7 +19,6 @@ import json
 import os
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -27,7 +26,10 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from competition.atomic import write_csv
 from competition.badfiles import record_bad_files
+from competition.diskspace import check_free_space
+from competition.pools import worker_pool
 
 FORMAT = "int16-hu-memmap-v1"
 DTYPE = np.dtype(np.int16)
@@ -152,6 +154,7 @@ def build_cache(
     wanted = np.array([row_of[i] for i in table["image_id"]], dtype=np.int64)
     todo_rows = wanted[status[wanted] == TODO]
     todo = [(int(r), paths[ids[r]]) for r in todo_rows]
+    check_free_space(store.dir, len(todo) * store.slice_bytes, f"the {size} px cache ({len(todo):,} slices)")
     chunks = [todo[i : i + CHUNK] for i in range(0, len(todo), CHUNK)]
     bad_reasons = _read_bad(store.bad_path)
     new_bad = 0
@@ -199,7 +202,7 @@ def _run_chunks(chunks: list[list[tuple[int, str]]], args: tuple, workers: int) 
         for chunk in chunks:
             yield chunk, _cache_chunk(*args, chunk)
         return
-    pool = ProcessPoolExecutor(min(workers, len(chunks)))
+    pool = worker_pool(min(workers, len(chunks)))  # its workers die with this process
     try:
         # A bounded window of tasks in flight keeps memory flat on 870k slices.
         pending = {}
@@ -229,9 +232,7 @@ def _read_bad(path: Path) -> dict[str, tuple[str, str]]:
 
 def _write_bad(path: Path, bad: dict[str, tuple[str, str]]) -> None:
     rows = [(i, p, reason) for i, (p, reason) in sorted(bad.items())]
-    tmp = path.with_suffix(".tmp")
-    pd.DataFrame(rows, columns=["image_id", "path", "reason"]).to_csv(tmp, index=False)
-    tmp.replace(path)
+    write_csv(path, pd.DataFrame(rows, columns=["image_id", "path", "reason"]))
 
 
 def available_sizes(cache_dir: Path | str) -> list[int]:

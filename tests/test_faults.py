@@ -462,3 +462,28 @@ def test_damaged_table_or_json_names_the_file(tmp_path, capsys, name):
     code, err = in_process(main, [], capsys)
     line = one_line_error(err)
     assert code == 2 and f"{damaged} is damaged" in line and "delete it" in line
+
+
+def test_cache_build_checks_free_space_first_and_takes_its_lock(tmp_path, capsys, monkeypatch):
+    from collections import namedtuple
+
+    import competition.diskspace as diskspace
+    from competition.metadata import build_metadata
+    from features.__main__ import main as features_main
+
+    data = write_mini_competition(tmp_path / "mini")
+    work = tmp_path / "work"
+    argv = ["cache", "--data", str(data), "--work", str(work), "--workers", "1", "--size", "64", "--no-progress"]
+    build_metadata(data, work / "metadata.parquet", workers=1, progress=False)
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(diskspace.shutil, "disk_usage", lambda p: Usage(2**40, 2**40 - 2**23, 2**23))
+    code = run_main(features_main, argv, prog="features")
+    line = one_line_error(capsys.readouterr().err)
+    assert code == 2 and "the 64 px cache (19 slices) needs" in line and "8.0 MiB is free" in line, line
+    assert str(work / "cache" / "64px") in line and "WORK=" in line
+    assert pd.read_parquet(work / "metadata.parquet")["image_id"].nunique() == 19  # the finished table is kept
+    monkeypatch.undo()
+    with held_elsewhere(work, "cache-64px") as holder:
+        code = run_main(features_main, argv, prog="features")
+    assert code == 2 and f"pid {holder.pid} " in one_line_error(capsys.readouterr().err)
+    assert run_main(features_main, argv, prog="features") == 0
