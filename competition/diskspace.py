@@ -1,7 +1,6 @@
 """Free-space check before a large write, so a full disk is one line up front, not a crash midway."""
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -37,14 +36,3 @@ def check_free_space(path: Path | str, needed_bytes: int, what: str = "this writ
         )
     return free
 
-
-def allocate(path: Path | str, size: int) -> None:
-    """Grow ``path`` to ``size`` bytes with real blocks (not sparse), so writes through a memory map
-    cannot die with SIGBUS on a full disk: a short disk fails here, as an ENOSPC OSError."""
-    with open(path, "ab") as f:
-        current = os.fstat(f.fileno()).st_size
-        if size > current:
-            if hasattr(os, "posix_fallocate"):
-                os.posix_fallocate(f.fileno(), current, size - current)
-            else:  # macOS: sparse, the free-space check is the guard
-                f.truncate(size)
