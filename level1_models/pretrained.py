@@ -115,6 +115,8 @@ def _download(arch: str, source: _Source) -> Path:
             return Path(download_cached_file(source.ident, check_hash=False, progress=True))
         except OSError as err:  # urllib's URLError / HTTPError are OSErrors
             raise _DownloadFailed(_few_words(err), endpoint_down=not hasattr(err, "code")) from err
+        except Exception as err:  # a bad hash, a broken response: said in the error, with the ways out
+            raise _DownloadFailed(_few_words(err), endpoint_down=False) from err
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
 
@@ -130,7 +132,7 @@ def _download(arch: str, source: _Source) -> Path:
             # Cannot reach the hub (no network, refused, timed out, 5xx, not a hub): asking for the
             # next file name would pay the client's retries a second time.
             raise _DownloadFailed(_few_words(err), endpoint_down=True) from err
-        except OSError as err:  # repository not found, 401, proxy errors: this repo, right now
+        except Exception as err:  # repository not found, 401, a proxy error, a bad id: said, with the ways out
             raise _DownloadFailed(_few_words(err), endpoint_down=False) from err
     raise AssertionError("unreachable")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -86,6 +87,13 @@ class _HubHandler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self._answer(with_body=True)
+
+
+def closed_port() -> int:
+    """A local port nobody listens on (bound, then released): connecting is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def imagenet_state_dict() -> dict[str, torch.Tensor]:
@@ -279,3 +287,27 @@ def test_pytorch_file_is_used_when_the_repo_has_no_safetensors(served, tmp_path,
     model = build_model(build_config(TINY), announce=False)
     assert torch.equal(model.state_dict()["conv1.0.weight"], sd["conv1.0.weight"])
     assert [p.rsplit("/", 1)[-1] for _, p in hub.requests] == ["model.safetensors", "pytorch_model.bin", "pytorch_model.bin"]
+
+
+def test_an_architecture_with_only_a_url_downloads_into_torch_hub(served, tmp_path, monkeypatch):
+    """The few timm archs without a hub id: timm's URL, into torch hub's checkpoints folder."""
+    hub, sd = served
+    path = tmp_path / "w.pth"
+    torch.save(sd, path)
+    hub.files["/plain/resolve/test_resnet_in1k.pth"] = path.read_bytes()
+    point_hub_at(monkeypatch, "http://127.0.0.1:9", tmp_path / "hf")
+    cfg = _model_pretrained_cfgs["test_resnet"]
+    monkeypatch.setitem(_model_pretrained_cfgs, "test_resnet",
+                        dataclasses.replace(cfg, hf_hub_id=None, url=f"{hub.url}/plain/resolve/test_resnet_in1k.pth"))
+    model = build_model(build_config(TINY), announce=False)
+    assert torch.equal(model.state_dict()["conv1.0.weight"], sd["conv1.0.weight"])
+    assert (tmp_path / "torch" / "hub" / "checkpoints" / "test_resnet_in1k.pth").is_file()
+    n = len(hub.requests)
+    assert choose_weights(build_config(TINY)).path is not None and len(hub.requests) == n  # cached
+    # A host that refuses: the error names it; the refusal is remembered for the next process.
+    monkeypatch.setitem(_model_pretrained_cfgs, "test_resnet",
+                        dataclasses.replace(cfg, hf_hub_id=None, url=f"http://127.0.0.1:{closed_port()}/x/other.pth"))
+    with pytest.raises(PretrainedWeightsMissing, match="refused.*Ways out"):
+        choose_weights(build_config(TINY, {"cpu_friendly": False}))
+    pretrained.forget_failures()
+    assert "remembered" in choose_weights(build_config(TINY)).note
