@@ -158,7 +158,8 @@ def _memo_file(endpoint: str) -> Path:
     return Path(constants.HF_HUB_CACHE) / _MEMO_DIR / hashlib.sha1(endpoint.encode()).hexdigest()[:16]
 
 
-# Without a network the hub client retries for about half a minute to a minute before it gives up.
+# Without a network the hub client retries before it gives up (24 s per file name on a machine where
+# the name does not resolve; timm's own path asks for two names: 47 s).
 # A run builds the model once per fold, the folds may run as separate processes (or DDP ranks), and
 # the demo trains several models in a row: each would pay that again. So a failure is remembered
 # twice: per process (any failure, per endpoint and file source), and, when the *host* could not be

@@ -147,7 +147,7 @@ def hub_file(hf_home: Path) -> Path:
     return hf_home / "hub" / f"models--{REPO_ID.replace('/', '--')}" / "snapshots" / COMMIT / "model.safetensors"
 
 
-def test_download_lands_in_hf_home_and_loads_then_the_cache_is_used_without_a_request(served, tmp_path, monkeypatch, capsys):
+def test_download_lands_in_hf_home_and_loads_then_the_cache_needs_no_request(served, tmp_path, monkeypatch, capsys):
     hub, sd = served
     point_hub_at(monkeypatch, hub.url, tmp_path / "hf")
     model = build_model(build_config(TINY))
@@ -286,7 +286,8 @@ def test_pytorch_file_is_used_when_the_repo_has_no_safetensors(served, tmp_path,
     point_hub_at(monkeypatch, hub.url, tmp_path / "hf")
     model = build_model(build_config(TINY), announce=False)
     assert torch.equal(model.state_dict()["conv1.0.weight"], sd["conv1.0.weight"])
-    assert [p.rsplit("/", 1)[-1] for _, p in hub.requests] == ["model.safetensors", "pytorch_model.bin", "pytorch_model.bin"]
+    names = [p.rsplit("/", 1)[-1] for _, p in hub.requests]
+    assert names == ["model.safetensors", "pytorch_model.bin", "pytorch_model.bin"]  # HEAD 404, HEAD, GET
 
 
 def test_an_architecture_with_only_a_url_downloads_into_torch_hub(served, tmp_path, monkeypatch):
