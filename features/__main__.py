@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import pandas as pd
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cache", help="one parallel, resumable pass: every DICOM -> int16 HU at --size px")
     add_data_args(p)
     p.add_argument("--size", type=int, default=256, help="side of the cached slices in px (256 default, 512 allowed)")
-    p.add_argument("--workers", type=int, default=2, help="processes reading DICOMs")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes reading DICOMs (default: every core)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_cache)
     p = sub.add_parser("windows", help="list the window presets and the named combinations")
