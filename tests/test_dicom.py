@@ -95,6 +95,7 @@ def test_first_number(value, expected):
 
 
 def test_header_fields_windows_as_numbers_and_strings(tmp_path):
+    assert header_fields(pydicom.dcmread(write_ct(tmp_path / "ID_00000000i.dcm", np.zeros((2, 2), np.uint16), instance_number=17)))["instance_number"] == 17.0
     a = write_ct(tmp_path / "ID_00000000a.dcm", np.zeros((2, 2), np.uint16), window_center=40, window_width=80, z=12.5)
     b = write_ct(tmp_path / "ID_00000000b.dcm", np.zeros((2, 2), np.uint16), window_center="00040\\00040", window_width="00080\\00080")
     for path in (a, b):
