@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from features.crop import BODY_HU, cut_square, head_extent, square_box, to_original, union
-from features.slice_codec import decode, encode
+from features.slice_codec import CODECS, decode, encode
 
 
 def phantom(shape, centre, radii, table_row=None) -> np.ndarray:
@@ -49,7 +49,7 @@ def test_cut_square_and_to_original_round_trip():
     assert (to_original(cut_square(hu, inner, 0), inner, hu.shape, fill=-7)[:5] == -7).all()
 
 
-@pytest.mark.parametrize("codec", ["zstd", "raw"])
+@pytest.mark.parametrize("codec", CODECS)
 def test_slice_codec_round_trips_exactly(codec):
     rng = np.random.default_rng(1)
     ct = np.full((64, 64), -1024, np.int16)
@@ -59,7 +59,12 @@ def test_slice_codec_round_trips_exactly(codec):
         blob = encode(image, codec)
         np.testing.assert_array_equal(decode(blob, 64), image)
         assert len(blob) <= image.nbytes
-    assert len(encode(ct, "zstd")) < 0.6 * ct.nbytes  # air (and 11-bit noise's high bytes) compress
-    assert len(encode(rng.integers(-32768, 32767, (64, 64)).astype(np.int16), "zstd")) == 64 * 64 * 2  # stored raw
+        for dtype in (np.float32, np.int16):  # decoded straight into the caller's array
+            out = np.zeros((64, 64), dtype)
+            assert decode(blob, 64, out) is out
+            np.testing.assert_array_equal(out, image.astype(dtype))
+    if codec != "raw":
+        assert len(encode(ct, codec)) < 0.6 * ct.nbytes  # air (and 11-bit noise's high bytes) compress
+        assert len(encode(rng.integers(-32768, 32767, (64, 64)).astype(np.int16), codec)) == 64 * 64 * 2  # stored raw
     with pytest.raises(ValueError, match="unknown cache codec"):
         encode(ct, "png")
