@@ -153,13 +153,13 @@ Task = list[tuple[list[tuple[int, str]], list[int] | None]]  # per series: its (
 
 
 def _read_series(root: Path, rows: list[tuple[int, str]]) -> tuple[dict[int, np.ndarray], list[tuple[int, str]]]:
-    """HU (clipped to air below) of each readable row; (row, reason) for the others."""
+    """HU of each readable row; (row, reason) for the others."""
     from competition.dicom import read_hu  # imported here so spawn-started workers import it too
 
     hus, bad = {}, []
     for row, rel in rows:
         try:
-            hus[row] = np.clip(read_hu(root / rel), HU_MIN, HU_MAX)
+            hus[row] = read_hu(root / rel)
         except Exception as exc:  # one broken file must not stop the pass; it is listed instead
             bad.append((row, getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"))
     return hus, bad

@@ -68,3 +68,12 @@ def test_slice_codec_round_trips_exactly(codec):
         assert len(encode(rng.integers(-32768, 32767, (64, 64)).astype(np.int16), codec)) == 64 * 64 * 2  # stored raw
     with pytest.raises(ValueError, match="unknown cache codec"):
         encode(ct, "png")
+
+
+def test_head_extent_of_a_large_slice_is_found_on_a_grid_but_holds_the_head():
+    # 512 px: found on every 4th pixel, widened so that it still holds every head pixel.
+    hu = phantom((512, 400), (250, 190), (151, 117), table_row=480)
+    ys, xs = np.nonzero(np.abs(hu - 40) < 1)
+    y0, x0, y1, x1 = head_extent(hu)
+    assert y0 <= ys.min() and x0 <= xs.min() and y1 >= ys.max() + 1 and x1 >= xs.max() + 1
+    assert ys.min() - y0 < 4 and xs.min() - x0 < 4 and y1 - ys.max() <= 4 and x1 - xs.max() <= 4 and y1 < 480
