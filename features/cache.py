@@ -139,8 +139,9 @@ class _Store:
             return
         rebuild = f"delete {self.dir} and run `make cache CACHE_SIZE={self.size}` (python -m features cache --size {self.size})"
         if info.get("format") != FORMAT or info.get("size") != self.size:
-            raise ValueError(f"{self.dir} holds an image cache in an older format ({info.get('format')}, "
-                             f"not {FORMAT}: uncropped, stretched, uncompressed); {rebuild}")
+            raise ValueError(f"{self.dir} holds an image cache in another format ({info.get('format')} at "
+                             f"{info.get('size')} px, not {FORMAT}: before v2 slices were stretched, uncropped and "
+                             f"uncompressed); {rebuild}")
         if codec is not None and info.get("codec") != codec:
             raise ValueError(f"{self.dir} was built with codec {info.get('codec')}, not {codec}; "
                              f"pass --codec {info.get('codec')} to extend it, or {rebuild}")
@@ -209,6 +210,17 @@ def _tasks(series: np.ndarray, todo_rows: np.ndarray, paths: list[str], reuse: d
     return tasks + ([current] if current else [])
 
 
+def _boxes_to_reuse(store: _Store, series: np.ndarray, wanted: np.ndarray, status: np.ndarray) -> dict[str, list[int]]:
+    """The box of each series that is partly cached and partly to do (new slices appended): its
+    new slices get the same box, so that the series keeps one pixel grid."""
+    cached = status[wanted] == CACHED
+    todo = set(series[status[wanted] == TODO])
+    first = pd.Series(wanted[cached], index=series[cached]).groupby(level=0).first()
+    first = first[first.index.isin(todo)]
+    boxes = store.open("boxes")
+    return {s: boxes[r].tolist() for s, r in first.items()}
+
+
 def build_cache(
     data_dir: Path | str,
     metadata: pd.DataFrame,
@@ -254,13 +266,7 @@ def build_cache(
     series = (table["series_id"] if "series_id" in table.columns else table["image_id"]).to_numpy(dtype=object)
     is_todo = status[wanted] == TODO
     todo_rows = wanted[is_todo]
-    # A series already partly cached (new slices appended) keeps its box: one pixel grid per series.
-    boxes = store.open("boxes")
-    done = pd.Series(wanted[~is_todo], index=series[~is_todo])
-    done = done[status[done.to_numpy()] == CACHED]
-    todo_series = set(series[is_todo])
-    reuse = {s: boxes[r].tolist() for s, r in done.groupby(level=0).first().items() if s in todo_series}
-    del boxes
+    reuse = _boxes_to_reuse(store, series, wanted, status)
     tasks = _tasks(series[is_todo], todo_rows, [paths[ids[r]] for r in todo_rows], reuse)
     if progress and len(todo_rows):
         print(f"cache {size}px: {len(todo_rows):,} slices to write into {store.dir} ({codec}), expected "

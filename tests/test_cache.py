@@ -312,7 +312,7 @@ def test_old_format_and_other_codec_are_refused(data, tmp_path):
     (old / "info.json").write_text('{"format": "int16-hu-memmap-v1", "size": 32, "dtype": "int16", "rows": 14}')
     for attempt in (lambda: build_cache(data, meta, tmp_path / "old", size=SIDE, workers=1, progress=False),
                     lambda: ImageCache(tmp_path / "old")):
-        with pytest.raises(ValueError, match=r"older format \(int16-hu-memmap-v1.*delete .*make cache CACHE_SIZE=32"):
+        with pytest.raises(ValueError, match=r"another format \(int16-hu-memmap-v1.*delete .*make cache CACHE_SIZE=32"):
             attempt()
     build_cache(data, meta, tmp_path / "cache", size=SIDE, workers=1, progress=False, codec="raw")
     with pytest.raises(ValueError, match=f"built with codec raw, not {DEFAULT_CODEC}"):
