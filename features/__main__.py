@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import pandas as pd
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cache", help="one parallel, resumable pass: every DICOM -> its head's square, int16 HU at --size px")
     add_data_args(p)
     p.add_argument("--size", type=int, default=256, help="side of the cached slices in px (256 default, 512 allowed)")
-    p.add_argument("--workers", type=int, default=2, help="processes reading DICOMs")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes reading DICOMs (default: every core)")
     p.add_argument("--codec", choices=CODECS, default=DEFAULT_CODEC,
                    help="lossless: lz4 about halves the disk, zstd saves a fifth more but decodes 2x slower; "
                         "raw: int16 as is, the fastest read")

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
 from competition.constants import LABEL_WEIGHTS
 from features.windows import n_channels
@@ -22,7 +22,7 @@ from level1_models.config import TrainConfig
 from level1_models.data import RunInputs
 from level1_models.modeling import build_model
 from level1_models.predict import AMP_DTYPES, autocast
-from level1_models.train import Runtime, make_optimizer, weighted_bce_sum
+from level1_models.loop import Runtime, loader_options, make_optimizer, weighted_bce_sum
 
 
 def _sync(device: torch.device) -> None:
@@ -50,11 +50,6 @@ def _timed_loop(batches: Iterator, step: Callable[[torch.Tensor, torch.Tensor], 
             wait += t1 - t0
             images += len(x)
     return total, wait, images
-
-
-def _repeat(loader: DataLoader) -> Iterator:
-    while True:
-        yield from loader
 
 
 def run_bench(cfg: TrainConfig, rt: Runtime, inputs: RunInputs | None, steps: int = 20, warmup: int = 3) -> dict[str, float]:
@@ -106,19 +101,23 @@ def run_bench(cfg: TrainConfig, rt: Runtime, inputs: RunInputs | None, steps: in
         ids = inputs.folds["image_id"].tolist()
         need = (steps + warmup) * max(cfg.batch_size, cfg.eval_batch)
         ids = [ids[i] for i in np.random.default_rng(cfg.seed).permutation(len(ids))[:need]]
-        pin = device.type == "cuda"
+        # The loaders of training: persistent workers, pinned memory, prefetch (loop.loader_options).
+        # One pass covers every timed step (sampling with replacement from a small dataset), so an
+        # epoch end never drains the pipeline in the middle of the measurement.
+        options = loader_options(cfg, device)
+        rng = torch.Generator().manual_seed(cfg.seed)
         train_ds: Dataset = inputs.datasets(ids, labeled=True, augment=cfg.augment)
-        loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers,
-                            pin_memory=pin, drop_last=len(ids) >= cfg.batch_size)
+        sampler = RandomSampler(train_ds, replacement=True, num_samples=(steps + warmup) * cfg.batch_size, generator=rng)
+        loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, **options)
         model.train()
-        seconds, wait, images = _timed_loop(_repeat(loader), train_step, steps, warmup, device)
+        seconds, wait, images = _timed_loop(iter(loader), train_step, steps, warmup, device)
         out["train_data_loader"] = images / seconds
         out["train_data_wait"] = 100.0 * wait / seconds
         eval_ds = inputs.datasets(ids, labeled=True, augment=False)
-        loader = DataLoader(Subset(eval_ds, range(len(ids))), batch_size=cfg.eval_batch, num_workers=cfg.workers,
-                            pin_memory=pin)
+        order = np.resize(np.arange(len(ids)), (steps + warmup) * cfg.eval_batch).tolist()
+        loader = DataLoader(Subset(eval_ds, order), batch_size=cfg.eval_batch, **options)
         model.eval()
-        seconds, wait, images = _timed_loop(_repeat(loader), infer_step, steps, warmup, device)
+        seconds, wait, images = _timed_loop(iter(loader), infer_step, steps, warmup, device)
         out["infer_data_loader"] = images / seconds
         out["infer_data_wait"] = 100.0 * wait / seconds
     return out

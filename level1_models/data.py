@@ -7,7 +7,6 @@ image cache through ``features.dataset.SliceDataset``; tests can pass a small sy
 """
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,10 @@ from competition.constants import LABELS
 from competition.labels import split_long_ids
 from competition.layout import Layout
 from competition.paths import WorkPaths
+
+
+class CacheTooSmallError(FileNotFoundError):
+    """The image cache is smaller than the model's input."""
 
 
 class DatasetFactory(Protocol):
@@ -87,8 +90,13 @@ class CacheDatasets:
 
         size = pick_cache_size(available_sizes(cache_dir), img_size)
         if size < img_size:
-            print(f"note: the largest image cache is {size} px; inputs are upsampled to {img_size} px",
-                  file=sys.stderr, flush=True)
+            # Upsampling would hand the model less detail than it was built for while costing its
+            # full compute: build the cache it needs instead, or train at the cache's size.
+            raise CacheTooSmallError(
+                f"the largest image cache in {cache_dir} is {size} px but this model reads {img_size} px; "
+                f"build a cache of at least that size (make cache DATA=<data> CACHE_SIZE={img_size}) or train "
+                f"at the cache's size (IMG_SIZE={size})"
+            )
         self.cache = ImageCache(cache_dir, size)
         self.metadata, self.labels = metadata, labels
         self.combination, self.img_size = combination, img_size
