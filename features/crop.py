@@ -79,8 +79,9 @@ def cut_square(hu: np.ndarray, box: np.ndarray, fill: float) -> np.ndarray:
 
 
 def to_original(image: np.ndarray, box: np.ndarray, shape: tuple[int, int], fill: float = 0.0) -> np.ndarray:
-    """A map made on the cached size x size image, put back on the slice's own pixel grid (rows x
-    cols float32): resized (bilinear) to the box's side and placed at the box; ``fill`` outside it."""
+    """A square map made on the cached image (at any square size: the cache's, the model's input,
+    a Grad-CAM map at feature resolution), put back on the slice's own pixel grid (rows x cols
+    float32): resized (bilinear) to the box's side and placed at the box; ``fill`` outside it."""
     y0, x0, y1, x1 = (int(v) for v in box)
     side = y1 - y0
     square = cv2.resize(np.asarray(image, dtype=np.float32), (side, side), interpolation=cv2.INTER_LINEAR)
