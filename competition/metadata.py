@@ -1,7 +1,13 @@
 """The metadata table: one row per image from a parallel, header-only pass over every DICOM.
 
 Resumable: finished chunks are kept in ``<out>.parts/`` until the table is written, and a run on a
-dataset whose table already covers every file reads nothing.
+dataset whose table already covers every file reads nothing. A table written by an older version
+(lacking a column) is read again from the files.
+
+Slice order within a series (``slice_index``) follows z (ImagePositionPatient). A series in which
+some slice has no position is ordered by InstanceNumber instead, turned to run the way z does in
+its slices that have both; a series without either in some slice is ordered by file name. ``z``
+itself stays NaN where the header has no position: it is not invented.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ from competition.pools import worker_pool
 CHUNK = 2000  # files per resumable part; also the unit of work handed to a process
 
 COLUMNS = [
-    "image_id", "split", "path", "patient_id", "study_id", "series_id", "z", "slice_index", "n_slices",
+    "image_id", "split", "path", "patient_id", "study_id", "series_id", "z", "instance_number", "slice_index", "n_slices",
     "rows", "columns", "pixel_spacing_row", "pixel_spacing_col", "slice_thickness",
     "window_center", "window_width", "slope", "intercept", "bits_stored", "pixel_representation",
 ]
@@ -58,9 +64,27 @@ def read_headers(root: str, rel_paths: Sequence[str]) -> tuple[list[dict], list[
     return good, bad
 
 
+def slice_order_key(table: pd.DataFrame) -> np.ndarray:
+    """Per row, the value its series is sorted by (see the module docstring): z where the whole
+    series has it, else the InstanceNumber (negated when z falls as it rises), else NaN for the
+    whole series (file-name order)."""
+    series = table["series_id"]
+    size = series.map(series.value_counts())
+    z, inst = table["z"], table["instance_number"]
+    z_complete = z.groupby(series).transform("count") == size
+    inst_complete = inst.groupby(series).transform("count") == size
+    both = z.notna() & inst.notna()
+    zc = z.where(both) - z.where(both).groupby(series).transform("mean")
+    ic = inst.where(both) - inst.where(both).groupby(series).transform("mean")
+    falling = (zc * ic).groupby(series).transform("sum") < 0  # covariance of z and InstanceNumber
+    by_instance = np.where(falling, -inst, inst)
+    return np.where(z_complete, z, np.where(inst_complete, by_instance, np.nan))
+
+
 def add_slice_order(table: pd.DataFrame) -> pd.DataFrame:
-    """slice_index (by z within the series, ties broken by image_id) and n_slices."""
-    table = table.sort_values(["series_id", "z", "image_id"], na_position="last", kind="mergesort")
+    """slice_index (by :func:`slice_order_key` within the series, ties broken by image_id) and n_slices."""
+    table = table.assign(_key=slice_order_key(table))
+    table = table.sort_values(["series_id", "_key", "image_id"], kind="mergesort").drop(columns="_key")
     table["slice_index"] = table.groupby("series_id", sort=False).cumcount().astype(np.int32)
     table["n_slices"] = table.groupby("series_id", sort=False)["image_id"].transform("size").astype(np.int32)
     return table.sort_values("image_id", ignore_index=True)
@@ -91,8 +115,11 @@ def _build_metadata(layout: Layout, out_path: Path, workers: int | None, progres
     if files.empty:
         raise FileNotFoundError(f"no .dcm files under {layout.train_dir} or {layout.test_dir}")
     kept: list[pd.DataFrame] = []
-    if out_path.is_file():
-        done = pd.read_parquet(out_path)
+    done = pd.read_parquet(out_path) if out_path.is_file() else None
+    if done is not None and not set(COLUMNS) <= set(done.columns):
+        print(f"{out_path} lacks {sorted(set(COLUMNS) - set(done.columns))} (an older version wrote it); reading every header again")
+        done = None
+    if done is not None:
         if set(done["image_id"]) == set(files["image_id"]):
             return done
         # New files were added (or some were unreadable last time): read only those.
@@ -101,7 +128,8 @@ def _build_metadata(layout: Layout, out_path: Path, workers: int | None, progres
     parts_dir = out_path.with_name(out_path.name + ".parts")
     parts_dir.mkdir(parents=True, exist_ok=True)
     n_parts = len(list(parts_dir.glob("part-*.parquet")))
-    kept += [pd.read_parquet(p) for p in sorted(parts_dir.glob("part-*.parquet"))]
+    parts = [pd.read_parquet(p) for p in sorted(parts_dir.glob("part-*.parquet"))]
+    kept += [p for p in parts if "instance_number" in p.columns]  # an older version's parts are read again
     seen = set().union(*(set(p["path"]) for p in kept)) if kept else set()
     todo = files.loc[~files["path"].isin(seen), "path"].tolist()
     chunks = [todo[i : i + CHUNK] for i in range(0, len(todo), CHUNK)]

@@ -1,7 +1,9 @@
 """The torch Dataset the level-1 models train and predict on.
 
 An item is one image: its window combination's channels (C x H x W float32 in [0, 1]) and its six
-labels. 2.5D combinations read the neighbouring slices of the same series in z order (the
+labels. The image shows the square the cache cut from the slice (the head of its series, see
+``features.crop``); :meth:`SliceDataset.box` gives it, to put a map made on the input (Grad-CAM)
+back onto the original slice with ``features.crop.to_original``. 2.5D combinations read the neighbouring slices of the same series in z order (the
 metadata's ``slice_index``); at the ends of a series the edge slice repeats itself. Each distinct
 slice is read from the cache once per item, however many windows use it.
 
@@ -151,6 +153,10 @@ class SliceDataset(Dataset):
         state = self.__dict__.copy()
         state["_augmenter"] = None
         return state
+
+    def box(self, i: int) -> np.ndarray:
+        """(y0, x0, y1, x1): the square of item ``i``'s slice that its input shows, in the slice's pixels."""
+        return self.cache.box(self.image_ids[i])
 
     def read_slices(self, i: int) -> np.ndarray:
         """K x size x size float32 HU: one cache read per distinct slice of the combination."""

@@ -15,7 +15,8 @@ def write_ct(
     patient: str = "ID_0000aaaa",
     study: str = "ID_00000000aa",
     series: str = "ID_00000000bb",
-    z: float = 0.0,
+    z: float | None = 0.0,
+    instance_number: int | None = None,
     intercept: float | str = -1024,
     slope: float | str = 1,
     window_center: object = "40\\40",
@@ -35,7 +36,10 @@ def write_ct(
     ds.PatientID = patient
     ds.StudyInstanceUID = study
     ds.SeriesInstanceUID = series
-    ds.ImagePositionPatient = [-125.0, -120.0, z]
+    if z is not None:  # None: a file without ImagePositionPatient
+        ds.ImagePositionPatient = [-125.0, -120.0, z]
+    if instance_number is not None:
+        ds.InstanceNumber = instance_number
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"

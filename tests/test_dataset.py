@@ -14,7 +14,9 @@ from competition.constants import LABELS
 from competition.metadata import build_metadata
 from dicom_factory import write_ct
 from features.augment import Affine, AugmentConfig, Augmenter, BrightnessContrast
+from competition.dicom import read_hu
 from features.cache import ImageCache, build_cache
+from features.crop import to_original
 from features.dataset import SliceDataset, cached_only, neighbour_ids
 from features.windows import apply_combination
 
@@ -181,6 +183,14 @@ def test_real_series_neighbours(real_sample, tmp_path):
         x, _ = brain3[n]
         for c, neighbour in enumerate(truth[ids[n]]):
             np.testing.assert_array_equal(x[c].numpy(), brain[position[neighbour]][0][0].numpy())
+    # Neighbours stacked as channels share one pixel grid: one box for the series.
+    boxes = np.array([brain3.box(n) for n in range(len(ids))])
+    assert (boxes == boxes[0]).all() and boxes[0][2] - boxes[0][0] == boxes[0][3] - boxes[0][1]
+    # An input, put back on its slice, is that slice (in the brain window, at 64 px detail).
+    k = len(ids) // 2
+    original = np.clip(read_hu(real_sample / meta["path"].iloc[k]) / 80.0, 0, 1)
+    back = to_original(brain[k][0][0].numpy(), brain.box(k), original.shape)
+    assert np.corrcoef(back.ravel(), original.ravel())[0, 1] > 0.9
 
 
 def test_augmentation_is_random_seeded_and_off_at_validation(built):
