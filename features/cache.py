@@ -124,8 +124,9 @@ class _Store:
         with self.ids_path.open("a") as f:
             f.writelines(f"{i}\n" for i in new_ids)
         n = n_old + len(new_ids)
-        for path, row_bytes in ((self.status_path, 1), (self.lengths_path, 4), (self.boxes_path, 16),
-                                (self.data_path, self.slot_bytes)):
+        with self.status_path.open("ab") as f:  # real zeros (to do), not sparse: the builder's mapped
+            f.write(bytes(n - f.tell()))  # status writes then cannot die with SIGBUS on a full disk
+        for path, row_bytes in ((self.lengths_path, 4), (self.boxes_path, 16), (self.data_path, self.slot_bytes)):
             with path.open("ab") as f:
                 f.truncate(n * row_bytes)  # sparse: no disk used until a row is filled
         rule = {"body_hu": crop_rule.BODY_HU, "margin": crop_rule.MARGIN, "min_side": crop_rule.MIN_SIDE} if crop else None
@@ -181,17 +182,24 @@ def _cache_chunk(root: str, store_dir: str, size: int, codec: str, crop: bool, t
     """Worker: read each series of ``task``, cut its box, resize, encode and write each row in
     place; returns (row, reason) for the bad ones."""
     store = _Store(Path(store_dir), size)
-    data, lengths, boxes = store.open("data", "r+"), store.open("lengths", "r+"), store.open("boxes", "r+")
+    # pwrite, not stores through a memory map: on a full disk a write into the sparse files fails
+    # with ENOSPC (one line, the rows stay to do) where a mapped store kills the process (SIGBUS).
+    fds = [os.open(p, os.O_WRONLY) for p in (store.data_path, store.lengths_path, store.boxes_path)]
     bad = []
-    for rows, reuse in task:
-        hus, series_bad = _read_series(Path(root), rows)
-        bad += series_bad
-        shape_box = series_boxes(hus.values(), crop)
-        for row, hu in hus.items():
-            box = np.asarray(reuse, dtype=np.int32) if reuse is not None else shape_box[hu.shape]
-            blob = encode(to_stored(hu, size, box), codec)
-            data[row, : len(blob)] = np.frombuffer(blob, dtype=np.uint8)
-            lengths[row], boxes[row] = len(blob), box
+    try:
+        for rows, reuse in task:
+            hus, series_bad = _read_series(Path(root), rows)
+            bad += series_bad
+            shape_box = series_boxes(hus.values(), crop)
+            for row, hu in hus.items():
+                box = np.asarray(reuse, dtype=np.int32) if reuse is not None else shape_box[hu.shape]
+                blob = encode(to_stored(hu, size, box), codec)
+                os.pwrite(fds[0], blob, row * store.slot_bytes)
+                os.pwrite(fds[1], np.uint32(len(blob)).tobytes(), row * 4)
+                os.pwrite(fds[2], np.asarray(box, dtype=np.int32).tobytes(), row * 16)
+    finally:
+        for fd in fds:
+            os.close(fd)
     # No msync: the rows sit in the shared page cache, which outlives this process (as does the
     # parent's status write that follows); forcing them to disk here cost ~0.5 ms a slice.
     return bad

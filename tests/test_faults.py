@@ -487,3 +487,37 @@ def test_cache_build_checks_free_space_first_and_takes_its_lock(tmp_path, capsys
         code = run_main(features_main, argv, prog="features")
     assert code == 2 and f"pid {holder.pid} " in one_line_error(capsys.readouterr().err)
     assert run_main(features_main, argv, prog="features") == 0
+
+
+def test_cache_write_on_a_full_disk_is_one_line_and_resumes(tmp_path, capsys, monkeypatch):
+    import features.cache as cache
+    from competition.metadata import build_metadata
+    from features.__main__ import main as features_main
+
+    data = write_mini_competition(tmp_path / "mini", patients=6, slices=3)
+    work = tmp_path / "work"
+    argv = ["cache", "--data", str(data), "--work", str(work), "--workers", "1", "--size", "64", "--no-progress"]
+    monkeypatch.setattr(cache, "CHUNK", 3)  # a task per series: some finish before the disk is full
+    monkeypatch.setattr(cache, "check_free_space", lambda *a, **k: 0)  # let the writes meet the full disk
+    with tmpfs(work, "1m"):
+        build_metadata(data, work / "metadata.parquet", workers=1, progress=False)
+        filler = work / "filler"
+        with open(filler, "wb", buffering=0) as f:
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * 4096)
+        os.truncate(filler, filler.stat().st_size - 10 * 4096)  # room for a few slices, not 19
+        code = run_main(features_main, argv, prog="features")
+        line = one_line_error(capsys.readouterr().err)
+        assert code == 2 and "no space left on the device" in line, line
+        done = len(cache.ImageCache(work / "cache", 64))
+        assert 0 < done < 19  # what finished before the disk filled is kept
+        filler.unlink()
+        assert run_main(features_main, argv, prog="features") == 0
+        resumed = cache.ImageCache(work / "cache", 64)
+        assert len(resumed) == 19
+        fresh_dir = tmp_path / "fresh"
+        cache.build_cache(data, pd.read_parquet(work / "metadata.parquet"), fresh_dir, size=64, workers=1, progress=False)
+        fresh = cache.ImageCache(fresh_dir, 64)
+        for image_id in fresh.ids:
+            assert (resumed.read_hu(image_id) == fresh.read_hu(image_id)).all()
