@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
 from competition.constants import LABEL_WEIGHTS
+from features.dataset import unit_float
 from features.windows import n_channels
 from level1_models.config import TrainConfig
 from level1_models.data import RunInputs
@@ -63,7 +64,7 @@ def run_bench(cfg: TrainConfig, rt: Runtime, inputs: RunInputs | None, steps: in
     weights = torch.as_tensor(LABEL_WEIGHTS, dtype=torch.float32, device=device)
 
     def prepare(x: torch.Tensor) -> torch.Tensor:
-        x = x.to(device, non_blocking=True)
+        x = unit_float(x.to(device, non_blocking=True))
         return x.contiguous(memory_format=torch.channels_last) if rt.channels_last else x
 
     def train_step(x: torch.Tensor, y: torch.Tensor) -> None:

@@ -85,7 +85,10 @@ def pick_cache_size(available: Sequence[int], img_size: int) -> int:
 class CacheDatasets:
     """The real DatasetFactory: ``features.dataset.SliceDataset`` over the image cache."""
 
-    def __init__(self, metadata: pd.DataFrame, labels: pd.DataFrame, cache_dir: Path, combination: str, img_size: int):
+    def __init__(self, metadata: pd.DataFrame, labels: pd.DataFrame, cache_dir: Path, combination: str, img_size: int,
+                 as_uint8: bool = False):
+        """``as_uint8``: images leave the workers as uint8 (training and prediction turn them back
+        into [0, 1] floats on the device with ``features.dataset.unit_float``)."""
         from features.cache import ImageCache, available_sizes
 
         size = pick_cache_size(available_sizes(cache_dir), img_size)
@@ -100,13 +103,14 @@ class CacheDatasets:
         self.cache = ImageCache(cache_dir, size)
         self.metadata, self.labels = metadata, labels
         self.combination, self.img_size = combination, img_size
+        self.as_uint8 = as_uint8
 
     def __call__(self, image_ids: Sequence[str], labeled: bool, augment: bool) -> Dataset:
         from features.dataset import SliceDataset
 
         return SliceDataset(
             image_ids, self.metadata, self.cache, self.combination, self.img_size,
-            labels=self.labels if labeled else None, augment=augment,
+            labels=self.labels if labeled else None, augment=augment, as_uint8=self.as_uint8,
         )
 
     def cached(self, image_ids: Sequence[str]) -> set[str]:
@@ -127,6 +131,6 @@ def load_inputs(data_dir: Path | str, paths: WorkPaths, combination: str, img_si
     if absent:
         raise ValueError(f"{len(absent)} sample-submission images are not in the metadata's test split "
                          f"(first: {absent[0]}); rebuild it with `make prepare DATA={data_dir}`")
-    factory = CacheDatasets(metadata, labels, paths.cache, combination, img_size)
+    factory = CacheDatasets(metadata, labels, paths.cache, combination, img_size, as_uint8=True)
     return RunInputs(folds=folds, labels=labels, test_ids=test_ids, datasets=factory,
                      trainable=factory.cached(folds["image_id"].tolist()))

@@ -273,3 +273,24 @@ def test_synthetic_competition_neighbours_and_its_truncated_file(tmp_path):
     with pytest.warns(UserWarning, match="not in the cache"):
         ds = SliceDataset(list(meta["image_id"]), meta, cache, "brain3", 32)
     assert (ds[list(meta["image_id"]).index(truncated[0])][0] == 0).all()
+
+
+def test_uint8_images_are_the_float_ones_rounded_and_reseeding_repeats_an_augmentation(built):
+    from features.dataset import unit_float
+
+    _, meta, cache = built
+    ids = list(meta["image_id"])
+    floats = SliceDataset(ids, meta, cache, "brain3", SIDE)
+    bytes_ = SliceDataset(ids, meta, cache, "brain3", SIDE, as_uint8=True)
+    for n in range(len(ids)):
+        x, q = floats[n][0].numpy(), bytes_[n][0]
+        assert q.dtype == torch.uint8 and q.shape == x.shape
+        np.testing.assert_array_equal(q.numpy(), np.rint(x * 255).astype(np.uint8))  # rounded, not truncated
+        assert float((unit_float(q) - torch.from_numpy(x)).abs().max()) <= 0.5 / 255 + 1e-7
+    aug = SliceDataset(ids, meta, cache, "bsb", SIDE, augment=True)
+    aug.reseed(123)
+    first = aug[0][0]
+    aug.reseed(123)
+    assert torch.equal(aug[0][0], first)
+    aug.reseed(124)
+    assert not torch.equal(aug[0][0], first)
