@@ -4,7 +4,13 @@ The slice model's ``any`` probabilities are pooled per study (max by default: on
 makes a bleeding study), and the study-level operating point is chosen to favour recall (a missed
 bleed costs more than a second look): the highest threshold whose sensitivity reaches the target.
 The threshold is chosen on the same studies it is reported on, as the reference paper does; pass
-``threshold=`` to score a threshold chosen elsewhere (e.g. on OOF, applied to test).
+``threshold=`` to score a threshold chosen elsewhere (the demo chooses it on OOF and applies it to
+test). A study scoring exactly the threshold counts as positive: it cannot be told apart from the
+positive study that set it, and a recall-favouring rule sends it for a second look.
+
+Uncertainty comes from bootstrapping whole studies (slices of one study are not independent):
+`bootstrap_auc` for ROC AUC, `paired_bootstrap_difference` for the weighted log loss of two models
+scored on the same slices.
 """
 from __future__ import annotations
 
@@ -13,6 +19,9 @@ import math
 import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
+
+from competition.constants import LABEL_WEIGHTS
+from competition.metric import pairwise_log_loss
 
 POOLING = ("max", "top3_mean", "noisy_or")
 DEFAULT_TARGET_SENSITIVITY = 0.95
@@ -57,7 +66,7 @@ def study_truth(labels: pd.DataFrame, metadata: pd.DataFrame, column: str = "any
 
 
 def threshold_for_sensitivity(y_true: np.ndarray, score: np.ndarray, target: float = DEFAULT_TARGET_SENSITIVITY) -> float:
-    """The highest threshold t with sensitivity(score >= t) >= target."""
+    """The highest threshold t with sensitivity(score >= t) >= target (ties with t count as positive)."""
     if not 0 < target <= 1:
         raise ValueError(f"target sensitivity must be in (0, 1], got {target}")
     y_true = np.asarray(y_true).astype(bool)
@@ -99,3 +108,55 @@ def study_report_from_slices(slices: pd.DataFrame, labels: pd.DataFrame, metadat
     if not prob.index.equals(truth.index):
         raise ValueError("predicted and labelled slices cover different studies; score OOF against the train labels")
     return study_level_report(truth.to_numpy(), prob.to_numpy(), target_sensitivity, threshold)
+
+
+def _resample_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, n) counts: how often each of n units is drawn in each bootstrap resample of size n."""
+    draws = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    counts = np.zeros((n_boot, n), dtype=np.int64)
+    np.add.at(counts, (np.arange(n_boot)[:, None], draws), 1)
+    return counts
+
+
+def bootstrap_auc(y_true: np.ndarray, score: np.ndarray, n_boot: int = 2000, level: float = 0.95,
+                  seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of ROC AUC over studies (resamples with one class left are skipped).
+
+    AUC of a resample = sum over (positive i, negative j) pairs of c_i c_j [s_i > s_j, 1/2 on ties]
+    over (sum c_pos)(sum c_neg), with c the draw counts: the Mann-Whitney form, one matrix product.
+    """
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(score, dtype=np.float64)
+    if y.all() or not y.any():
+        return float("nan"), float("nan")
+    counts = _resample_counts(len(y), n_boot, seed)
+    wins = (s[y][:, None] > s[~y][None, :]) + 0.5 * (s[y][:, None] == s[~y][None, :])
+    c_pos, c_neg = counts[:, y].astype(np.float64), counts[:, ~y].astype(np.float64)
+    pairs = c_pos.sum(1) * c_neg.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = np.where(pairs > 0, ((c_pos @ wins) * c_neg).sum(1) / pairs, np.nan)
+    return _interval(auc, level)
+
+
+def paired_bootstrap_difference(groups: np.ndarray, y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray,
+                                n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """Weighted log loss of a minus that of b on the same slices, with a percentile interval from
+    resampling whole groups (studies): (difference, low, high). Negative means a is better."""
+    y = np.asarray(y_true, dtype=np.float64)
+    per_slice = [(pairwise_log_loss(y, p) * LABEL_WEIGHTS).sum(1) / LABEL_WEIGHTS.sum() for p in (pred_a, pred_b)]
+    delta = per_slice[0] - per_slice[1]
+    codes, uniques = pd.factorize(np.asarray(groups))
+    group_delta = np.bincount(codes, weights=delta, minlength=len(uniques))
+    group_size = np.bincount(codes, minlength=len(uniques)).astype(np.float64)
+    counts = _resample_counts(len(uniques), n_boot, seed).astype(np.float64)
+    boot = (counts @ group_delta) / (counts @ group_size)
+    low, high = _interval(boot, level)
+    return float(delta.mean()), low, high
+
+
+def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
+    tail = 100 * (1 - level) / 2
+    if np.isnan(values).all():
+        return float("nan"), float("nan")
+    low, high = np.nanpercentile(values, [tail, 100 - tail])
+    return float(low), float(high)

@@ -6,7 +6,11 @@ import pandas as pd
 import pytest
 from sklearn.metrics import accuracy_score, recall_score, roc_auc_score, roc_curve
 
+from competition.constants import LABELS
+from competition.metric import weighted_log_loss
 from competition.study_level import (
+    bootstrap_auc,
+    paired_bootstrap_difference,
     study_level_report,
     study_probability,
     study_report_from_slices,
@@ -82,3 +86,45 @@ def test_bad_inputs() -> None:
         study_probability(slices, meta.iloc[1:])
     with pytest.raises(ValueError, match="no positive study"):
         threshold_for_sensitivity(np.zeros(3), np.ones(3))
+
+
+def test_ties_with_the_threshold_count_as_positive() -> None:
+    y = np.array([1, 1, 0, 0, 1, 0])
+    score = np.array([0.9, 0.4, 0.4, 0.4, 0.8, 0.1])
+    report = study_level_report(y, score, target_sensitivity=1.0)
+    assert report["threshold"] == 0.4
+    assert report["sensitivity"] == 1.0 and report["specificity"] == pytest.approx(1 / 3)  # two tied negatives flagged
+
+
+def _draws(n: int, n_boot: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))  # the draws the functions make
+
+
+def test_bootstrap_auc_equals_sklearn_in_a_loop() -> None:
+    rng = np.random.default_rng(5)
+    y = rng.random(40) < 0.35
+    score = np.round(np.where(y, rng.beta(3, 2, 40), rng.beta(2, 3, 40)), 1)  # rounded: ties on purpose
+    aucs = [roc_auc_score(y[i], score[i]) if 0 < y[i].sum() < len(i) else np.nan for i in _draws(40, 300, 7)]
+    want = np.nanpercentile(aucs, [2.5, 97.5])
+    assert bootstrap_auc(y, score, n_boot=300, seed=7) == pytest.approx(tuple(want))
+    low, high = bootstrap_auc(y, score, n_boot=300, seed=7)
+    assert low < roc_auc_score(y, score) < high
+    assert np.isnan(bootstrap_auc(np.ones(5), np.arange(5.0))[0])
+
+
+def test_paired_bootstrap_difference_equals_a_loop_over_studies() -> None:
+    rng = np.random.default_rng(3)
+    groups = np.repeat([f"s{k}" for k in range(25)], rng.integers(1, 8, 25))
+    n = len(groups)
+    y = (rng.random((n, len(LABELS))) < 0.2).astype(float)
+    a = np.clip(0.6 * y + 0.3 * rng.random(y.shape), 0.01, 0.99)
+    b = np.clip(0.3 * y + 0.5 * rng.random(y.shape), 0.01, 0.99)
+    diff, low, high = paired_bootstrap_difference(groups, y, a, b, n_boot=200, seed=1)
+    assert diff == pytest.approx(weighted_log_loss(y, a) - weighted_log_loss(y, b))
+    studies = pd.unique(groups)
+    loop = []
+    for draw in _draws(len(studies), 200, 1):
+        rows = np.concatenate([np.flatnonzero(groups == studies[k]) for k in draw])
+        loop.append(weighted_log_loss(y[rows], a[rows]) - weighted_log_loss(y[rows], b[rows]))
+    assert (low, high) == pytest.approx(tuple(np.percentile(loop, [2.5, 97.5])))
+    assert low < diff < high < 0  # a knows the labels better
