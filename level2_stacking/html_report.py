@@ -10,6 +10,10 @@ threshold plots, the training curves and a few explanation panels. Everything is
 from the ``oof.parquet`` / ``test.parquet`` files and the labels, so every column means the same
 for every row. Images are embedded as base64 PNG and the style sheet is inline: the file can be
 mailed or archived alone. It is written to ``WorkPaths.reports / "index.html"``.
+
+A rerun whose inputs (labels, metadata, answers, every file of the model and stack folders and of
+the explanation panels) and options are unchanged returns at once (``reports/.inputs.json`` holds
+their fingerprint). Panels the report drew are redrawn when their model's checkpoints change.
 """
 from __future__ import annotations
 
@@ -30,12 +34,14 @@ from sklearn.metrics import roc_auc_score
 from competition.constants import LABELS
 from competition.metric import per_label_log_loss, weighted_log_loss
 from competition.paths import WorkPaths
+from competition.stamp import is_current, write_stamp
 from competition.study_level import DEFAULT_TARGET_SENSITIVITY, study_report_from_slices
 from level2_stacking.plots import (
     OOF_FILE, PLOT_FILES, aligned_truth, operating_point, write_prediction_plots,
 )
 
 REPORT_FILE = "index.html"
+STAMP_FILE = ".inputs.json"
 TEST_FILE = "test.parquet"
 MEAN_NAME = "mean of level 1"
 STACK_NAME = "stack"
@@ -282,12 +288,19 @@ def explanation_panels(paths: WorkPaths, source: Source, data_dir: Path | str | 
     """A level-1 model's existing panels; when it has none, ``explain_top`` are made first."""
     folder = paths.reports / "explain" / source.name
     found = sorted(folder.glob("*.png")) if folder.is_dir() else []
+    checkpoints = sorted(source.folder.glob("fold*/best.pt")) if source.folder is not None else []
+    stamp = folder / STAMP_FILE
+    if found and stamp.is_file() and not is_current(stamp, found, checkpoints):  # drawn by us from older weights
+        for panel in found:
+            panel.unlink()
+        found = []
     if not found and explain_top > 0 and source.folder is not None and data_dir is not None \
             and any(source.folder.glob("fold*/best.pt")):
         from level1_models.explain import explain_images  # the only upward import: the report sits on top
 
         try:
             found = explain_images(source.name, data_dir, work_dir, top=explain_top, progress=False)
+            write_stamp(stamp, checkpoints)
         except (FileNotFoundError, ValueError, KeyError) as err:
             log(f"note: no explanation panels for {source.name}: {err}")
     return found[:max_panels]
@@ -315,6 +328,18 @@ def build_report(
         answers_path = Layout.find(data_dir).answers
     except LayoutError:
         answers_path = None
+    out = paths.reports / REPORT_FILE
+    stamp = paths.reports / STAMP_FILE
+    options = {"explain_top": explain_top, "max_panels": max_panels, "target_sensitivity": target_sensitivity}
+
+    def inputs() -> list[Path]:
+        folders = (paths.models, paths.stack, paths.reports / "explain")
+        return [paths.labels, paths.metadata, *([answers_path] if answers_path else []),
+                *(f for d in folders if d.is_dir() for f in d.rglob("*") if not f.name.startswith("."))]
+
+    if is_current(stamp, [out], inputs(), options):
+        log(f"{out}: up to date (no input changed since it was written)")
+        return out
     answers = read_labels(answers_path) if answers_path is not None else None
 
     found, notes = find_sources(paths)
@@ -355,11 +380,11 @@ def build_report(
                 + ("; test scores use the dataset's answers file" if answers is not None else ""))
     page = render_html(f"RSNA intracranial hemorrhage: {Path(data_dir).resolve().name}", subtitle, sources, notes,
                        _data_summary(labels, metadata), figures, panels, target_sensitivity, answers is not None)
-    out = paths.reports / REPORT_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(out)
+    write_stamp(stamp, inputs(), options)  # after the plots and panels this run wrote into those folders
     return out
 
 

@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import re
+import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -255,3 +256,58 @@ def test_report_without_models_and_cli(tmp_path, capsys):
     page = Path(out).read_text()
     _parse(page)
     assert "No finished model yet" in page
+
+
+def test_a_rerun_with_unchanged_inputs_skips_and_a_change_rebuilds(work, tmp_path):
+    data, shared, *_ = work
+    w = tmp_path / "work"
+    shutil.copytree(shared, w)
+    said: list[str] = []
+    path = build_report(data, w, explain_top=0, log=said.append)
+    first = path.stat().st_mtime_ns
+    # What a second `make demo` does before the report: the plots step redraws each model's plots
+    # (same bytes, new mtimes) and the stack rewrites identical tables.
+    write_prediction_plots(w / "models" / "tiny_a", pd.read_parquet(w / "labels.parquet"), "tiny_a")
+    stack_oof = w / "stack" / "oof.parquet"
+    stack_oof.write_bytes(stack_oof.read_bytes())
+    assert build_report(data, w, explain_top=0, log=said.append) == path
+    assert path.stat().st_mtime_ns == first and said[-1].endswith("up to date (no input changed since it was written)")
+    # New predictions, or other options, rebuild it.
+    table = pd.read_parquet(stack_oof)
+    table["any"] = 1 - table["any"]
+    table.to_parquet(stack_oof, index=False)
+    build_report(data, w, explain_top=0, log=said.append)
+    second = path.stat().st_mtime_ns
+    assert second != first
+    build_report(data, w, explain_top=0, max_panels=1, log=said.append)
+    assert path.stat().st_mtime_ns != second
+
+
+def test_panels_the_report_drew_are_redrawn_when_the_weights_change(work, tmp_path, monkeypatch):
+    import level1_models.explain as explain
+
+    data, shared, *_ = work
+    w = tmp_path / "work"
+    shutil.copytree(shared, w)
+    drawn: list[str] = []
+
+    def fake_explain(name, data_dir, work_dir, top, progress):  # the real one needs a trained network
+        drawn.append(name)
+        out = Path(work_dir) / "reports" / "explain" / name / f"panel{len(drawn)}.png"
+        _png(out)
+        return [out]
+
+    monkeypatch.setattr(explain, "explain_images", fake_explain)
+    shutil.rmtree(w / "reports" / "explain" / "tiny_b")  # tiny_a keeps its hand-made panel: never replaced
+    weights = w / "models" / "tiny_b" / "fold0" / "best.pt"
+    weights.parent.mkdir()
+    weights.write_bytes(b"weights 1")
+    build_report(data, w, explain_top=1)
+    assert drawn == ["tiny_b"]
+    build_report(data, w, explain_top=1, max_panels=3)  # rebuilt page, same weights: the panel is kept
+    assert drawn == ["tiny_b"]
+    weights.write_bytes(b"weights 2")
+    build_report(data, w, explain_top=1)
+    assert drawn == ["tiny_b", "tiny_b"]
+    assert sorted(p.name for p in (w / "reports" / "explain" / "tiny_b").glob("*.png")) == ["panel2.png"]
+    assert (w / "reports" / "explain" / "tiny_a").is_dir() and list((w / "reports" / "explain" / "tiny_a").glob("*.png"))
