@@ -40,7 +40,8 @@ def _read(path: Path, **kw) -> pydicom.Dataset:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    return generate(tmp_path_factory.mktemp("syn") / "tiny", preset="tiny", seed=0, workers=1, progress=False)
+    # Seed 1: one of its 8 patients has a follow-up study (the layout test needs one).
+    return generate(tmp_path_factory.mktemp("syn") / "tiny", preset="tiny", seed=1, workers=1, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -295,6 +296,43 @@ def test_plan_prevalence_and_determinism():
     again = make_plan(1000, 64, 7, knobs)
     assert [s.sop_ids for s in again] == [s.sop_ids for s in plan]
     assert [s.subtypes for s in again] == [s.subtypes for s in plan]
+
+
+def test_split_patients_is_stratified_against_a_count():
+    """Each stratum gets its share of test patients to within one, the total is exact."""
+    from competition.synthetic.plan import PRIMARY, split_patients, stratum
+
+    rng = np.random.default_rng(3)
+    sets = [[] if rng.random() < 0.6 else sorted(rng.choice(list(PRIMARY), rng.integers(1, 3), replace=False))
+            for _ in range(203)]
+    for fraction in (0.1, 0.3, 0.5):
+        is_test = split_patients(sets, fraction, np.random.default_rng(1))
+        assert is_test.sum() == round(fraction * len(sets))
+        keys = pd.Series([stratum(s) for s in sets])
+        for key, members in keys.groupby(keys).groups.items():
+            assert abs(is_test[list(members)].sum() - fraction * len(members)) <= 1, (key, fraction)
+        assert (split_patients(sets, fraction, np.random.default_rng(1)) == is_test).all()
+    assert split_patients([[], ["subdural"]], 0.9, rng).sum() == 1  # never every patient
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_demo_plan_test_split_is_large_and_alike(seed: int):
+    """The demo preset (plan only): >= 25% of patients and >= 1,000 test slices; study and subtype
+    prevalence of train and test within a few points; patients never straddle the split."""
+    from competition.synthetic.dataset import resolve_config
+
+    config = resolve_config("demo", seed=seed)
+    plan = make_plan(config["n_patients"], 64, seed, Knobs(**config["knobs"]), tuple(config["slices"]))
+    split = {s: [t for t in plan if t.split == s] for s in ("train", "test")}
+    patients = {s: {t.patient_id for t in studies} for s, studies in split.items()}
+    assert not patients["train"] & patients["test"]
+    assert len(patients["test"]) >= 0.25 * config["n_patients"]
+    assert sum(t.n_slices for t in split["test"]) >= 1000
+    rate = {s: np.mean([bool(t.subtypes) for t in studies]) for s, studies in split.items()}
+    assert abs(rate["train"] - rate["test"]) < 0.08, rate
+    for subtype in ("intraparenchymal", "intraventricular", "subarachnoid", "subdural"):
+        share = {s: np.mean([subtype in t.subtypes for t in studies]) for s, studies in split.items()}
+        assert abs(share["train"] - share["test"]) < 0.1, (subtype, share)
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ from competition.synthetic.render import orientation, render_study
 MARKER = "SYNTHETIC_OK"
 TRUTH_DIR = "synthetic_truth"
 ANSWERS = "stage_2_test_answers.csv"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: stratified test split
 _STUDIES = ".studies"
 
 

@@ -23,7 +23,7 @@ class Knobs:
     noise_hu: float = 5.0  # standard deviation of the scanner noise
     positive_rate: float = 0.37  # share of studies with at least one bleed
     min_area_mm2: float = 6.0  # a slice shows a bleed when at least this much of it is blood
-    test_fraction: float = 0.15  # share of patients in the test set
+    test_fraction: float = 0.15  # share of patients in the test set (stratified, see split_patients)
     followup_rate: float = 0.16  # chance that a patient has another study (repeatable)
 
 
@@ -36,7 +36,8 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    "demo": Preset(n_patients=100, size=256),
+    # 110 patients, 30% of them test: about 3,900 slices, 1,100+ of them test (enough to tell models apart).
+    "demo": Preset(n_patients=110, size=256, test_fraction=0.3),
     "tiny": Preset(n_patients=8, size=64, slices=(20, 24), test_fraction=0.25),
 }
 
@@ -152,9 +153,6 @@ def make_plan(
         raise ValueError(f"n_patients={n_patients}: need at least 2 (one train, one test patient)")
     rng = np.random.default_rng(seed)
     ids = _Ids(rng)
-    n_test = min(n_patients - 1, max(1, round(knobs.test_fraction * n_patients)))
-    test_patients = set(rng.choice(n_patients, size=n_test, replace=False).tolist())
-
     studies: list[StudyPlan] = []
     subtype_sets: list[list[str]] = []
     for p in range(n_patients):
@@ -180,7 +178,7 @@ def make_plan(
                     patient_id=patient_id,
                     study_id=ids(10),
                     series_id=ids(10),
-                    split="test" if p in test_patients else "train",
+                    split="train",  # set below, once every patient's bleeds are known
                     sop_ids=[ids(9) for _ in range(n)],
                     head=head,
                     pose=_rotation(*np.deg2rad([rng.uniform(-8, 8), rng.uniform(-6, 6), rng.uniform(-10, 15)])),
@@ -197,6 +195,13 @@ def make_plan(
                 )
             )
 
+    first_sets = {}
+    for study, subtypes in zip(studies, subtype_sets):
+        first_sets.setdefault(study.patient_id, subtypes)
+    test_patients = split_patients(list(first_sets.values()), knobs.test_fraction, np.random.default_rng([seed, 2]))
+    test_ids = {pid for pid, is_test in zip(first_sets, test_patients) if is_test}
+    for study in studies:
+        study.split = "test" if study.patient_id in test_ids else "train"
     _ensure_every_subtype(studies, subtype_sets, rng)
     # Bleed geometry, per patient: follow-ups reuse the first study's bleeds, resized and older.
     first_bleeds: dict[str, list[Bleed]] = {}
@@ -213,6 +218,29 @@ def make_plan(
                 study.bleeds = [b.scaled(f, max(52.0, b.hu - rng.uniform(0, 12))) for b in base]
     _assign_quirks(studies, rng)
     return studies
+
+
+def stratum(subtypes: list[str]) -> str:
+    """A patient's stratum: negative, or the rarest subtype of its first study (rare ones matter most)."""
+    return min(subtypes, key=lambda t: PRIMARY[t]) if subtypes else "negative"
+
+
+def split_patients(subtype_sets: list[list[str]], test_fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Which patients are test (bool per patient), stratified on positivity and subtype.
+
+    Patients are ordered by stratum, shuffled within it, and every 1/test_fraction-th one along
+    that order is test (from a random start): each stratum gets its share to within one patient,
+    and the test set has round(test_fraction * n) patients, at least one and never all.
+    """
+    n = len(subtype_sets)
+    n_test = min(n - 1, max(1, round(test_fraction * n)))
+    keys = [stratum(s) for s in subtype_sets]
+    order = sorted(range(n), key=lambda i: (["negative", *PRIMARY].index(keys[i]), rng.random()))
+    start = rng.random()
+    picks = np.floor(start + np.arange(n + 1) * n_test / n)
+    is_test = np.zeros(n, bool)
+    is_test[[order[k] for k in range(n) if picks[k + 1] > picks[k]]] = True
+    return is_test
 
 
 def _window(rng: np.random.Generator) -> tuple[list[str], list[str]]:
