@@ -76,8 +76,8 @@ test-all: $(STAMP) ## run every test, slow ones included
 	$(PY) -m pytest -q
 
 # The demo: three small CNNs that differ in architecture and window combination, a short Optuna study.
-DEMO_MODELS ?= tiny_resnet tiny_convnext tiny_efficientnet
-DEMO_EPOCHS ?= 3
+DEMO_MODELS ?= tiny_resnet tiny_byobnet tiny_efficientnet
+DEMO_EPOCHS ?=# empty: each spec's own epochs (tiny_resnet 3, tiny_byobnet 3, tiny_efficientnet 6)
 DEMO_TRIALS ?= 4
 DEMO_STACK  ?= --rounds 400 --neighbours 3 --early-stopping 40
 # Run a stage; on failure name it and the way back in (every stage keeps and reuses finished work).

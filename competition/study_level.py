@@ -103,11 +103,30 @@ def study_report_from_slices(slices: pd.DataFrame, labels: pd.DataFrame, metadat
                              target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY, pooling: str = "max",
                              threshold: float | None = None) -> dict[str, float]:
     """The study-level report of slice predictions (``image_id``, ``any``) against slice labels."""
+    truth, prob = _truth_and_probability(slices, labels, metadata, pooling)
+    return study_level_report(truth, prob, target_sensitivity, threshold)
+
+
+def _truth_and_probability(slices: pd.DataFrame, labels: pd.DataFrame, metadata: pd.DataFrame,
+                           pooling: str = "max") -> tuple[np.ndarray, np.ndarray]:
     prob = study_probability(slices, metadata, pooling)
     truth = study_truth(labels.loc[labels["image_id"].isin(slices["image_id"])], metadata)
     if not prob.index.equals(truth.index):
         raise ValueError("predicted and labelled slices cover different studies; score OOF against the train labels")
-    return study_level_report(truth.to_numpy(), prob.to_numpy(), target_sensitivity, threshold)
+    return truth.to_numpy(), prob.to_numpy()
+
+
+def oof_threshold_on_test(oof: pd.DataFrame, oof_labels: pd.DataFrame, test: pd.DataFrame, test_labels: pd.DataFrame,
+                          metadata: pd.DataFrame, target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY,
+                          pooling: str = "max", n_boot: int = 2000) -> dict[str, float]:
+    """The honest study-level figures of one model: the threshold reaching the target sensitivity
+    on its OOF studies, applied unchanged to the test studies; test ROC AUC with its bootstrap
+    interval; and how many studies (and positive ones) each side rests on."""
+    y_oof, p_oof = _truth_and_probability(oof, oof_labels, metadata, pooling)
+    y_test, p_test = _truth_and_probability(test, test_labels, metadata, pooling)
+    report = study_level_report(y_test, p_test, threshold=threshold_for_sensitivity(y_oof, p_oof, target_sensitivity))
+    low, high = bootstrap_auc(y_test, p_test, n_boot=n_boot)
+    return {**report, "auc_low": low, "auc_high": high, "oof_studies": len(y_oof), "oof_positive": int(y_oof.sum())}
 
 
 def _resample_counts(n: int, n_boot: int, seed: int) -> np.ndarray:

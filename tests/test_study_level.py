@@ -10,6 +10,7 @@ from competition.constants import LABELS
 from competition.metric import weighted_log_loss
 from competition.study_level import (
     bootstrap_auc,
+    oof_threshold_on_test,
     paired_bootstrap_difference,
     study_level_report,
     study_probability,
@@ -128,3 +129,24 @@ def test_paired_bootstrap_difference_equals_a_loop_over_studies() -> None:
         loop.append(weighted_log_loss(y[rows], a[rows]) - weighted_log_loss(y[rows], b[rows]))
     assert (low, high) == pytest.approx(tuple(np.percentile(loop, [2.5, 97.5])))
     assert low < diff < high < 0  # a knows the labels better
+
+
+def test_oof_threshold_is_applied_unchanged_to_test() -> None:
+    meta_oof, oof, labels_oof = fabricate(seed=6)
+    meta_test, test, labels_test = fabricate(n_studies=40, seed=8)
+    meta_test = meta_test.assign(study_id="t" + meta_test["study_id"])
+    test["image_id"] = "T" + test["image_id"]
+    labels_test["image_id"] = "T" + labels_test["image_id"]
+    meta_test["image_id"] = "T" + meta_test["image_id"]
+    meta = pd.concat([meta_oof, meta_test])
+    got = oof_threshold_on_test(oof, labels_oof, test, labels_test, meta, target_sensitivity=0.9, n_boot=200)
+    # brute force: the highest OOF study score whose call keeps >= 90% of the OOF positive studies
+    p_oof, y_oof = study_probability(oof, meta), study_truth(labels_oof, meta)
+    candidates = [t for t in sorted(p_oof, reverse=True) if recall_score(y_oof, p_oof >= t) >= 0.9]
+    assert got["threshold"] == candidates[0]
+    p_test, y_test = study_probability(test, meta), study_truth(labels_test, meta)
+    assert got["sensitivity"] == pytest.approx(recall_score(y_test, p_test >= candidates[0]))
+    assert got["specificity"] == pytest.approx(recall_score(y_test, p_test >= candidates[0], pos_label=0))
+    assert got["roc_auc"] == pytest.approx(roc_auc_score(y_test, p_test))
+    assert got["auc_low"] <= got["roc_auc"] <= got["auc_high"]
+    assert (got["n_studies"], got["oof_studies"]) == (40, 60) and got["oof_positive"] == int(y_oof.sum())
