@@ -1,6 +1,6 @@
 # RSNA Intracranial Hemorrhage Detection: from `kaggle competitions download` to `kaggle competitions submit`.
 # `make help` lists the targets. Variables (the users' interface, see README):
-#   DATA WORK MODEL MODELS FOLDS EPOCHS IMG_SIZE BATCH LIMIT DEVICE GPUS TUNE TRIALS STORAGE FILE MESSAGE IMAGE TOP LABEL
+#   DATA WORK MODEL MODELS FOLDS EPOCHS IMG_SIZE BATCH LIMIT DEVICE GPUS TUNE TRIALS STORAGE THREADS STACKER FILE MESSAGE IMAGE TOP LABEL
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -34,6 +34,9 @@ GPUS     ?=
 TUNE     ?=
 TRIALS   ?=
 STORAGE  ?=
+THREADS  ?=
+STACKER  ?=
+ROWS     ?=
 FILE     ?=
 MESSAGE  ?=
 IMAGE    ?=
@@ -112,9 +115,10 @@ oof: $(STAMP) ## K-fold level-1 training of MODEL -> OOF + test predictions (FOL
 	  $(call opt,--limit,$(LIMIT)) $(call opt,--device,$(DEVICE)) $(sets)
 	$(PY) -m level2_stacking.plots --data $(DATA) $(work_opt) --model $(MODEL) --skip-missing
 
-stack: $(STAMP) ## level-2 features + LightGBM over every level-1 folder (or MODELS=a,b; TUNE=1 TRIALS=n STORAGE=url) -> submission
+stack: $(STAMP) ## level 2 over every level-1 folder (or MODELS=a,b): LightGBM + sequence model, blended (STACKER THREADS DEVICE TUNE=1 TRIALS STORAGE) -> submission
 	$(PY) -m level2_stacking --data $(DATA) $(work_opt) $(call opt,--models,$(MODELS)) $(if $(call yes,$(TUNE)),--tune) \
-	  $(call opt,--trials,$(TRIALS)) $(call opt,--storage,$(STORAGE)) $(STACK_OPTS)
+	  $(call opt,--trials,$(TRIALS)) $(call opt,--storage,$(STORAGE)) $(call opt,--threads,$(THREADS)) \
+	  $(call opt,--stacker,$(STACKER)) $(call opt,--seq-device,$(DEVICE)) $(STACK_OPTS)
 	$(PY) -m level2_stacking.plots --data $(DATA) $(work_opt) --stack
 	$(PY) -m submissions write --data $(DATA) $(work_opt) --stack --out-dir $(SUBMISSIONS)
 
@@ -146,8 +150,8 @@ bench-train: $(STAMP) ## training and inference images/s of MODEL, and the share
 	$(PY) -m level1_models bench --model $(MODEL) --data $(DATA) $(work_opt) $(call opt,--img-size,$(IMG_SIZE)) \
 	  $(call opt,--batch,$(BATCH)) $(call opt,--device,$(DEVICE)) $(sets)
 
-bench-stack: $(STAMP) ## level-2 feature builder rate on a fabricated ~200k-row table
-	$(PY) -m level2_stacking.bench
+bench-stack: $(STAMP) ## level 2 at the real size (752k rows, 5 models, 256-dim embeddings; ROWS=n smaller): features, memory, LightGBM per thread count, sequence epoch, blend
+	$(PY) -m level2_stacking.bench $(call opt,--rows,$(ROWS)) $(call opt,--threads,$(THREADS))
 
 bench: bench-metadata bench-features bench-stack ## every data benchmark, one `name: value unit` line per figure
 

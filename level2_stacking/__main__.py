@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="early-stopping patience (0: train all --rounds)")
     ap.add_argument("--seq-arch", choices=("gru", "transformer"), default=SequenceSettings.arch, help="sequence model")
     ap.add_argument("--seq-epochs", type=int, default=SequenceSettings.epochs, help="sequence model epochs per fold")
-    ap.add_argument("--seq-device", default=SequenceSettings.device, help="cpu, cuda or auto")
+    ap.add_argument("--seq-device", default="auto", help="sequence model device: cpu, cuda or auto (cuda when present)")
     ap.add_argument("--embedding-dim", type=int, default=256,
                     help="level-1 embeddings reduced to this many dims (shared space) before the sequence model")
     ap.add_argument("--no-embeddings", action="store_true", help="sequence model on the probabilities alone")

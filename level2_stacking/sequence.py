@@ -12,6 +12,7 @@ probability 1/2; prediction averages the forward and reversed passes. The epochs
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -141,7 +142,9 @@ def fit_series_model(data: np.ndarray, y: np.ndarray, bounds: np.ndarray, series
     model = SeriesModel(n_models, embedding_dims, s).to(s.device)
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     steps = s.epochs * max(1, -(-len(series) // s.batch_series))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.lr, total_steps=steps, pct_start=0.1)
+    warm = max(1, steps // 10)  # linear warm-up over a tenth of the steps, then a cosine decay
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
     for epoch in range(s.epochs):
         model.train()
         start, total, seen = time.perf_counter(), 0.0, 0

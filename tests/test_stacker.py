@@ -275,3 +275,31 @@ def test_tuning_subsample_takes_whole_patients() -> None:
     chosen = meta.loc[rows, "patient_id"]
     assert chosen.nunique() == 50 and rows.sum() == 200
     assert patient_subsample(meta["image_id"].to_numpy(), meta, share=0.2, min_patients=400).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed, noise, shared, shift, emb", [
+    (101, (2.0, 2.5, 3.0), 0.5, 0.0, 16),
+    (202, (3.0, 3.5), 0.3, 0.3, 8),      # a shift of the test distribution
+    (303, (2.5, 2.5, 4.0), 0.7, -0.2, 0),  # no embeddings (folders from before level 1 wrote them)
+])
+def test_stack_beats_its_best_input_on_unseen_synthetic_competitions(tmp_path, capsys, seed, noise, shared, shift, emb) -> None:
+    """Seeds and difficulty knobs not used while building the stack: the blended stack's test loss
+    beats its best level-1 input's and the constant prior's."""
+    comp = fabricate_competition(n_patients=80, n_test_patients=30, slices=(14, 36), positive_rate=0.3, seed=seed)
+    paths = WorkPaths(tmp_path / "w")
+    models = {f"m{i}": FabricatedModel(sd, shared=shared, test_shift=shift, embedding_dim=emb) for i, sd in enumerate(noise)}
+    write_fabricated_work(paths, comp, models, seed=seed)
+    data = write_fabricated_data(tmp_path / "d", comp)
+    assert stack_main(["--data", str(data), "--work", str(paths.root), "--threads", "1", "--no-progress",
+                       "--embedding-dim", "8"]) == 0
+    metrics = json.loads((paths.stack / "metrics.json").read_text())
+    test = {name: row["weighted"] for name, row in metrics["test_scores"].items()}
+    y_train = pd.read_parquet(paths.labels)[list(LABELS)].to_numpy(float)
+    y_test = comp.labels.set_index("image_id").loc[pd.read_parquet(paths.stack / "test.parquet")["image_id"], list(LABELS)]
+    prior = weighted_log_loss(y_test.to_numpy(float), np.broadcast_to(y_train.mean(axis=0), y_test.shape))
+    best = min(test[m] for m in models)
+    with capsys.disabled():
+        print(f"\nseed {seed}: test wLL stack {test['stacker']:.4f} (lightgbm {test['lightgbm']:.4f}, sequence "
+              f"{test['sequence model']:.4f}, blend {test['blend']:.4f}); best level 1 {best:.4f}; prior {prior:.4f}")
+    assert test["stacker"] < best and test["stacker"] < prior
