@@ -113,6 +113,12 @@ class Augmenter:
         self.geo = geometric_transform(size, cfg, seed)
         self.photo = photometric_transform(cfg, None if seed is None else seed + 1)
 
+    def reseed(self, seed: int) -> None:
+        """Restart both stages' random state (the training loop does this per batch, so an image's
+        augmentation does not depend on which worker loads it)."""
+        self.geo.set_random_seed(seed)
+        self.photo.set_random_seed(seed + 1)
+
     def geometric(self, hu: np.ndarray) -> np.ndarray:
         """H x W or H x W x K HU in, the same layout out."""
         out = self.geo(image=hu)["image"]

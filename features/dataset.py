@@ -142,6 +142,11 @@ class SliceDataset(Dataset):
             self._augmenter_pid = os.getpid()
         return self._augmenter
 
+    def reseed(self, seed: int) -> None:
+        """Reseed the augmentations in this process (a no-op without augmentation)."""
+        if self.augment:
+            self._get_augmenter().reseed(seed)
+
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_augmenter"] = None

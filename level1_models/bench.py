@@ -22,7 +22,7 @@ from level1_models.config import TrainConfig
 from level1_models.data import RunInputs
 from level1_models.modeling import build_model
 from level1_models.predict import AMP_DTYPES, autocast
-from level1_models.train import Runtime, make_optimizer, weighted_bce_sum
+from level1_models.loop import Runtime, loader_options, make_optimizer, weighted_bce_sum
 
 
 def _sync(device: torch.device) -> None:
@@ -106,17 +106,17 @@ def run_bench(cfg: TrainConfig, rt: Runtime, inputs: RunInputs | None, steps: in
         ids = inputs.folds["image_id"].tolist()
         need = (steps + warmup) * max(cfg.batch_size, cfg.eval_batch)
         ids = [ids[i] for i in np.random.default_rng(cfg.seed).permutation(len(ids))[:need]]
-        pin = device.type == "cuda"
+        # The loaders of training: persistent workers, pinned memory, prefetch (loop.loader_options).
+        options = loader_options(cfg, device)
         train_ds: Dataset = inputs.datasets(ids, labeled=True, augment=cfg.augment)
-        loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers,
-                            pin_memory=pin, drop_last=len(ids) >= cfg.batch_size)
+        loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(ids) >= cfg.batch_size,
+                            **options)
         model.train()
         seconds, wait, images = _timed_loop(_repeat(loader), train_step, steps, warmup, device)
         out["train_data_loader"] = images / seconds
         out["train_data_wait"] = 100.0 * wait / seconds
         eval_ds = inputs.datasets(ids, labeled=True, augment=False)
-        loader = DataLoader(Subset(eval_ds, range(len(ids))), batch_size=cfg.eval_batch, num_workers=cfg.workers,
-                            pin_memory=pin)
+        loader = DataLoader(Subset(eval_ds, range(len(ids))), batch_size=cfg.eval_batch, **options)
         model.eval()
         seconds, wait, images = _timed_loop(_repeat(loader), infer_step, steps, warmup, device)
         out["infer_data_loader"] = images / seconds

@@ -6,6 +6,9 @@ one into a different model fails with a message that says what is in the file an
 """
 from __future__ import annotations
 
+import os
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,10 @@ FORMAT = "rsna-level1-checkpoint-v1"
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint of another architecture / input than the model it is loaded into."""
+
+
+class CheckpointCorruptError(ValueError):
+    """A file that torch cannot read back (truncated by a kill or a full disk, or not a checkpoint)."""
 
 
 def save_checkpoint(path: Path | str, state: dict[str, Any]) -> None:
@@ -46,7 +53,13 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found; train the fold first (make oof MODEL=...)")
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        # (An OSError is the disk's or the permissions' problem, not the file's: it passes through.)
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise CheckpointCorruptError(f"{path} cannot be read ({reason}); delete it (and retrain what it held) "
+                                     f"or restore it from a copy") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointMismatchError(f"{path} is not a level-1 checkpoint of this project (format {FORMAT})")
     return state
@@ -74,3 +87,33 @@ def load_weights(model: torch.nn.Module, state: dict[str, Any], cfg: TrainConfig
         raise CheckpointMismatchError(
             f"{path}: weights do not fit {cfg.arch} ({first[1].strip() if len(first) > 1 else first[0]})"
         ) from None
+
+
+def save_rotating(path: Path | str, previous: Path | str, state: dict[str, Any]) -> None:
+    """Save ``state`` to ``path`` and keep the checkpoint it replaces as ``previous``: if the new one
+    is ever unreadable (a kill or a full disk mid-write on a file system without atomic rename),
+    the one before is still there."""
+    path = Path(path)
+    if path.is_file():
+        os.replace(path, previous)
+    save_checkpoint(path, state)
+
+
+def load_resume_state(path: Path | str, previous: Path | str) -> tuple[dict[str, Any] | None, str | None]:
+    """The newest readable resume state of ``path`` and ``previous`` (None: start over), and a line
+    saying what was skipped, if anything."""
+    notes = []
+    for candidate in (Path(path), Path(previous)):
+        if not candidate.is_file():
+            continue
+        try:
+            state = load_checkpoint(candidate)
+        except CheckpointCorruptError as err:
+            notes.append(str(err).split(";")[0])
+            continue
+        if notes:
+            notes.append(f"resuming from {candidate.name} instead")
+        return state, "; ".join(notes) or None
+    if notes:
+        notes.append("no readable resume state is left: the fold starts over")
+    return None, "; ".join(notes) or None

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import os
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -20,6 +22,7 @@ from level1_models.registry import ModelSpec, get_spec
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 DEVICES = ("auto", "cpu", "cuda")
+LR_SCALES = ("auto", "linear", "sqrt", "none")
 
 # Fields that decide what a checkpoint *is*: a model folder trained with other values cannot be
 # resumed or mixed with this run.
@@ -35,7 +38,8 @@ class TrainConfig(ModelSpec):
     folds: tuple[int, ...] | None = None  # None: every fold of the folds table
     limit: int | None = None  # at most this many training images per fold (validation stays whole)
     device: str = "auto"  # auto | cpu | cuda (cuda:<i> accepted)
-    workers: int = 2  # DataLoader worker processes
+    workers: int | None = None  # DataLoader worker processes per training process (None: cores / processes on this node)
+    prefetch: int = 4  # batches each worker prepares ahead
     threads: int | None = None  # torch CPU threads per process (None: torch's default)
     seed: int = 42
     amp: str = "auto"  # auto: bf16 on CUDA where supported, else fp16 on CUDA, off on CPU
@@ -45,6 +49,13 @@ class TrainConfig(ModelSpec):
     pretrained_file: str | None = None  # a local weights file (overrides timm's cache)
     require_pretrained: bool = False  # missing weights are an error instead of training from scratch
     eval_batch_size: int | None = None  # None: 2 x batch_size
+    accumulate: int = 1  # micro-batches per optimiser step (gradient accumulation)
+    # The spec's lr is for one process at batch_size. With W processes and k accumulation steps the
+    # global batch is W * k * batch_size and lr is multiplied by W * k (linear) or its square root
+    # (sqrt); auto = timm's rule: sqrt for the Adam family, linear for SGD.
+    lr_scale: str = "auto"
+    checkpoint_minutes: float = 15.0  # also save the resume state every N minutes within an epoch (0: off)
+    save_embeddings: bool = True  # pooled features (float16) of the OOF and test images, for level 2
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -54,14 +65,28 @@ class TrainConfig(ModelSpec):
             raise ConfigError(f"device must be auto, cpu or cuda[:i], got {self.device!r}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be >= 1 images per fold, got {self.limit}")
-        if self.workers < 0:
+        if self.workers is not None and self.workers < 0:
             raise ConfigError(f"workers must be >= 0, got {self.workers}")
+        if self.accumulate < 1:
+            raise ConfigError(f"accumulate must be >= 1 micro-batches per step, got {self.accumulate}")
+        if self.lr_scale not in LR_SCALES:
+            raise ConfigError(f"lr_scale must be one of {', '.join(LR_SCALES)}, got {self.lr_scale!r}")
+        if self.prefetch < 1:
+            raise ConfigError(f"prefetch must be >= 1, got {self.prefetch}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
 
     @property
     def eval_batch(self) -> int:
         return self.eval_batch_size or 2 * self.batch_size
+
+    def lr_factor(self, world_size: int) -> float:
+        """How much the spec's lr grows with the global batch (see ``lr_scale``)."""
+        growth = world_size * self.accumulate
+        rule = self.lr_scale
+        if rule == "auto":
+            rule = "linear" if self.optimizer == "sgd" else "sqrt"
+        return {"linear": float(growth), "sqrt": math.sqrt(growth), "none": 1.0}[rule]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (tuples become lists)."""
@@ -148,8 +173,21 @@ def build_config(name: str, overrides: Mapping[str, Any] | None = None) -> Train
         raise ConfigError(f"model {name}: {err}") from None
 
 
-def resolve(cfg: TrainConfig, cuda_available: bool, bf16_supported: bool, local_rank: int = 0) -> TrainConfig:
-    """Fix the automatic choices for this machine: device, mixed precision, channels-last."""
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_workers(local_processes: int) -> int:
+    """Loader workers per training process: this node's cores shared by its processes (GPUs)."""
+    return max(1, available_cores() // max(1, local_processes))
+
+
+def resolve(cfg: TrainConfig, cuda_available: bool, bf16_supported: bool, local_rank: int = 0,
+            local_processes: int = 1) -> TrainConfig:
+    """Fix the automatic choices for this machine: device, mixed precision, channels-last, workers."""
     device = cfg.device
     if device == "auto":
         device = "cuda" if cuda_available else "cpu"
@@ -162,7 +200,8 @@ def resolve(cfg: TrainConfig, cuda_available: bool, bf16_supported: bool, local_
     if amp == "auto":
         amp = ("bf16" if bf16_supported else "fp16") if device.startswith("cuda") else "off"
     channels_last = device.startswith("cuda") if cfg.channels_last is None else cfg.channels_last
-    return dataclasses.replace(cfg, device=device, amp=amp, channels_last=channels_last)
+    workers = default_workers(local_processes) if cfg.workers is None else cfg.workers
+    return dataclasses.replace(cfg, device=device, amp=amp, channels_last=channels_last, workers=workers)
 
 
 def read_config(path: Path) -> TrainConfig:

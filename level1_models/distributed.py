@@ -90,3 +90,12 @@ def all_reduce_sum(values: list[float], env: DistEnv, device: torch.device) -> l
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def gather_objects(obj: Any, env: DistEnv) -> list[Any]:
+    """Every process's ``obj``, in rank order, on every process."""
+    if not env.enabled:
+        return [obj]
+    parts: list[Any] = [None] * env.world_size
+    dist.all_gather_object(parts, obj)
+    return parts

@@ -34,6 +34,33 @@ def tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
     return [x, x.flip(-1)] if tta == "hflip" else [x]
 
 
+def eval_loader(dataset: Dataset, indices: Sequence[int] | np.ndarray, *, batch_size: int, device: torch.device,
+                workers: int = 0, persistent: bool = False, prefetch: int = 4) -> DataLoader:
+    """In-order batches of ``dataset[indices]``; ``persistent`` keeps the workers for the next pass
+    (validation every epoch)."""
+    options: dict = {"num_workers": workers, "pin_memory": device.type == "cuda"}
+    if workers:
+        options.update(persistent_workers=persistent, prefetch_factor=prefetch)
+    return DataLoader(Subset(dataset, np.asarray(indices, dtype=np.int64).tolist()), batch_size=batch_size,
+                      shuffle=False, **options)
+
+
+def pooled_and_logits(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm's pooled features before the classifier (the embedding) and the logits, in one pass."""
+    core = getattr(model, "_orig_mod", model)  # under torch.compile
+    features = core.forward_features(x)
+    return core.forward_head(features, pre_logits=True), core.forward_head(features)
+
+
+def embedding_width(model: torch.nn.Module, channels: int, size: int, device: torch.device) -> int:
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        width = pooled_and_logits(model, torch.zeros(1, channels, size, size, device=device))[0].shape[1]
+    model.train(was_training)
+    return int(width)
+
+
 @torch.no_grad()
 def predict_probabilities(
     model: torch.nn.Module,
@@ -46,38 +73,61 @@ def predict_probabilities(
     channels_last: bool = False,
     tta: str = "hflip",
     workers: int = 0,
+    loader: DataLoader | None = None,
+    embeddings: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Sigmoid probabilities (len(indices) x 6, float64) of ``dataset[indices]``, TTA-averaged."""
+    """Sigmoid probabilities (len(indices) x 6, float64) of ``dataset[indices]``, TTA-averaged.
+
+    ``loader``: a prebuilt ``eval_loader`` over the same indices (else one is built).
+    ``embeddings``: a (len(indices), D) array (a memmap, say) that receives each image's pooled
+    features, averaged over the TTA views like the probabilities."""
     indices = np.asarray(indices, dtype=np.int64)
     out = np.empty((len(indices), 6), dtype=np.float64)
     if len(indices) == 0:
         return out
     was_training = model.training
     model.eval()
-    loader = DataLoader(Subset(dataset, indices.tolist()), batch_size=batch_size, shuffle=False,
-                        num_workers=workers, pin_memory=device.type == "cuda")
+    if loader is None:
+        loader = eval_loader(dataset, indices, batch_size=batch_size, device=device, workers=workers)
     start = 0
     for x, _ in loader:
         x = x.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         probs = torch.zeros(x.shape[0], 6, dtype=torch.float64, device=device)
+        pooled = None
         views = tta_views(x, tta)
         for view in views:
             with autocast(device, amp):
-                logits = model(view)
+                if embeddings is None:
+                    logits = model(view)
+                else:
+                    emb, logits = pooled_and_logits(model, view)
+                    pooled = emb.float() if pooled is None else pooled + emb.float()
             probs += torch.sigmoid(logits.double())
         out[start : start + len(x)] = (probs / len(views)).cpu().numpy()
+        if embeddings is not None:
+            embeddings[start : start + len(x)] = (pooled / len(views)).cpu().numpy().astype(embeddings.dtype)
         start += len(x)
+    if start != len(indices):
+        raise RuntimeError(f"the loader gave {start} images for {len(indices)} indices")
     model.train(was_training)
     return out
 
 
-def predict_sharded(model: torch.nn.Module, dataset: Dataset, env: DistEnv, **kwargs) -> np.ndarray:
-    """Every process predicts its share of ``dataset``; every process gets all rows back, in order."""
+def predict_sharded(model: torch.nn.Module, dataset: Dataset, env: DistEnv, *, embeddings: np.ndarray | None = None,
+                    **kwargs) -> np.ndarray:
+    """Every process predicts its share of ``dataset`` (each image exactly once over all of them);
+    every process gets all rows back, in order. ``embeddings`` (len(dataset) x D, a memmap of one
+    file shared by the processes) receives each process's rows."""
     n = len(dataset)
     mine = shard(np.arange(n), env)
-    local = predict_probabilities(model, dataset, mine, **kwargs)
+    local_emb = None
+    if embeddings is not None:
+        local_emb = embeddings if not env.enabled else np.zeros((len(mine), embeddings.shape[1]), embeddings.dtype)
+    local = predict_probabilities(model, dataset, mine, embeddings=local_emb, **kwargs)
+    if env.enabled and embeddings is not None:
+        embeddings[mine] = local_emb
     return gather_predictions(mine, local, n, env)
 
 

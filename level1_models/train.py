@@ -1,112 +1,78 @@
 """K-fold training of one level-1 model -> out-of-fold and test predictions the stacker can trust.
 
-Per fold: train on the other folds' images, validate every epoch on this fold (with TTA), keep the
-checkpoint with the best validation weighted log loss, stop early after ``patience`` epochs without
-improvement, then predict this fold's images (OOF) and the test images with the best checkpoint.
+Per fold: train on the other folds' readable images, validate every epoch on this fold's (with
+TTA), keep the checkpoint with the best validation weighted log loss, stop early after
+``patience`` epochs without improvement, then predict this fold's images (OOF) and the test
+images with the best checkpoint, and save their pooled features (embeddings) for level 2.
 
 Resumable: a finished fold is marked by ``fold<k>/done.json`` (written last) and kept; an
-unfinished fold restarts from ``fold<k>/last.pt`` (written after every epoch with the optimiser,
-schedule and curve so far). Each epoch's data order and random state derive from (seed, fold,
-epoch), so a resumed run repeats what the killed one would have done. Every file is written
-atomically.
+unfinished fold resumes from ``fold<k>/last.pt``, written after every epoch and every
+``checkpoint_minutes`` within one (an unreadable ``last.pt`` falls back to ``last.prev.pt``).
+What each batch holds and how it is augmented derive from (seed, fold, epoch, batch), so a
+resumed run repeats what the killed one would have done. Every file is written atomically.
+
+The loop itself is in ``loop.py``; this module is its bookkeeping: the fold's inputs, resume
+state, checkpoints, curves and output files.
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
+import os
 import random
-import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
-from competition.constants import LABEL_WEIGHTS, LABELS
+from competition.constants import LABELS
 from competition.metric import weighted_log_loss
 from competition.paths import WorkPaths
+from features.windows import n_channels
 from level1_models.atomic import remove_stale_temporaries, write_json, write_parquet
-from level1_models.checkpoint import load_checkpoint, load_weights, make_state, save_checkpoint
+from level1_models.checkpoint import load_checkpoint, load_resume_state, load_weights, make_state, save_checkpoint, save_rotating
 from level1_models.config import IDENTITY_FIELDS, ConfigError, TrainConfig, read_config, resolve
 from level1_models.curves import plot_curves, write_curve
 from level1_models.data import RunInputs
-from level1_models.distributed import DistEnv, all_reduce_sum, barrier, env_from_torchrun, init_distributed
+from level1_models.distributed import (
+    DistEnv,
+    all_reduce_sum,
+    barrier,
+    env_from_torchrun,
+    gather_objects,
+    init_distributed,
+    shard,
+)
+from level1_models.folder import ModelFolder
+from level1_models.loop import (
+    EpochProgress,
+    EpochSampler,
+    Runtime,
+    Trainer,
+    epoch_batches,
+    make_optimizer,
+    make_scheduler,
+    epoch_micro_batches,
+    train_loader,
+    train_one_epoch,
+    weighted_bce_sum,
+)
 from level1_models.metrics import prior_score, score
 from level1_models.modeling import build_model, find_weights
-from level1_models.predict import AMP_DTYPES, autocast, predict_sharded
+from level1_models.predict import AMP_DTYPES, embedding_width, eval_loader, predict_sharded
+
+__all__ = ["ModelFolder", "Runtime", "epoch_batches", "make_optimizer", "make_scheduler", "run_oof", "run_model",
+           "setup_runtime", "weighted_bce_sum"]
 
 # (fold, epoch, curve row) -> None; called on every process after each epoch's files are written.
 EpochCallback = Callable[[int, int, dict], None]
-
-
-@dataclass(frozen=True)
-class ModelFolder:
-    """The files of one model's output folder (``WorkPaths.model_dir(name)``)."""
-
-    root: Path
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.json"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.json"
-
-    @property
-    def oof(self) -> Path:
-        return self.root / "oof.parquet"
-
-    @property
-    def test(self) -> Path:
-        return self.root / "test.parquet"
-
-    @property
-    def curves_png(self) -> Path:
-        return self.root / "curves.png"
-
-    def curves_csv(self, fold: int) -> Path:
-        return self.root / f"curves_fold{fold}.csv"
-
-    def fold_dir(self, fold: int) -> Path:
-        return self.root / f"fold{fold}"
-
-    def best(self, fold: int) -> Path:
-        return self.fold_dir(fold) / "best.pt"
-
-    def last(self, fold: int) -> Path:
-        return self.fold_dir(fold) / "last.pt"
-
-    def fold_oof(self, fold: int) -> Path:
-        return self.fold_dir(fold) / "oof.parquet"
-
-    def fold_test(self, fold: int) -> Path:
-        return self.fold_dir(fold) / "test.parquet"
-
-    def fold_done(self, fold: int) -> Path:
-        return self.fold_dir(fold) / "done.json"
-
-
-@dataclass(frozen=True)
-class Runtime:
-    device: torch.device
-    env: DistEnv
-    amp: str  # bf16 | fp16 | off
-    channels_last: bool
-
-    def log(self, message: str) -> None:
-        if self.env.is_main:
-            tqdm.write(message, file=sys.stdout)
-            sys.stdout.flush()
 
 
 def setup_runtime(cfg: TrainConfig) -> tuple[TrainConfig, Runtime]:
@@ -114,12 +80,11 @@ def setup_runtime(cfg: TrainConfig) -> tuple[TrainConfig, Runtime]:
     env = env_from_torchrun()
     cuda = torch.cuda.is_available()
     bf16 = cuda and torch.cuda.is_bf16_supported()
-    cfg = resolve(cfg, cuda_available=cuda, bf16_supported=bf16, local_rank=env.local_rank)
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cfg = resolve(cfg, cuda_available=cuda, bf16_supported=bf16, local_rank=env.local_rank,
+                  local_processes=local_processes)
     device = torch.device(cfg.device)
     env = init_distributed(device.type)
-    if cfg.batch_size % env.world_size:
-        raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by {env.world_size} processes; "
-                          f"pick a multiple (the global batch is split evenly)")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if cfg.threads is not None:
@@ -130,50 +95,6 @@ def setup_runtime(cfg: TrainConfig) -> tuple[TrainConfig, Runtime]:
 def stage_seed(cfg: TrainConfig, fold: int, stage: int) -> int:
     """The seed of one stage of a fold: 0 = model initialisation, e = epoch e (numbered from 1)."""
     return int(np.random.SeedSequence([cfg.seed, fold, stage]).generate_state(1)[0])
-
-
-def epoch_batches(n: int, batch_size: int, seed: int) -> list[np.ndarray]:
-    """Global batches of one epoch: a seeded permutation cut into full batches (one short batch
-    only when there are fewer images than a batch)."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
-    if n < batch_size:
-        return [perm]
-    return [perm[i * batch_size : (i + 1) * batch_size] for i in range(n // batch_size)]
-
-
-def weighted_bce_sum(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Sum over images of the metric's per-image loss: BCE per label, weighted like the metric
-    (``any`` x2), divided by the weight total. Mean over images = the competition metric."""
-    per_pair = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
-    return (per_pair * weights).sum() / weights.sum()
-
-
-def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    # No weight decay on biases and normalisation parameters (1-d tensors).
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-
-
-def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step linear warmup, then cosine decay to zero (or constant)."""
-    total = max(1, cfg.epochs * steps_per_epoch)
-    warmup = min(total - 1, int(round(cfg.warmup_epochs * steps_per_epoch)))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if cfg.scheduler == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def seed_everything(seed: int) -> None:
@@ -196,67 +117,151 @@ def has_batchnorm(model: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def train_one_epoch(
-    cfg: TrainConfig,
-    rt: Runtime,
-    train_model: torch.nn.Module,
-    parameters: Sequence[torch.nn.Parameter],
-    dataset: Dataset,
-    batches: list[np.ndarray],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    desc: str,
-) -> tuple[float, float, float]:
-    """One pass over ``batches``; returns (mean train loss, images/s, seconds) over all processes."""
-    env, device = rt.env, rt.device
-    train_model.train()
-    local = [b[env.rank :: env.world_size].tolist() for b in batches]
-    loader = DataLoader(dataset, batch_sampler=local, num_workers=cfg.workers, pin_memory=device.type == "cuda")
-    weights = torch.as_tensor(LABEL_WEIGHTS, dtype=torch.float32, device=device)
-    n_images = sum(len(b) for b in batches)
-    loss_total = torch.zeros((), dtype=torch.float64, device=device)
-    seen, seen_local = 0, 0
-    bar = tqdm(total=n_images, desc=desc, unit="img", disable=not env.is_main, leave=False, dynamic_ncols=True,
-               file=sys.stderr)
-    start = time.perf_counter()
-    for step, ((x, y), global_batch) in enumerate(zip(loader, batches)):
-        x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
-        if rt.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, rt.amp):
-            logits = train_model(x)
-        loss_sum = weighted_bce_sum(logits, y, weights)
-        # DDP averages gradients over processes: scaling each process's sum by W / global batch
-        # makes that average the single-process mean over the global batch.
-        loss = loss_sum * (env.world_size / len(global_batch))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(parameters, cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        loss_total += loss_sum.detach().double()
-        seen += len(global_batch)
-        seen_local += len(x)
-        bar.update(len(global_batch))
-        if step % 10 == 0 or seen == n_images:
-            elapsed = time.perf_counter() - start
-            # Running loss over this process's images (the epoch figure is reduced over all below).
-            bar.set_postfix(loss=f"{loss_total.item() / max(1, seen_local):.4f}", img_s=f"{seen / max(elapsed, 1e-9):.1f}")
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    bar.close()
-    total, count = all_reduce_sum([loss_total.item(), float(seen_local)], env, device)
-    return total / max(count, 1.0), n_images / max(seconds, 1e-9), seconds
-
-
 def _prior_rates(y: np.ndarray) -> list[float]:
     return [float(v) for v in np.asarray(y, dtype=np.float64).mean(axis=0)]
+
+
+@dataclass
+class FoldData:
+    """One fold's images: what it trains on, what it validates on, what it predicts."""
+
+    fold: int
+    train_ids: list[str]
+    val_ids: list[str]  # every held-out image (the OOF rows, in this order)
+    val_readable: np.ndarray  # bool per val_ids: in the cache (unreadable ones get the prior)
+    test_readable: np.ndarray  # bool per inputs.test_ids
+    prior_rates: list[float]
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, fold: int, inputs: RunInputs, env: DistEnv) -> "FoldData":
+        table = inputs.folds
+        readable = (lambda ids: np.array([i in inputs.trainable for i in ids], dtype=bool)) \
+            if inputs.trainable is not None else (lambda ids: np.ones(len(ids), dtype=bool))
+        val_ids = table.loc[table["fold"] == fold, "image_id"].tolist()
+        train_all = table.loc[table["fold"] != fold, "image_id"].tolist()
+        train_ids = [i for i, ok in zip(train_all, readable(train_all)) if ok]
+        if cfg.limit is not None and len(train_ids) > cfg.limit:
+            pick = np.random.default_rng([cfg.seed, fold]).choice(len(train_ids), cfg.limit, replace=False)
+            train_ids = [train_ids[i] for i in np.sort(pick)]
+        val_readable = readable(val_ids)
+        if len(train_ids) < env.world_size or not val_readable.any():
+            raise ValueError(f"fold {fold} has {len(train_ids)} readable training and {int(val_readable.sum())} "
+                             f"readable validation images; the folds table needs at least two non-empty folds")
+        return cls(fold, train_ids, val_ids, val_readable, readable(inputs.test_ids),
+                   _prior_rates(inputs.label_array(train_all)))
+
+
+@dataclass
+class FoldState:
+    """The resume state of a fold besides the weights: where training stands and its curve."""
+
+    epoch: int = 0  # epochs finished
+    best_loss: float = math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    history: list[dict] = field(default_factory=list)
+    progress: EpochProgress = field(default_factory=EpochProgress)  # within epoch ``epoch + 1``
+
+    def to_dict(self) -> dict[str, Any]:
+        p = self.progress
+        return {"epoch": self.epoch, "best_loss": float(self.best_loss), "best_epoch": self.best_epoch,
+                "bad_epochs": self.bad_epochs, "history": self.history,
+                "epoch_progress": {"step": p.step, "loss_sum": p.loss_sum, "images": p.images, "seconds": p.seconds}}
+
+    @classmethod
+    def from_checkpoint(cls, state: dict[str, Any]) -> "FoldState":
+        p = state.get("epoch_progress") or {}
+        return cls(int(state["epoch"]), float(state["best_loss"]), int(state["best_epoch"]), int(state["bad_epochs"]),
+                   list(state["history"]), EpochProgress(int(p.get("step", 0)), float(p.get("loss_sum", 0.0)),
+                                                         int(p.get("images", 0)), float(p.get("seconds", 0.0))))
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The torch random state (dropout masks) to restore in a resumed epoch."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict[str, Any] | None, device: torch.device) -> None:
+    if state:
+        torch.set_rng_state(state["cpu"])
+        if device.type == "cuda" and "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class CheckpointClock:
+    """Says when a mid-epoch checkpoint is due; under DDP every process agrees (rank 0's clock)."""
+
+    def __init__(self, minutes: float, env: DistEnv, device: torch.device, check_every: int = 20):
+        self.seconds, self.env, self.device, self.every = minutes * 60.0, env, device, check_every
+        self.last, self.steps = time.monotonic(), 0
+
+    def reset(self) -> None:
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        if self.seconds <= 0:
+            return False
+        self.steps += 1
+        if self.env.enabled and self.steps % self.every:
+            return False  # under DDP the clocks are compared only every few steps (one all-reduce)
+        late = float(time.monotonic() - self.last >= self.seconds) if self.env.is_main else 0.0
+        return all_reduce_sum([late], self.env, self.device)[0] > 0
+
+
+def build_network(cfg: TrainConfig, fold: int, fd: FoldData, rt: Runtime, resume: dict | None,
+                  path: Path, first_fold: bool) -> torch.nn.Module:
+    """The fold's network on its device: ImageNet weights and the prior head for a new fold, the
+    checkpoint's weights for a resumed one."""
+    env, device = rt.env, rt.device
+    seed_everything(stage_seed(cfg, fold, 0))  # the same initial weights on every process and rerun
+    core = build_model(cfg, use_pretrained=resume is None, announce=env.is_main)
+    if resume is None:
+        init_head_bias(core, fd.prior_rates)
+    if env.enabled and has_batchnorm(core):
+        if device.type == "cuda":
+            core = torch.nn.SyncBatchNorm.convert_sync_batchnorm(core)
+        elif first_fold:
+            rt.log(f"note: {cfg.arch} has BatchNorm; on CPU its batch statistics are per process "
+                   f"(SyncBatchNorm needs GPUs), so results differ slightly from one process")
+    if resume is not None:
+        load_weights(core, resume, cfg, path)
+    core.to(device)
+    return core.to(memory_format=torch.channels_last) if rt.channels_last else core
+
+
+def make_trainer(cfg: TrainConfig, rt: Runtime, core: torch.nn.Module, n_train: int,
+                 resume: dict | None) -> tuple[Trainer, torch.nn.Module]:
+    """Optimiser (lr scaled to the global batch), schedule, scaler, the DDP / compiled wrappers;
+    returns the trainer and the model to predict with."""
+    world = rt.env.world_size
+    steps_per_epoch = len(epoch_batches(n_train, cfg.batch_size * world * cfg.accumulate, 0))
+    optimizer = make_optimizer(cfg, core, cfg.lr * cfg.lr_factor(world))
+    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=AMP_DTYPES[rt.amp] is torch.float16)
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        if resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
+    eval_model: torch.nn.Module = torch.compile(core) if cfg.compile else core
+    train_model = eval_model
+    if rt.env.enabled:
+        ids = [rt.device.index] if rt.device.type == "cuda" else None
+        train_model = DistributedDataParallel(eval_model, device_ids=ids)
+    return Trainer(cfg, rt, train_model, list(core.parameters()), optimizer, scheduler, scaler), eval_model
+
+
+def save_resume(path: Path, previous: Path, cfg: TrainConfig, core: torch.nn.Module, fold: int, trainer: Trainer,
+                st: FoldState, rngs: list) -> None:
+    values = st.to_dict()
+    epoch = values.pop("epoch")
+    save_rotating(path, previous, make_state(
+        cfg, core, fold, epoch, optimizer=trainer.optimizer.state_dict(), scheduler=trainer.scheduler.state_dict(),
+        scaler=trainer.scaler.state_dict() if trainer.scaler.is_enabled() else None, rng=rngs, **values,
+    ))
 
 
 def train_fold(
@@ -269,150 +274,177 @@ def train_fold(
 ) -> dict[str, Any]:
     """Train one fold (or resume it), then write its OOF and test predictions; returns its summary."""
     env, device = rt.env, rt.device
-    done_path = folder.fold_done(fold)
-    if done_path.is_file():
-        summary = json.loads(done_path.read_text())
+    if folder.fold_done(fold).is_file():
+        summary = json.loads(folder.fold_done(fold).read_text())
         rt.log(f"fold {fold}: finished earlier (best epoch {summary['best_epoch']}, val weighted log loss "
                f"{summary['metrics']['weighted_log_loss']:.4f}); kept")
         return summary
     t_fold = time.perf_counter()
-    table = inputs.folds
-    val_ids = table.loc[table["fold"] == fold, "image_id"].tolist()
-    train_all = table.loc[table["fold"] != fold, "image_id"].tolist()
-    train_ids = [i for i in train_all if inputs.trainable is None or i in inputs.trainable]
-    if cfg.limit is not None and len(train_ids) > cfg.limit:
-        pick = np.random.default_rng([cfg.seed, fold]).choice(len(train_ids), cfg.limit, replace=False)
-        train_ids = [train_ids[i] for i in np.sort(pick)]
-    if len(train_ids) < env.world_size or not val_ids:
-        raise ValueError(f"fold {fold} has {len(train_ids)} training and {len(val_ids)} validation images; "
-                         f"the folds table needs at least two non-empty folds")
+    fd = FoldData.build(cfg, fold, inputs, env)
+    val_ids = [i for i, ok in zip(fd.val_ids, fd.val_readable) if ok]
     y_val = inputs.label_array(val_ids)
-    prior_rates = _prior_rates(inputs.label_array(train_all))
-    train_ds = inputs.datasets(train_ids, labeled=True, augment=cfg.augment)
+    train_ds = inputs.datasets(fd.train_ids, labeled=True, augment=cfg.augment)
     val_ds = inputs.datasets(val_ids, labeled=True, augment=False)
 
-    last_path, best_path = folder.last(fold), folder.best(fold)
-    resume = load_checkpoint(last_path) if last_path.is_file() else None
-    seed_everything(stage_seed(cfg, fold, 0))  # the same initial weights on every process and rerun
-    core = build_model(cfg, use_pretrained=resume is None, announce=env.is_main)
-    if resume is None:
-        init_head_bias(core, prior_rates)
-    if env.enabled and has_batchnorm(core):
-        if device.type == "cuda":
-            core = torch.nn.SyncBatchNorm.convert_sync_batchnorm(core)
-        elif fold == (cfg.folds or inputs.fold_numbers)[0]:
-            rt.log(f"note: {cfg.arch} has BatchNorm; on CPU its batch statistics are per process "
-                   f"(SyncBatchNorm needs GPUs), so results differ slightly from one process")
+    last, previous = folder.last(fold), folder.previous(fold)
+    resume, note = load_resume_state(last, previous)
+    if note:
+        rt.log(f"fold {fold}: {note}")
+    first_fold = fold == (cfg.folds or inputs.fold_numbers)[0]
+    core = build_network(cfg, fold, fd, rt, resume, last, first_fold)
+    trainer, eval_model = make_trainer(cfg, rt, core, len(fd.train_ids), resume)
+    st = FoldState.from_checkpoint(resume) if resume is not None else FoldState()
     if resume is not None:
-        load_weights(core, resume, cfg, last_path)
-    core.to(device)
-    if rt.channels_last:
-        core = core.to(memory_format=torch.channels_last)
+        where = f"after epoch {st.epoch}" + (f", {st.progress.step} batches into epoch {st.epoch + 1}"
+                                             if st.progress.step else "")
+        rt.log(f"fold {fold}: resuming {where} (best so far {st.best_loss:.4f} at epoch {st.best_epoch})")
 
-    batches_per_epoch = len(epoch_batches(len(train_ids), cfg.batch_size, 0))
-    optimizer = make_optimizer(cfg, core)
-    scheduler = make_scheduler(cfg, optimizer, batches_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=AMP_DTYPES[rt.amp] is torch.float16)
-    start_epoch, best_loss, best_epoch, bad_epochs, history = 0, math.inf, -1, 0, []
-    if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        if resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
-        start_epoch = int(resume["epoch"])  # epochs finished = index of the next one
-        best_loss, best_epoch = float(resume["best_loss"]), int(resume["best_epoch"])
-        bad_epochs, history = int(resume["bad_epochs"]), list(resume["history"])
-        rt.log(f"fold {fold}: resuming after epoch {start_epoch} from {last_path} "
-               f"(best so far {best_loss:.4f} at epoch {best_epoch})")
-
-    eval_model: torch.nn.Module = torch.compile(core) if cfg.compile else core
-    train_model: torch.nn.Module = eval_model
-    if env.enabled:
-        ids = [device.index] if device.type == "cuda" else None
-        train_model = DistributedDataParallel(eval_model, device_ids=ids)
+    sampler = EpochSampler(env)
+    loader = train_loader(train_ds, sampler, cfg, device)
     predict_kwargs = dict(batch_size=cfg.eval_batch, device=device, amp=rt.amp, channels_last=rt.channels_last,
                           tta=cfg.tta, workers=cfg.workers)
+    val_loader = eval_loader(val_ds, shard(np.arange(len(val_ds)), env), batch_size=cfg.eval_batch, device=device,
+                             workers=cfg.workers, persistent=True, prefetch=cfg.prefetch)
+    clock = CheckpointClock(cfg.checkpoint_minutes, env, device)
 
-    for epoch in range(start_epoch, cfg.epochs):
-        if bad_epochs >= cfg.patience:
-            break
-        seed = stage_seed(cfg, fold, epoch + 1)
-        seed_everything(seed + env.rank)
-        # A fresh copy per epoch: a dataset's augmenter is built lazily from the epoch's seed.
-        epoch_ds = copy.copy(train_ds)
-        batches = epoch_batches(len(train_ids), cfg.batch_size, seed)
-        train_loss, images_per_s, seconds = train_one_epoch(
-            cfg, rt, train_model, list(core.parameters()), epoch_ds, batches, optimizer, scheduler, scaler,
-            desc=f"{cfg.name} fold {fold} epoch {epoch + 1}/{cfg.epochs}",
-        )
-        val_pred = predict_sharded(eval_model, val_ds, env, **predict_kwargs)
-        val_loss = weighted_log_loss(y_val, val_pred)
-        improved = val_loss < best_loss
-        number = epoch + 1  # epochs are numbered from 1 in files and logs
-        if improved:
-            best_loss, best_epoch, bad_epochs = val_loss, number, 0
+    def checkpoint_now(progress: EpochProgress) -> None:
+        if clock.due():
+            rngs = gather_objects(rng_state(device), env)
+            if env.is_main:
+                save_resume(last, previous, cfg, core, fold, trainer, st, rngs)
+            clock.reset()
+
+    while st.epoch < cfg.epochs and st.bad_epochs < cfg.patience:
+        number = st.epoch + 1  # epochs are numbered from 1 in files and logs
+        seed = stage_seed(cfg, fold, number)
+        batches = epoch_micro_batches(len(fd.train_ids), cfg.batch_size, env.world_size, cfg.accumulate, seed)
+        if st.progress.step:  # resumed inside this epoch: the random state of that moment
+            restore_rng(resume["rng"][env.rank] if resume and resume.get("rng") else None, device)
         else:
-            bad_epochs += 1
+            seed_everything(seed + env.rank)
+        sampler.set_epoch(batches, seed, st.progress.step)
+        clock.reset()
+        result = train_one_epoch(trainer, loader, batches, st.progress, checkpoint_now,
+                                 desc=f"{cfg.name} fold {fold} epoch {number}/{cfg.epochs}")
+        val_pred = predict_sharded(eval_model, val_ds, env, loader=val_loader, **predict_kwargs)
+        val_loss = weighted_log_loss(y_val, val_pred)
+        improved = val_loss < st.best_loss
+        if improved:
+            st.best_loss, st.best_epoch, st.bad_epochs = val_loss, number, 0
+        else:
+            st.bad_epochs += 1
         row = {
-            "epoch": number, "lr": float(optimizer.param_groups[0]["lr"]), "train_loss": float(train_loss),
-            "val_weighted_log_loss": float(val_loss), "train_images_per_s": float(images_per_s),
-            "epoch_seconds": float(seconds), "best": bool(improved),
+            "epoch": number, "lr": float(trainer.optimizer.param_groups[0]["lr"]), "train_loss": result.train_loss,
+            "val_weighted_log_loss": float(val_loss), "train_images_per_s": result.images_per_s,
+            "epoch_seconds": result.seconds, "best": bool(improved),
         }
-        history.append(row)
+        st.history.append(row)
+        st.epoch, st.progress = number, EpochProgress()
         if env.is_main:
             if improved:
-                save_checkpoint(best_path, make_state(cfg, core, fold, number, val_weighted_log_loss=float(val_loss)))
-            save_checkpoint(last_path, make_state(
-                cfg, core, fold, number,
-                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                scaler=scaler.state_dict() if scaler.is_enabled() else None,
-                best_loss=float(best_loss), best_epoch=best_epoch, bad_epochs=bad_epochs, history=history,
-            ))
-            write_curve(folder.curves_csv(fold), history)
-        rt.log(f"{cfg.name} fold {fold} epoch {number}/{cfg.epochs}: train loss {train_loss:.4f}  "
-               f"val weighted log loss {val_loss:.4f}{' *' if improved else ''}  {images_per_s:.1f} img/s")
+                save_checkpoint(folder.best(fold), make_state(cfg, core, fold, number, val_weighted_log_loss=float(val_loss)))
+            save_resume(last, previous, cfg, core, fold, trainer, st, [])
+            write_curve(folder.curves_csv(fold), st.history)
+        rt.log(f"{cfg.name} fold {fold} epoch {number}/{cfg.epochs}: train loss {result.train_loss:.4f}  "
+               f"val weighted log loss {val_loss:.4f}{' *' if improved else ''}  {result.images_per_s:.1f} img/s")
         barrier(env)
         if on_epoch_end is not None:
             on_epoch_end(fold, number, row)
     barrier(env)
+    del loader, val_loader  # the persistent workers go
+    summary = finish_fold(cfg, fd, inputs, folder, rt, core, eval_model, y_val, val_ids, st, predict_kwargs)
+    summary["seconds"] = time.perf_counter() - t_fold
+    if env.is_main:
+        write_json(folder.fold_done(fold), summary)  # last: marks the fold finished
+        last.unlink(missing_ok=True)  # optimiser state is no longer needed
+        previous.unlink(missing_ok=True)
+    barrier(env)
+    metrics = summary["metrics"]
+    rt.log(f"fold {fold}: best epoch {summary['best_epoch']}/{cfg.epochs}  OOF weighted log loss "
+           f"{metrics['weighted_log_loss']:.4f} (constant prior {summary['prior_weighted_log_loss']:.4f})  "
+           f"{len(fd.train_ids)} train / {len(fd.val_ids)} val / {len(inputs.test_ids)} test images  "
+           f"{summary['seconds']:.1f} s")
+    return summary
 
-    # The fold's predictions come from its best checkpoint, whatever epoch training stopped at.
-    best_state = load_checkpoint(best_path)
-    load_weights(core, best_state, cfg, best_path)
-    oof = predict_sharded(eval_model, val_ds, env, **predict_kwargs)
-    test_ds = inputs.datasets(inputs.test_ids, labeled=False, augment=False)
-    test = predict_sharded(eval_model, test_ds, env, **predict_kwargs)
-    metrics = score(y_val, oof)
-    prior = prior_score(inputs.label_array(train_all), y_val)
+
+def predict_split(cfg: TrainConfig, rt: Runtime, inputs: RunInputs, eval_model: torch.nn.Module, core: torch.nn.Module,
+                  ids: list[str], readable: np.ndarray, prior: Sequence[float], embeddings_path: Path | None,
+                  predict_kwargs: dict) -> np.ndarray:
+    """Probabilities of ``ids`` by the fold's best model, and their embeddings into
+    ``embeddings_path`` (float16 .npy, row i = ids[i]). An unreadable image gets the fold's
+    training prior and a zero embedding."""
+    env = rt.env
+    with warnings.catch_warnings():  # the dataset's "served as air" note: said below, in our words
+        warnings.simplefilter("ignore")
+        dataset = inputs.datasets(ids, labeled=False, augment=False)
+    embeddings = partial = None
+    if embeddings_path is not None:
+        width = embedding_width(core, n_channels(cfg.combination), cfg.img_size, rt.device)
+        partial = embeddings_path.with_name(f".{embeddings_path.name}.tmp-shared")
+        if env.is_main:
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(len(ids), width)).flush()
+        barrier(env)
+        embeddings = np.load(partial, mmap_mode="r+")
+    probs = predict_sharded(eval_model, dataset, env, embeddings=embeddings, **predict_kwargs)
+    probs[~readable] = np.asarray(prior, dtype=np.float64)
+    if embeddings is not None:
+        embeddings[np.flatnonzero(~readable)] = 0
+        embeddings.flush()
+        del embeddings
+        barrier(env)
+        if env.is_main:
+            with open(partial, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(partial, embeddings_path)
+    return probs
+
+
+def finish_fold(cfg: TrainConfig, fd: FoldData, inputs: RunInputs, folder: ModelFolder, rt: Runtime,
+                core: torch.nn.Module, eval_model: torch.nn.Module, y_val: np.ndarray, val_ids: list[str],
+                st: FoldState, predict_kwargs: dict) -> dict[str, Any]:
+    """The fold's predictions from its best checkpoint, whatever epoch training stopped at: OOF and
+    test probabilities (and embeddings) written; returns the fold's summary."""
+    env, fold = rt.env, fd.fold
+    best_state = load_checkpoint(folder.best(fold))
+    load_weights(core, best_state, cfg, folder.best(fold))
+    emb = (lambda split: folder.embeddings(fold, split)) if cfg.save_embeddings else (lambda split: None)
+    oof = predict_split(cfg, rt, inputs, eval_model, core, fd.val_ids, fd.val_readable, fd.prior_rates, emb("oof"),
+                        predict_kwargs)
+    test = predict_split(cfg, rt, inputs, eval_model, core, inputs.test_ids, fd.test_readable, fd.prior_rates,
+                         emb("test"), predict_kwargs)
+    for what, ids, ok in (("validation", fd.val_ids, fd.val_readable), ("test", inputs.test_ids, fd.test_readable)):
+        if not ok.all():
+            bad = [i for i, good in zip(ids, ok) if not good]
+            rt.log(f"fold {fold}: {len(bad)} unreadable {what} images (first: {bad[0]}; see bad_files.csv) get the "
+                   f"fold's training label rates as their prediction")
+    readable_oof = oof[fd.val_readable]
+    all_train = inputs.folds.loc[inputs.folds["fold"] != fold, "image_id"]
     summary = {
         "fold": fold,
-        "n_train": len(train_ids),
-        "n_val": len(val_ids),
+        "n_train": len(fd.train_ids),
+        "n_val": len(fd.val_ids),
+        "n_val_unreadable": int((~fd.val_readable).sum()),
         "n_test": len(inputs.test_ids),
+        "n_test_unreadable": int((~fd.test_readable).sum()),
         "best_epoch": int(best_state["epoch"]),
-        "epochs_run": len(history),
-        "stopped_early": len(history) < cfg.epochs,
-        "metrics": metrics,
-        "prior_weighted_log_loss": prior,
-        "prior_rates": prior_rates,
-        "seconds": time.perf_counter() - t_fold,
+        "epochs_run": len(st.history),
+        "stopped_early": len(st.history) < cfg.epochs,
+        "metrics": score(y_val, readable_oof),
+        "prior_weighted_log_loss": prior_score(inputs.label_array(all_train), y_val),
+        "prior_rates": fd.prior_rates,
         "world_size": env.world_size,
+        "embeddings": bool(cfg.save_embeddings),
         "config": cfg.to_dict(),
     }
     if env.is_main:
         oof_frame = pd.DataFrame(oof, columns=list(LABELS))
         oof_frame.insert(0, "fold", np.int64(fold))
-        oof_frame.insert(0, "image_id", val_ids)
+        oof_frame.insert(0, "image_id", fd.val_ids)
         write_parquet(folder.fold_oof(fold), oof_frame)
         test_frame = pd.DataFrame(test, columns=list(LABELS))
         test_frame.insert(0, "image_id", inputs.test_ids)
         write_parquet(folder.fold_test(fold), test_frame)
-        write_json(done_path, summary)  # last: marks the fold finished
-        last_path.unlink(missing_ok=True)  # optimiser state is no longer needed
-    barrier(env)
-    rt.log(f"fold {fold}: best epoch {summary['best_epoch']}/{cfg.epochs}  OOF weighted log loss "
-           f"{metrics['weighted_log_loss']:.4f} (constant prior {prior:.4f})  {len(train_ids)} train / "
-           f"{len(val_ids)} val / {len(inputs.test_ids)} test images  {summary['seconds']:.1f} s")
     return summary
 
 
@@ -454,9 +486,11 @@ def assemble(cfg: TrainConfig, inputs: RunInputs, folder: ModelFolder) -> dict[s
     }
     if oofs:
         pooled = pd.concat(oofs, ignore_index=True).sort_values("image_id", ignore_index=True)
-        y = inputs.label_array(pooled["image_id"])
-        metrics["pooled"] = score(y, pooled[list(LABELS)].to_numpy())
-        prior = np.array([done[int(f)]["prior_rates"] for f in pooled["fold"]])
+        # Scored on the readable images (unreadable ones carry the prior, not a prediction).
+        scored = pooled if inputs.trainable is None else pooled[pooled["image_id"].isin(inputs.trainable)]
+        y = inputs.label_array(scored["image_id"])
+        metrics["pooled"] = score(y, scored[list(LABELS)].to_numpy())
+        prior = np.array([done[int(f)]["prior_rates"] for f in scored["fold"]])
         metrics["prior_baseline"] = {"weighted_log_loss": weighted_log_loss(y, prior),
                                      "note": "each fold's training label rates, predicted for every image"}
     write_json(folder.metrics, metrics)
@@ -501,6 +535,8 @@ def run_oof(
         write_json(folder.config, {**cfg.to_dict(), "runtime": {
             "world_size": rt.env.world_size, "torch": torch.__version__, "timm": _timm_version(),
             "pretrained_weights": str(weights) if weights else None, "n_folds": len(all_folds),
+            "global_batch": cfg.batch_size * rt.env.world_size * cfg.accumulate,
+            "lr_effective": cfg.lr * cfg.lr_factor(rt.env.world_size),
         }})
     barrier(rt.env)
     for fold in todo:

@@ -4,6 +4,7 @@ mean, predictions sharded and gathered, only rank 0 writing files."""
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import socket
@@ -31,6 +32,9 @@ torch.set_num_threads(1)
 # depends on how a global batch is split between processes.
 OVERRIDES = dict(epochs=2, img_size=32, batch_size=8, workers=0, device="cpu", augment=False, lr=3e-3)
 MODEL = "tiny_convnext"
+# Two processes at batch 4 make the global batch of 8; AdamW's lr grows with sqrt(global / batch),
+# so the spec's lr is set to what makes the effective lr of both runs the same.
+PER_PROCESS = {**OVERRIDES, "batch_size": 4, "lr": OVERRIDES["lr"] / math.sqrt(2)}
 
 
 class Squares(Dataset):
@@ -80,7 +84,7 @@ def _worker(rank: int, world: int, port: int, out: str, errors) -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
         torch.set_num_threads(1)
-        cfg, rt = setup_runtime(build_config(MODEL, OVERRIDES))
+        cfg, rt = setup_runtime(build_config(MODEL, PER_PROCESS))
         assert rt.env.world_size == world and rt.env.rank == rank and torch.distributed.get_backend() == "gloo"
         run_oof(cfg, make_inputs(), Path(out), rt)
         torch.distributed.destroy_process_group()
@@ -128,17 +132,31 @@ def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
         np.testing.assert_allclose(cb["train_loss"], ca["train_loss"], rtol=1e-4)
         np.testing.assert_allclose(cb["val_weighted_log_loss"], ca["val_weighted_log_loss"], rtol=1e-4)
     config = json.loads(two.config.read_text())
-    assert config["runtime"]["world_size"] == 2
+    assert config["runtime"]["world_size"] == 2 and config["runtime"]["global_batch"] == 8
+    assert config["runtime"]["lr_effective"] == pytest.approx(OVERRIDES["lr"])
     assert not list(ddp.rglob(".*.tmp-*"))
 
 
-def test_batch_must_split_evenly(monkeypatch):
-    from level1_models.config import ConfigError
+def test_lr_grows_with_the_global_batch():
+    adamw = build_config(MODEL, OVERRIDES)
+    sgd = build_config("tiny_resnet", {**OVERRIDES, "optimizer": "sgd"})
+    assert adamw.lr_factor(1) == 1.0 and adamw.lr_factor(4) == pytest.approx(2.0)  # sqrt, like timm
+    assert sgd.lr_factor(4) == pytest.approx(4.0)  # linear (Goyal et al.)
+    accumulating = build_config(MODEL, {**OVERRIDES, "accumulate": 2, "lr_scale": "linear"})
+    assert accumulating.lr_factor(4) == pytest.approx(8.0)
+    assert build_config(MODEL, {**OVERRIDES, "lr_scale": "none"}).lr_factor(8) == 1.0
 
-    monkeypatch.setenv("WORLD_SIZE", "3")
-    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kw: None)
-    with pytest.raises(ConfigError, match="not divisible by 3 processes"):
-        setup_runtime(build_config(MODEL, {**OVERRIDES, "batch_size": 8}))
+
+def test_accumulation_matches_one_larger_batch(tmp_path, monkeypatch):
+    """Batch 4 with two micro-batches per step = batch 8 (same images per step, same effective lr)."""
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    cfg, rt = setup_runtime(build_config(MODEL, {**OVERRIDES, "epochs": 1}))
+    run_oof(cfg, make_inputs(), tmp_path / "big", rt)
+    cfg, rt = setup_runtime(build_config(MODEL, {**PER_PROCESS, "epochs": 1, "accumulate": 2}))
+    run_oof(cfg, make_inputs(), tmp_path / "accumulated", rt)
+    a, b = (pd.read_parquet(ModelFolder(tmp_path / n).oof) for n in ("big", "accumulated"))
+    np.testing.assert_allclose(b[list(LABELS)].to_numpy(), a[list(LABELS)].to_numpy(), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -251,7 +251,8 @@ def test_local_weights_file_and_hf_cache_are_used(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def fake_run(tmp_path_factory):
-    inputs = make_inputs()
+    # 192 images: with 96 (48 per fold) whether 18 steps learn much depended on the seed.
+    inputs = make_inputs(n_train=192)
     cfg = small_config(epochs=3, lr=1e-2, batch_size=8)
     out = tmp_path_factory.mktemp("l1") / "tiny_resnet"
     epochs_seen = []
@@ -334,8 +335,8 @@ def test_load_fold_model_reproduces_the_oof(fake_run):
 
 def test_learns_better_than_the_constant_prior(fake_run):
     _, _, _, metrics, _ = fake_run
-    # Measured 0.356 against 0.449 for this seed; the margin leaves room for BLAS noise.
-    assert metrics["pooled"]["weighted_log_loss"] < 0.9 * metrics["prior_baseline"]["weighted_log_loss"]
+    # Measured 0.43-0.55 x the prior over seeds 42-44 (2026-11-25); the margin leaves room for noise.
+    assert metrics["pooled"]["weighted_log_loss"] < 0.75 * metrics["prior_baseline"]["weighted_log_loss"]
 
 
 def test_interrupted_run_resumes_to_the_same_predictions(tmp_path):
