@@ -153,9 +153,12 @@ def cross_validate(
         train = ~val
         inner = folds == fold_ids[(step + 1) % len(fold_ids)]
         fit = train & ~inner if early_stopping_rounds else train
-        dfit = lgb.Dataset(xm[fit], label=y[fit, 0], feature_name=feature_names)
-        dstop = lgb.Dataset(xm[inner], label=y[inner, 0], reference=dfit) if early_stopping_rounds else None
-        dall = (lgb.Dataset(xm[train], label=y[train, 0], feature_name=feature_names)
+        # Each Dataset is binned at once, so its copy of the rows is freed before the next is made
+        # (at 752k rows x 1,000 features a copy is ~2.5 GB).
+        dfit = lgb.Dataset(xm[fit], label=y[fit, 0], feature_name=feature_names, params=params).construct()
+        dstop = (lgb.Dataset(xm[inner], label=y[inner, 0], reference=dfit, params=params).construct()
+                 if early_stopping_rounds else None)
+        dall = (lgb.Dataset(xm[train], label=y[train, 0], feature_name=feature_names, params=params).construct()
                 if early_stopping_rounds and refit else None)
         for j, label in enumerate(LABELS):
             for data, rows in ((dfit, fit), (dstop, inner), (dall, train)):
