@@ -96,13 +96,19 @@ def shared_space_maps(folds: dict[int, FoldEmbeddings], dim: int) -> dict[int, L
     for k, emb in folds.items():
         if k == first:
             continue
-        if not np.array_equal(emb.test_ids, folds[first].test_ids):
-            raise ValueError(f"fold{k}/{TEST_FILE} and fold{first}/{TEST_FILE} hold their test rows in another "
-                             f"order; embeddings cannot be matched")
+        # Row i of the reference pairs with row at[i] of this fold model's test embeddings.
+        at = pd.Index(emb.test_ids).get_indexer(folds[first].test_ids)
+        if len(emb.test_ids) != n_test or (at < 0).any():
+            raise ValueError(f"fold{k}/{TEST_FILE} and fold{first}/{TEST_FILE} hold different test images; "
+                             f"embeddings cannot be matched")
+        in_order = bool((at == np.arange(n_test)).all())
         mean_k, gram_k = _moments(emb.test)
         cross = np.zeros((d, dim))  # centred (E_k)^T Z, chunked
         for start in range(0, n_test, CHUNK_ROWS):
-            ek = np.asarray(emb.test[start:start + CHUNK_ROWS], dtype=np.float64) - mean_k
+            rows = slice(start, start + CHUNK_ROWS) if in_order else np.sort(at[start:start + CHUNK_ROWS])
+            ek = np.asarray(emb.test[rows], dtype=np.float64) - mean_k
+            if not in_order:  # back to the reference's order within the chunk
+                ek = ek[np.argsort(np.argsort(at[start:start + CHUNK_ROWS]))]
             z = (np.asarray(reference[start:start + CHUNK_ROWS], dtype=np.float64) - mean) @ to_ref
             cross += ek.T @ z
         ridge = RIDGE * max(np.trace(gram_k) / d, 1e-12)

@@ -51,6 +51,8 @@ def test_shared_space_maps_align_fold_models_with_rotated_features() -> None:
         rotation, _ = np.linalg.qr(rng.normal(size=(20, 20)))
         emb = lambda z: (z @ mix @ rotation + rng.normal(0, 0.05, (len(z), 20))).astype(np.float16)  # noqa: E731
         folds[k] = FoldEmbeddings(emb(latent_oof), np.arange(100), emb(latent_test), np.arange(400))
+    shuffled = np.random.default_rng(2).permutation(400)  # fold 2 writes its test rows in another order
+    folds[2] = FoldEmbeddings(folds[2].oof, folds[2].oof_ids, np.asarray(folds[2].test)[shuffled], shuffled)
     maps = shared_space_maps(folds, dim=6)
     mapped = []
     for k, f in folds.items():
