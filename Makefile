@@ -1,6 +1,6 @@
 # RSNA Intracranial Hemorrhage Detection: from `kaggle competitions download` to `kaggle competitions submit`.
 # `make help` lists the targets. Variables (the users' interface, see README):
-#   DATA WORK MODEL MODELS FOLDS EPOCHS IMG_SIZE BATCH LIMIT DEVICE GPUS TUNE TRIALS STORAGE THREADS STACKER FILE MESSAGE IMAGE TOP LABEL
+#   DATA WORK N_FOLDS MODEL MODELS FOLDS EPOCHS IMG_SIZE BATCH LIMIT DEVICE GPUS WORKERS TUNE TRIALS STORAGE THREADS STACKER ROWS FILE MESSAGE IMAGE TOP LABEL
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -14,12 +14,13 @@ PYTHON ?= python3
 DATA       ?= data/rsna
 DEMO_DATA  ?= data/synthetic
 WORK       ?=
-WORKERS    ?= 2
+WORKERS    ?=
 PRESET     ?= demo
 PATIENTS   ?=
 SUBMISSIONS ?= submissions
 SEED       ?= 0
 N          ?= 3000
+N_FOLDS    ?=
 
 # Level 1, level 2, submission and explanation options: empty means "the Python default".
 MODEL    ?=
@@ -44,7 +45,9 @@ TOP      ?=
 LABEL    ?=
 SET      ?=
 STACK_OPTS ?=
-CACHE_SIZE ?= 256
+# 512 serves every spec of the zoo (none reads more); the demo's tiny models need no more than 256.
+CACHE_SIZE ?= 512
+DEMO_CACHE_SIZE ?= 256
 
 # Options passed on only when set, so the Python defaults stay the single source of truth.
 work_opt = $(if $(WORK),--work $(WORK))
@@ -56,7 +59,7 @@ launch = $(if $(GPUS),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(GPUS)
 need = @test -n "$($(1))" || { echo "make $@: set $(1)=<$(2)>"; exit 2; }
 
 .PHONY: help setup demo test test-all synthetic data prepare cache oof list-models stack submission submit \
-        explain report bench bench-metadata bench-features bench-train clean-work
+        explain report bench bench-metadata bench-features bench-train gpu-check clean-work
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -82,37 +85,40 @@ DEMO_TRIALS ?= 4
 DEMO_STACK  ?= --rounds 400 --neighbours 3 --early-stopping 40
 # Run a stage; on failure name it and the way back in (every stage keeps and reuses finished work).
 stage = echo ">>> demo: $(1)" && { $(2); } || { echo "make demo: stage '$(1)' failed (see above); fix that and run make demo again: finished stages are kept" >&2; exit 1; }
-demo_vars = DATA=$(DEMO_DATA) $(if $(WORK),WORK=$(WORK)) SUBMISSIONS=$(SUBMISSIONS)
+demo_vars = DATA=$(DEMO_DATA) $(if $(WORK),WORK=$(WORK)) SUBMISSIONS=$(SUBMISSIONS) CACHE_SIZE=$(DEMO_CACHE_SIZE)
 
 demo: $(STAMP) ## the whole competition on the synthetic data: generate, prepare, 3 CNNs, stack + Optuna, submission, score, report
-	@$(call stage,synthetic competition,$(PY) -m competition.synthetic generate --out $(DEMO_DATA) --preset $(PRESET) --seed $(SEED) --workers $(WORKERS) $(call opt,--patients,$(PATIENTS)))
+	@$(call stage,synthetic competition,$(PY) -m competition.synthetic generate --out $(DEMO_DATA) --preset $(PRESET) --seed $(SEED) $(call opt,--workers,$(WORKERS)) $(call opt,--patients,$(PATIENTS)))
 	@$(call stage,prepare,$(MAKE) --no-print-directory prepare $(demo_vars))
 	@$(foreach m,$(DEMO_MODELS),$(call stage,level 1 $(m),$(MAKE) --no-print-directory oof $(demo_vars) MODEL=$(m) EPOCHS=$(DEMO_EPOCHS)) &&) true
 	@$(call stage,stack,$(MAKE) --no-print-directory stack $(demo_vars) TUNE=1 TRIALS=$(DEMO_TRIALS) STACK_OPTS="$(DEMO_STACK)")
 	@$(call stage,report,$(MAKE) --no-print-directory report $(demo_vars))
 	@$(call stage,summary,$(PY) -m level2_stacking.summary --data $(DEMO_DATA) $(work_opt) --submission $(SUBMISSIONS)/$(notdir $(abspath $(DEMO_DATA)))-stack.csv.gz)
 
-synthetic: $(STAMP) ## write the synthetic competition into DEMO_DATA (PRESET=demo|tiny, SEED=0)
-	$(PY) -m competition.synthetic generate --out $(DEMO_DATA) --preset $(PRESET) --seed $(SEED) --workers $(WORKERS) $(call opt,--patients,$(PATIENTS))
+# `make synthetic DATA=x` writes x; without DATA on the command line (or in the environment) DEMO_DATA.
+synthetic_out = $(if $(filter command line environment,$(origin DATA)),$(DATA),$(DEMO_DATA))
+
+synthetic: $(STAMP) ## write the synthetic competition into DATA if given, else DEMO_DATA (PRESET=demo|tiny, SEED=0)
+	$(PY) -m competition.synthetic generate --out $(synthetic_out) --preset $(PRESET) --seed $(SEED) $(call opt,--workers,$(WORKERS)) $(call opt,--patients,$(PATIENTS))
 
 data: $(STAMP) ## kaggle competitions download + safe unzip into DATA (needs Kaggle credentials)
 	$(PY) -m competition download --data $(DATA)
 
-prepare: $(STAMP) ## metadata, labels, folds and the image cache for DATA
-	$(PY) -m competition prepare --data $(DATA) $(work_opt) --workers $(WORKERS)
-	$(PY) -m features cache --data $(DATA) $(work_opt) --size $(CACHE_SIZE) --workers $(WORKERS)
+prepare: $(STAMP) ## metadata, labels, folds (N_FOLDS, default 5) and the image cache for DATA
+	$(PY) -m competition prepare --data $(DATA) $(work_opt) $(call opt,--workers,$(WORKERS)) $(call opt,--n-folds,$(N_FOLDS))
+	$(PY) -m features cache --data $(DATA) $(work_opt) --size $(CACHE_SIZE) $(call opt,--workers,$(WORKERS))
 
 cache: $(STAMP) ## only the image cache (int16 HU at CACHE_SIZE px) for DATA
-	$(PY) -m features cache --data $(DATA) $(work_opt) --size $(CACHE_SIZE) --workers $(WORKERS)
+	$(PY) -m features cache --data $(DATA) $(work_opt) --size $(CACHE_SIZE) $(call opt,--workers,$(WORKERS))
 
 list-models: $(STAMP) ## the model zoo (names for MODEL=)
 	$(PY) -m level1_models list
 
-oof: $(STAMP) ## K-fold level-1 training of MODEL -> OOF + test predictions (FOLDS EPOCHS IMG_SIZE BATCH LIMIT DEVICE GPUS)
+oof: $(STAMP) ## K-fold level-1 training of MODEL -> OOF + test predictions (FOLDS EPOCHS IMG_SIZE BATCH LIMIT DEVICE GPUS WORKERS)
 	$(call need,MODEL,zoo name; make list-models)
 	$(launch) -m level1_models oof --model $(MODEL) --data $(DATA) $(work_opt) $(call opt,--folds,$(FOLDS)) \
 	  $(call opt,--epochs,$(EPOCHS)) $(call opt,--img-size,$(IMG_SIZE)) $(call opt,--batch,$(BATCH)) \
-	  $(call opt,--limit,$(LIMIT)) $(call opt,--device,$(DEVICE)) $(sets)
+	  $(call opt,--limit,$(LIMIT)) $(call opt,--device,$(DEVICE)) $(call opt,--workers,$(WORKERS)) $(sets)
 	$(PY) -m level2_stacking.plots --data $(DATA) $(work_opt) --model $(MODEL) --skip-missing
 
 stack: $(STAMP) ## level 2 over every level-1 folder (or MODELS=a,b): LightGBM + sequence model, blended (STACKER THREADS DEVICE TUNE=1 TRIALS STORAGE) -> submission
@@ -140,7 +146,7 @@ report: $(STAMP) ## one self-contained HTML page: every model's scores side by s
 	$(PY) -m level2_stacking.html_report --data $(DATA) $(work_opt)
 
 bench-metadata: $(STAMP) ## header-pass rate (headers/s per core) on up to N files of DATA
-	$(PY) -m competition bench --data $(DATA) --n $(N) --workers $(WORKERS)
+	$(PY) -m competition bench --data $(DATA) --n $(N) $(call opt,--workers,$(WORKERS))
 
 bench-features: $(STAMP) ## cache build and loader rates against the naive pydicom/float64 baseline
 	$(PY) -m features.bench --data $(DATA) $(work_opt)
@@ -149,6 +155,9 @@ bench-train: $(STAMP) ## training and inference images/s of MODEL, and the share
 	$(call need,MODEL,zoo name; make list-models)
 	$(PY) -m level1_models bench --model $(MODEL) --data $(DATA) $(work_opt) $(call opt,--img-size,$(IMG_SIZE)) \
 	  $(call opt,--batch,$(BATCH)) $(call opt,--device,$(DEVICE)) $(sets)
+
+gpu-check: $(STAMP) ## on a CUDA machine: resnet50 + efficientnet_b0 at 256 px from the real loader vs random tensors, DDP with 2+ GPUs
+	$(PY) -m level1_models.gpu_check $(call opt,--batch,$(BATCH)) $(call opt,--workers,$(WORKERS))
 
 bench-stack: $(STAMP) ## level 2 at the real size (752k rows, 5 models, 256-dim embeddings; ROWS=n smaller): features, memory, LightGBM per thread count, sequence epoch, blend
 	$(PY) -m level2_stacking.bench $(call opt,--rows,$(ROWS)) $(call opt,--threads,$(THREADS))

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from competition.atomic import write_parquet
 from competition.cli import add_data_args, run_main, work_paths
 from competition.constants import LABELS
+from competition.locks import stage_lock
 
 
 def cmd_download(args: argparse.Namespace) -> None:
@@ -39,9 +41,7 @@ def cmd_labels(args: argparse.Namespace) -> pd.DataFrame:
     layout = Layout.find(args.data)
     layout.require("train_csv")
     labels = read_labels(layout.train_csv)
-    tmp = paths.labels.with_suffix(".tmp")
-    labels.to_parquet(tmp, index=False)
-    tmp.replace(paths.labels)
+    write_parquet(paths.labels, labels)
     rates = ", ".join(f"{c} {labels[c].mean():.3f}" for c in LABELS)
     print(f"wrote {paths.labels}: {len(labels)} labelled images; positive rates: {rates}")
     return labels
@@ -64,9 +64,7 @@ def cmd_folds(args: argparse.Namespace) -> None:
         print(f"warning: {len(missing)} labelled images have no readable DICOM and are left out of the folds "
               f"(first: {missing[0]}); see {paths.bad_files}", file=sys.stderr)
     folds = make_folds(metadata, labels, n_folds=args.n_folds, seed=args.seed)
-    tmp = paths.folds.with_suffix(".tmp")
-    folds.to_parquet(tmp, index=False)
-    tmp.replace(paths.folds)
+    write_parquet(paths.folds, folds)
     sizes = folds["fold"].value_counts().sort_index().tolist()
     print(f"wrote {paths.folds}: {args.n_folds} folds over {folds['patient_id'].nunique()} patients, images per fold {sizes}")
 
@@ -144,9 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PREPARE_COMMANDS = ("metadata", "labels", "folds", "prepare")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.func(args)
+    if args.command in PREPARE_COMMANDS:  # one run at a time writes a work folder's tables
+        with stage_lock(work_paths(args).root, "prepare"):
+            args.func(args)
+    else:
+        args.func(args)
     return 0
 
 

@@ -1,14 +1,16 @@
 """Atomic writes: a file is either absent or whole, never half written.
 
 Each writer fills a hidden temporary file next to the target and renames it over the target
-(``os.replace`` is atomic on POSIX), so a run killed mid-write leaves at most a ``.<name>.tmp-*``
-file that nothing reads.
+(``os.replace`` is atomic on POSIX), so a run killed mid-write, or a write that fails on a full
+disk, leaves at most a ``.<name>.tmp-*`` file that nothing reads. Temporary names are unique per
+call (pid and a random part), so two runs writing the same target never share one.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``path``, on failure it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         yield tmp
         with open(tmp, "rb+") as fh:  # flush to disk before the rename makes it visible

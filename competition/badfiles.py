@@ -6,22 +6,25 @@ from pathlib import Path
 
 import pandas as pd
 
+from competition.atomic import write_csv
+from competition.locks import file_lock
+
 COLUMNS = ["image_id", "path", "stage", "reason"]
 
 
 def record_bad_files(csv_path: Path | str, rows: Iterable[dict], stage: str) -> pd.DataFrame:
     """Merge ``rows`` (image_id, path, reason) into the list for ``stage``; returns the whole list.
 
-    Each stage's entries are replaced, not appended, so a rerun does not duplicate them.
+    Each stage's entries are replaced, not appended, so a rerun does not duplicate them. The
+    read-modify-write holds a lock, so concurrent stages (metadata, caches of two sizes) keep
+    each other's entries.
     """
     csv_path = Path(csv_path)
     new = pd.DataFrame(list(rows), columns=["image_id", "path", "reason"]).assign(stage=stage)[COLUMNS]
-    old = read_bad_files(csv_path)
-    table = pd.concat([old[old["stage"] != stage], new], ignore_index=True).sort_values(["stage", "image_id"])
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = csv_path.with_suffix(".tmp")
-    table.to_csv(tmp, index=False)
-    tmp.replace(csv_path)
+    with file_lock(csv_path):
+        old = read_bad_files(csv_path)
+        table = pd.concat([old[old["stage"] != stage], new], ignore_index=True).sort_values(["stage", "image_id"])
+        write_csv(csv_path, table)
     return table
 
 

@@ -7,6 +7,9 @@ One function, :func:`read_hu`, is the only way pixels enter the pipeline. It han
   -100, with stored values shifted by -1000 modulo 4096; they are corrected by adding 1000,
   wrapping values >= 4096 and using intercept -1000;
 - any image size (not every file is 512x512);
+- compressed transfer syntaxes (JPEG baseline, extended and lossless, JPEG-LS, JPEG 2000, RLE),
+  decoded by pydicom with the codec packages in the project's dependencies (pylibjpeg and its
+  plugins, gdcm);
 - files that cannot be decoded: a :class:`DicomReadError` naming the file, never a crash
   deep inside numpy.
 """
@@ -39,6 +42,7 @@ HEADER_TAGS = (
     "StudyInstanceUID",
     "SeriesInstanceUID",
     "ImagePositionPatient",
+    "InstanceNumber",
     "Rows",
     "Columns",
     "PixelSpacing",
@@ -122,6 +126,19 @@ def _native_pixels(ds: Dataset) -> np.ndarray | None:
     return raw & np.uint16((1 << bits) - 1) if bits < 16 else raw
 
 
+CODEC_PACKAGES = "pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle python-gdcm"
+
+
+def _decode_failure(ds: Dataset, exc: Exception) -> str:
+    """Why pixel data failed to decode, with the fix when a codec package is missing."""
+    reason = f"pixel data cannot be decoded ({type(exc).__name__}: {' '.join(str(exc).split())})"
+    if "missing dependencies" in str(exc):  # pydicom's words when no plugin for the syntax is installed
+        meta = getattr(ds, "file_meta", None)
+        name = getattr(meta.get("TransferSyntaxUID"), "name", "this transfer syntax") if meta is not None else "this transfer syntax"
+        reason += f"; no codec for {name} is installed: run `make setup` (or pip install {CODEC_PACKAGES})"
+    return reason
+
+
 def hu_from_dataset(ds: Dataset, path: Path | str = "<dataset>") -> np.ndarray:
     """The HU image (float32, rows x columns) of an already-read dataset."""
     if "PixelData" not in ds:
@@ -131,7 +148,7 @@ def hu_from_dataset(ds: Dataset, path: Path | str = "<dataset>") -> np.ndarray:
         try:
             pixels = ds.pixel_array
         except Exception as exc:  # pydicom raises ValueError/AttributeError/... for broken pixel data
-            raise DicomReadError(path, f"pixel data cannot be decoded ({type(exc).__name__}: {exc})") from exc
+            raise DicomReadError(path, _decode_failure(ds, exc)) from exc
     if pixels.ndim != 2:
         raise DicomReadError(path, f"expected one 2-D slice, got pixel array of shape {pixels.shape}")
     slope = first_number(ds.get("RescaleSlope"), 1.0)
@@ -209,6 +226,7 @@ def header_fields(ds: Dataset) -> dict[str, Any]:
         "study_id": str(text["StudyInstanceUID"][0]) if text["StudyInstanceUID"] else "",
         "series_id": str(text["SeriesInstanceUID"][0]) if text["SeriesInstanceUID"] else "",
         "z": _float(position, 2),
+        "instance_number": _float(_raw_values(ds, "InstanceNumber")),
         "rows": int(_float(_raw_values(ds, "Rows"), default=0)),
         "columns": int(_float(_raw_values(ds, "Columns"), default=0)),
         "pixel_spacing_row": _float(spacing, 0),

@@ -1,6 +1,7 @@
 """`make data`: download the competition with the kaggle client and unzip it safely into DATA."""
 from __future__ import annotations
 
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -8,7 +9,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from competition.constants import COMPETITION
-from competition.kaggle_cli import run_kaggle
+from competition.diskspace import check_free_space
+from competition.kaggle_cli import KaggleError, run_kaggle
 
 
 class UnsafeArchiveError(ValueError):
@@ -49,6 +51,8 @@ def safe_unzip(archive_path: Path | str, target_dir: Path | str, progress: bool 
     with zipfile.ZipFile(archive_path) as archive:
         members = archive.infolist()
         targets = [safe_target(root, m.filename) for m in members]
+        to_write = [m.file_size for m, t in zip(members, targets) if not (t.is_file() and t.stat().st_size == m.file_size)]
+        check_free_space(root, sum(to_write), f"unzipping {Path(archive_path).name}", elsewhere="DATA=")
         for member, target in tqdm(list(zip(members, targets)), desc=f"unzip {Path(archive_path).name}", unit="file", disable=not progress):
             if member.is_dir():
                 target.mkdir(parents=True, exist_ok=True)
@@ -56,10 +60,13 @@ def safe_unzip(archive_path: Path | str, target_dir: Path | str, progress: bool 
             if target.is_file() and target.stat().st_size == member.file_size:
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(target.name + ".partial")
-            with archive.open(member) as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-            tmp.replace(target)
+            tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")  # unique: two unzips never share one
+            try:
+                with archive.open(member) as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+                tmp.replace(target)
+            finally:
+                tmp.unlink(missing_ok=True)  # a full disk leaves no half file behind
             written += 1
     return written
 
@@ -67,7 +74,17 @@ def safe_unzip(archive_path: Path | str, target_dir: Path | str, progress: bool 
 def download_competition(data_dir: Path | str, competition: str = COMPETITION, keep_zip: bool = True) -> Path:
     """Download (or finish downloading) and unzip the competition into ``data_dir``."""
     data_dir = Path(data_dir)
+    created = not data_dir.exists()
     data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _download_into(data_dir, competition, keep_zip)
+    except BaseException:
+        if created and not any(data_dir.iterdir()):
+            data_dir.rmdir()  # a failed first try (no credentials, no network) leaves no empty DATA behind
+        raise
+
+
+def _download_into(data_dir: Path, competition: str, keep_zip: bool) -> Path:
     archive = data_dir / f"{competition}.zip"
     marker = data_dir / f".{archive.name}.unzipped"
     if marker.is_file():
@@ -78,7 +95,7 @@ def download_competition(data_dir: Path | str, competition: str = COMPETITION, k
     if not archive.exists():
         run_kaggle(download_args(data_dir, competition))
         if not is_complete_zip(archive):
-            raise RuntimeError(f"the kaggle client finished but {archive} is not a complete zip; run `make data` again")
+            raise KaggleError(f"the kaggle client finished but {archive} is not a complete zip; run `make data` again")
     safe_unzip(archive, data_dir)
     marker.touch()
     if not keep_zip:

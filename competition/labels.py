@@ -66,7 +66,15 @@ def read_labels(csv_path: Path | str) -> pd.DataFrame:
     path = Path(csv_path)
     if not path.is_file():
         raise LabelError(f"label file {path} not found; is DATA the Kaggle competition folder?")
-    return long_to_wide(pd.read_csv(path), source=str(path))
+    try:
+        long = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise LabelError(f"label file {path} is empty (not even the `ID,Label` header); "
+                         f"download it again (`make data`) or regenerate the dataset") from None
+    if long.empty:
+        raise LabelError(f"label file {path} has a header but no rows; download it again (`make data`) "
+                         f"or regenerate the dataset")
+    return long_to_wide(long, source=str(path))
 
 
 def labels_to_long(wide: pd.DataFrame, value_columns: tuple[str, ...] = LABELS) -> pd.DataFrame:

@@ -1,13 +1,19 @@
 """The metadata table: one row per image from a parallel, header-only pass over every DICOM.
 
 Resumable: finished chunks are kept in ``<out>.parts/`` until the table is written, and a run on a
-dataset whose table already covers every file reads nothing.
+dataset whose table already covers every file reads nothing. A table written by an older version
+(lacking a column) is read again from the files.
+
+Slice order within a series (``slice_index``) follows z (ImagePositionPatient). A series in which
+some slice has no position is ordered by InstanceNumber instead, turned to run the way z does in
+its slices that have both; a series without either in some slice is ordered by file name. ``z``
+itself stays NaN where the header has no position: it is not invented.
 """
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -15,14 +21,17 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from competition.atomic import write_parquet
 from competition.badfiles import record_bad_files
 from competition.dicom import HEADER_TAGS, DicomReadError, header_fields, read_dataset
 from competition.layout import Layout
+from competition.locks import stage_lock
+from competition.pools import worker_pool
 
 CHUNK = 2000  # files per resumable part; also the unit of work handed to a process
 
 COLUMNS = [
-    "image_id", "split", "path", "patient_id", "study_id", "series_id", "z", "slice_index", "n_slices",
+    "image_id", "split", "path", "patient_id", "study_id", "series_id", "z", "instance_number", "slice_index", "n_slices",
     "rows", "columns", "pixel_spacing_row", "pixel_spacing_col", "slice_thickness",
     "window_center", "window_width", "slope", "intercept", "bits_stored", "pixel_representation",
 ]
@@ -55,9 +64,27 @@ def read_headers(root: str, rel_paths: Sequence[str]) -> tuple[list[dict], list[
     return good, bad
 
 
+def slice_order_key(table: pd.DataFrame) -> np.ndarray:
+    """Per row, the value its series is sorted by (see the module docstring): z where the whole
+    series has it, else the InstanceNumber (negated when z falls as it rises), else NaN for the
+    whole series (file-name order)."""
+    series = table["series_id"]
+    size = series.map(series.value_counts())
+    z, inst = table["z"], table["instance_number"]
+    z_complete = z.groupby(series).transform("count") == size
+    inst_complete = inst.groupby(series).transform("count") == size
+    both = z.notna() & inst.notna()
+    zc = z.where(both) - z.where(both).groupby(series).transform("mean")
+    ic = inst.where(both) - inst.where(both).groupby(series).transform("mean")
+    falling = (zc * ic).groupby(series).transform("sum") < 0  # covariance of z and InstanceNumber
+    by_instance = np.where(falling, -inst, inst)
+    return np.where(z_complete, z, np.where(inst_complete, by_instance, np.nan))
+
+
 def add_slice_order(table: pd.DataFrame) -> pd.DataFrame:
-    """slice_index (by z within the series, ties broken by image_id) and n_slices."""
-    table = table.sort_values(["series_id", "z", "image_id"], na_position="last", kind="mergesort")
+    """slice_index (by :func:`slice_order_key` within the series, ties broken by image_id) and n_slices."""
+    table = table.assign(_key=slice_order_key(table))
+    table = table.sort_values(["series_id", "_key", "image_id"], kind="mergesort").drop(columns="_key")
     table["slice_index"] = table.groupby("series_id", sort=False).cumcount().astype(np.int32)
     table["n_slices"] = table.groupby("series_id", sort=False)["image_id"].transform("size").astype(np.int32)
     return table.sort_values("image_id", ignore_index=True)
@@ -70,15 +97,29 @@ def build_metadata(
     progress: bool = True,
     bad_files_csv: Path | str | None = None,
 ) -> pd.DataFrame:
-    """Read every header of the dataset into ``out_path`` (parquet); returns the table."""
+    """Read every header of the dataset into ``out_path`` (parquet); returns the table.
+
+    Holds the ``metadata`` lock of ``out_path``'s folder: a second run on the same folder is told
+    who holds it instead of sharing (and deleting) the parts folder.
+    """
     layout = Layout.find(data_dir)
     out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with stage_lock(out_path.parent, "metadata"):
+        return _build_metadata(layout, out_path, workers, progress, bad_files_csv)
+
+
+def _build_metadata(layout: Layout, out_path: Path, workers: int | None, progress: bool,
+                    bad_files_csv: Path | str | None) -> pd.DataFrame:
     files = list_images(layout)
     if files.empty:
         raise FileNotFoundError(f"no .dcm files under {layout.train_dir} or {layout.test_dir}")
     kept: list[pd.DataFrame] = []
-    if out_path.is_file():
-        done = pd.read_parquet(out_path)
+    done = pd.read_parquet(out_path) if out_path.is_file() else None
+    if done is not None and not set(COLUMNS) <= set(done.columns):
+        print(f"{out_path} lacks {sorted(set(COLUMNS) - set(done.columns))} (an older version wrote it); reading every header again")
+        done = None
+    if done is not None:
         if set(done["image_id"]) == set(files["image_id"]):
             return done
         # New files were added (or some were unreadable last time): read only those.
@@ -87,7 +128,8 @@ def build_metadata(
     parts_dir = out_path.with_name(out_path.name + ".parts")
     parts_dir.mkdir(parents=True, exist_ok=True)
     n_parts = len(list(parts_dir.glob("part-*.parquet")))
-    kept += [pd.read_parquet(p) for p in sorted(parts_dir.glob("part-*.parquet"))]
+    parts = [pd.read_parquet(p) for p in sorted(parts_dir.glob("part-*.parquet"))]
+    kept += [p for p in parts if "instance_number" in p.columns]  # an older version's parts are read again
     seen = set().union(*(set(p["path"]) for p in kept)) if kept else set()
     todo = files.loc[~files["path"].isin(seen), "path"].tolist()
     chunks = [todo[i : i + CHUNK] for i in range(0, len(todo), CHUNK)]
@@ -97,16 +139,14 @@ def build_metadata(
     root = str(layout.root)
     with tqdm(total=len(files), initial=len(files) - len(todo), desc="headers", unit="file", disable=not progress) as bar, ExitStack() as stack:
         if workers > 1:
-            pool = stack.enter_context(ProcessPoolExecutor(workers))
+            pool = stack.enter_context(worker_pool(workers))
             futures = [pool.submit(read_headers, root, chunk) for chunk in chunks]
             results = (future.result() for future in futures)
         else:  # in-process: no pool start-up for small datasets, and easy to debug
             results = (read_headers(root, chunk) for chunk in chunks)
         for n, (good, bad) in enumerate(results):
             part = pd.DataFrame(good, columns=["path", *COLUMNS[3:]]).drop(columns=["slice_index", "n_slices"])
-            tmp = parts_dir / f"tmp-{n}.parquet"
-            part.to_parquet(tmp, index=False)
-            tmp.replace(parts_dir / f"part-{n_parts + n:06d}.parquet")
+            write_parquet(parts_dir / f"part-{n_parts + n:06d}.parquet", part)  # whole or absent
             kept.append(part)
             bad_rows += bad
             bar.update(len(good) + len(bad))
@@ -116,10 +156,6 @@ def build_metadata(
     table = add_slice_order(table)[COLUMNS]
     if bad_files_csv is not None:
         record_bad_files(bad_files_csv, bad_rows, stage="metadata")
-    tmp = out_path.with_suffix(".tmp")
-    table.to_parquet(tmp, index=False)
-    tmp.replace(out_path)
-    for p in parts_dir.glob("*.parquet"):
-        p.unlink()
-    parts_dir.rmdir()
+    write_parquet(out_path, table)
+    shutil.rmtree(parts_dir)  # also any temporary file a killed run left there
     return table

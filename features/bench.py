@@ -8,7 +8,10 @@
 - loader rate: augmented 3-channel tensors/s in one process (= per DataLoader worker), against the
   naive loader that reads the DICOM and builds `bsb` in float64 per call, then applies the same
   augmentations with stock albumentations;
-- 2.5D: cache reads per item and loader rate for `brain3` and the 9-channel `bsb3`.
+- 2.5D: cache reads per item and loader rate for `brain3` and the 9-channel `bsb3`;
+- formats: bytes per slice (stored, and on disk) and the loader rate of the head-cropped cache
+  with each codec (lz4, zstd) against the format before them (raw int16 of the whole slice, the v1
+  memory map's bytes, read through today's reader), in the same run, alternated.
 Each rate is the median of ``--repeats`` runs. One-process rates are given per CPU-second of the
 process (``name``: what one core does, however many other jobs share the machine) and per
 wall-clock second (``name_wall``). Our runs and the baseline's alternate so that both see the same
@@ -36,8 +39,9 @@ import torch
 
 from competition.cli import add_data_args, run_main, work_paths
 from features.augment import AugmentConfig
-from features.cache import ImageCache, build_cache
+from features.cache import ImageCache, build_cache, disk_bytes
 from features.dataset import SliceDataset
+from features.slice_codec import DEFAULT_CODEC
 
 # Targets from the issue, for this 2-core machine.
 TARGET_BUILD_PER_CORE = 250.0
@@ -131,6 +135,22 @@ def dataset_pass(ds: SliceDataset, limit: int) -> int:
     return n
 
 
+def readable_only(sample: pd.DataFrame, data: Path) -> pd.DataFrame:
+    """The rows whose DICOM both sides can decode; the others (a truncated file, say) are skipped
+    and counted, so a benchmark never stops on a broken file."""
+    keep, skipped = [], []
+    for rel in sample["path"]:
+        try:
+            pydicom.dcmread(data / rel).pixel_array
+            keep.append(True)
+        except Exception as exc:  # any unreadable file: the benchmark measures the readable ones
+            keep.append(False)
+            skipped.append(f"{rel}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    if skipped:
+        print(f"bench_skipped: {len(skipped)} unreadable files (first: {skipped[0]})")
+    return sample[keep]
+
+
 def png16_figures(cache: ImageCache, ids: list[str], repeats: int) -> tuple[float, float, float]:
     """Bytes/slice, encode and decode rates of the same HU as 16-bit PNG (HU + 1024)."""
     images = [(cache.read_hu(i).astype(np.int32) + 1024).clip(0, 65535).astype(np.uint16) for i in ids]
@@ -143,6 +163,29 @@ def png16_figures(cache: ImageCache, ids: list[str], repeats: int) -> tuple[floa
     encode_rate = median_rate(encode, repeats)
     decode_rate = median_rate(lambda: len([cv2.imdecode(e, cv2.IMREAD_UNCHANGED) for e in encoded]), repeats)
     return float(np.mean([e.nbytes for e in encoded])), encode_rate, decode_rate
+
+
+def compare_formats(caches: dict[str, tuple[ImageCache, str]], ids: list[str], sample: pd.DataFrame, size: int,
+                    cfg: AugmentConfig, args: argparse.Namespace) -> None:
+    """Bytes per slice and augmented loader rates of cache formats (name -> cache, label) against
+    the first one, each pair alternated in one run so that both see the same machine load."""
+    for name, (cache, label) in caches.items():
+        print(f"format_{name}: {label}")
+        print(f"bytes_per_slice_{name}: {cache.lengths.mean():.0f} B stored, "
+              f"{disk_bytes(cache.directory) / len(cache.ids):.0f} B on disk")
+    (first, (reference, _)), *others = caches.items()
+    for combination in ("bsb", "brain3"):
+        def loader(cache: ImageCache) -> SliceDataset:
+            return SliceDataset(ids, sample, cache, combination, size, augment=True, augment_config=cfg)
+
+        for k, (name, (cache, _)) in enumerate(others):
+            a, b = loader(reference), loader(cache)
+            rate_a, rate_b, ratio = paired_rates(lambda: dataset_pass(a, args.loader_n),
+                                                 lambda: dataset_pass(b, args.loader_n), args.repeats)
+            if k == 0:
+                show(f"loader_{combination}_aug_per_worker_{first}", rate_a, "tensors/s")
+            show(f"loader_{combination}_aug_per_worker_{name}", rate_b, "tensors/s")
+            print(f"loader_{combination}_{name}_vs_{first}: {1 / ratio:.2f} x")
 
 
 def run_bench(args: argparse.Namespace) -> None:
@@ -160,7 +203,7 @@ def run_bench(args: argparse.Namespace) -> None:
     metadata = metadata.sort_values(["series_id", "slice_index"])
     per_series = metadata.groupby("series_id", sort=False).size()
     chosen = per_series.index[(per_series.cumsum() <= args.n) | (np.arange(len(per_series)) == 0)]
-    sample = metadata[metadata["series_id"].isin(chosen)].copy()
+    sample = readable_only(metadata[metadata["series_id"].isin(chosen)].copy(), Path(args.data))
     files = [Path(args.data) / p for p in sample["path"]]
     shape = f"{int(sample['rows'].median())}x{int(sample['columns'].median())}"
     ids = sample["image_id"].tolist()
@@ -174,9 +217,9 @@ def run_bench(args: argparse.Namespace) -> None:
         tmp = Path(tmp)
         runs = iter(range(10**6))
 
-        def build(workers: int) -> int:
-            result = build_cache(args.data, sample, tmp / f"cache{next(runs)}", size=size, workers=workers,
-                                 progress=False, bad_files_csv=tmp / "bad_files.csv")
+        def build(workers: int, codec: str = DEFAULT_CODEC, crop: bool = True, name: str = "") -> int:
+            result = build_cache(args.data, sample, tmp / (name or f"cache{next(runs)}"), size=size, workers=workers,
+                                 progress=False, bad_files_csv=tmp / "bad_files.csv", codec=codec, crop=crop)
             return result["written_now"] + result["bad_now"]
 
         naive_build(files, tmp / "warm", size)  # first touch of the files (page cache) for both sides
@@ -184,8 +227,8 @@ def run_bench(args: argparse.Namespace) -> None:
                                            args.repeats)
         build_all = median_rate(lambda: build(args.workers), args.repeats)
         cache = ImageCache(tmp / "cache0")
-        print(f"cache_format: int16 HU memory map ({size} px)")
-        print(f"cache_bytes_per_slice: {size * size * 2} B")
+        print(f"cache_format: int16 HU, head crop, {cache.codec} ({size} px)")
+        print(f"cache_bytes_per_slice: {cache.lengths.mean():.0f} B (raw {size * size * 2} B)")
         show("cache_build_per_core", build_1, "slices/s")
         show("baseline_build_per_core", base_build, "slices/s", "pydicom + float64 bsb + 8-bit PNG")
         print(f"cache_build_vs_baseline: {build_ratio:.1f} x")
@@ -222,6 +265,12 @@ def run_bench(args: argparse.Namespace) -> None:
         show("baseline_loader_bsb_noaug_per_worker", base[False], "tensors/s")
         print(f"loader_vs_baseline_aug: {ratio[True]:.1f} x")
         print(f"loader_vs_baseline_noaug: {ratio[False]:.1f} x")
+        formats = {"before": ("raw", False, "raw int16 of the whole slice (the v1 format's bytes)")}
+        formats |= {codec: (codec, True, f"{codec}, head crop") for codec in ("lz4", "zstd")}
+        for name, (codec, crop, _) in formats.items():
+            build(1, codec, crop, name)
+        compare_formats({name: (ImageCache(tmp / name), label) for name, (_, _, label) in formats.items()},
+                        ids, sample, size, cfg, args)
 
     met = {
         f"build >= {TARGET_BUILD_PER_CORE:.0f}/s/core": build_1.cpu >= TARGET_BUILD_PER_CORE,

@@ -1,25 +1,33 @@
-"""The image cache: every slice's Hounsfield units, resized once, served without reading a DICOM.
+"""The image cache: every slice's Hounsfield units, cropped to the head, squared, resized once,
+served without reading a DICOM.
 
-Format (chosen by measurement, see ``python -m features.bench``): one memory-mapped file of int16
-HU per size, ``<cache_dir>/<size>px/hu.int16``, rows of size x size pixels. Compared with 16-bit
-PNG it is about twice the bytes (2 bytes per pixel: 128 KiB per 256 px slice) but a read is a
-memcpy (tens of microseconds against about a millisecond to decode a PNG), and writing costs
-nothing next to reading the DICOM. HU are rounded to integers and clipped below at -1024 (air):
-values below air are padding outside the scanner's field of view; no window looks below it.
+Format ``FORMAT``, one folder per size, ``<cache_dir>/<size>px/``:
+- ``ids.txt``: the image id of each row. Rows follow the series and slice order of the metadata,
+  so the slices a 2.5D input reads together lie next to each other on disk.
+- ``status.uint8``: per row 0 to do, 1 cached, 2 bad. It makes the pass resumable: a rerun does
+  only the rows still to do, and new images in the metadata are appended.
+- ``boxes.int32``: per row the square (y0, x0, y1, x1) cut from the slice, in its own pixels
+  (``features.crop``: the head of the whole series plus a margin, padded with air to a square).
+  ``features.crop.to_original`` maps a map made on the cached image back onto the slice.
+- ``slices.bin`` and ``lengths.uint32``: row r's slice, encoded by ``features.slice_codec``, is the
+  first ``lengths[r]`` bytes of a slot of size x size x 2 bytes. Slots are allocated sparse, so a
+  compressed slice takes only the disk pages it fills, and workers write their rows in place.
+- ``info.json`` (format, size, codec, crop rule, rows) and ``bad_files.csv``; bad files are also
+  listed in the work folder's shared bad-files list (stage ``cache_<size>px``).
 
-Rows follow the series and z order of the metadata, so the slices a 2.5D input reads together lie
-next to each other on disk. A one-byte status per row (0 to do, 1 cached, 2 bad) makes the pass
-resumable: a rerun does only the rows still to do, and new images in the metadata are appended.
-Bad files are listed with their reason in ``<size>px/bad_files.csv`` and in the work folder's
-shared bad-files list (stage ``cache_<size>px``).
+HU are rounded to integers and clipped below at -1024 (air): values below air are padding outside
+the scanner's field of view; no window looks below it. Measured choices (``python -m
+features.bench``, README): lz4 on byte planes (the default) about halves the disk and costs the
+loader a decode of ~0.07 ms per 256 px slice; zstd saves a fifth more disk at twice that decode;
+raw rows are one copy out of the memory map.
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -27,14 +35,21 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from competition.atomic import write_csv
 from competition.badfiles import record_bad_files
+from competition.diskspace import check_free_space
+from competition.pools import worker_pool
+from features import crop as crop_rule
+from features.slice_codec import CODECS, DEFAULT_CODEC, EXPECTED_RATIO, decode, encode, raw_bytes
 
-FORMAT = "int16-hu-memmap-v1"
+FORMAT = "int16-hu-square-crop-v2"  # v1 ("int16-hu-memmap-v1"): whole slice stretched, raw memory map
 DTYPE = np.dtype(np.int16)
 HU_MIN = -1024  # air; lower values (padding outside the field of view) are stored as air
 HU_MAX = int(np.iinfo(np.int16).max)
 DEFAULT_SIZE = 256
-CHUNK = 64  # slices per task handed to a worker process
+CHUNK = 64  # slices per task handed to a worker process (whole series, so a task may hold more)
+PAGE = 4096  # disk block: a compressed slice's last one is filled on average half
+ROW_FILES_BYTES = 1 + 4 + 16 + 16  # status, length, box and id of one row
 
 TODO, CACHED, BAD = 0, 1, 2
 
@@ -43,8 +58,16 @@ def size_dir(cache_dir: Path | str, size: int) -> Path:
     return Path(cache_dir) / f"{size}px"
 
 
+def expected_cache_bytes(n_slices: int, size: int, codec: str = DEFAULT_CODEC, *, worst_case: bool = False) -> int:
+    """Disk bytes ``n_slices`` cached at ``size`` px take: expected (codec "raw" is exact), or at
+    most (``worst_case``: every slice incompressible, as raw)."""
+    slot = raw_bytes(size)
+    per_slice = slot if worst_case or codec == "raw" else min(slot, EXPECTED_RATIO[codec] * slot + PAGE / 2)
+    return int(n_slices * (per_slice + ROW_FILES_BYTES))
+
+
 def resize_hu(hu: np.ndarray, size: int) -> np.ndarray:
-    """HU image -> size x size float32 (area averaging when shrinking, bilinear when growing)."""
+    """Square HU image -> size x size float32 (area averaging when shrinking, bilinear when growing)."""
     if hu.shape == (size, size):
         return hu.astype(np.float32, copy=False)
     shrink = hu.shape[0] >= size and hu.shape[1] >= size
@@ -53,66 +76,159 @@ def resize_hu(hu: np.ndarray, size: int) -> np.ndarray:
     )
 
 
-def to_stored(hu: np.ndarray, size: int) -> np.ndarray:
-    """What the cache stores for one HU image: clipped, resized, rounded to int16."""
+def to_stored(hu: np.ndarray, size: int, box: np.ndarray | None = None) -> np.ndarray:
+    """What the cache stores for one HU image: clipped, cut to ``box`` (default: the whole slice,
+    padded to a square with air), resized, rounded to int16."""
     hu = np.clip(hu, HU_MIN, HU_MAX, dtype=np.float32)
-    return np.rint(resize_hu(hu, size)).astype(DTYPE)
+    box = crop_rule.square_box(None, hu.shape) if box is None else box
+    return np.rint(resize_hu(crop_rule.cut_square(hu, box, HU_MIN), size)).astype(DTYPE)
 
 
 class _Store:
-    """The files of one size: ids.txt (row order), status.uint8, hu.int16, info.json."""
+    """The files of one size (see the module docstring)."""
 
     def __init__(self, directory: Path, size: int):
         self.dir, self.size = directory, size
         self.ids_path = directory / "ids.txt"
         self.status_path = directory / "status.uint8"
-        self.data_path = directory / "hu.int16"
+        self.data_path = directory / "slices.bin"
+        self.lengths_path = directory / "lengths.uint32"
+        self.boxes_path = directory / "boxes.int32"
         self.info_path = directory / "info.json"
         self.bad_path = directory / "bad_files.csv"
 
     @property
-    def slice_bytes(self) -> int:
-        return self.size * self.size * DTYPE.itemsize
+    def slot_bytes(self) -> int:
+        return raw_bytes(self.size)
 
     def read_ids(self) -> list[str]:
         return self.ids_path.read_text().split() if self.ids_path.is_file() else []
 
-    def extend(self, new_ids: Sequence[str]) -> None:
-        """Append rows for ``new_ids``: ids, to-do statuses, and room in the data file."""
+    def info(self) -> dict:
+        return json.loads(self.info_path.read_text()) if self.info_path.is_file() else {}
+
+    def open(self, name: str, mode: str = "r") -> np.memmap:
+        """The per-row file ``name`` (data, lengths or boxes) as a memory map over every row."""
+        n = len(self.read_ids())
+        path, dtype, shape = {
+            "data": (self.data_path, np.uint8, (n, self.slot_bytes)),
+            "lengths": (self.lengths_path, np.uint32, (n,)),
+            "boxes": (self.boxes_path, np.int32, (n, 4)),
+        }[name]
+        return np.memmap(path, dtype=dtype, mode=mode, shape=shape)
+
+    def extend(self, new_ids: Sequence[str], codec: str, crop: bool) -> None:
+        """Append rows for ``new_ids``: ids, to-do statuses, and room in the per-row files."""
         self.dir.mkdir(parents=True, exist_ok=True)
         n_old = len(self.read_ids())
         with self.ids_path.open("a") as f:
             f.writelines(f"{i}\n" for i in new_ids)
         n = n_old + len(new_ids)
-        for path, row_bytes in ((self.status_path, 1), (self.data_path, self.slice_bytes)):
+        with self.status_path.open("ab") as f:  # real zeros (to do), not sparse: the builder's mapped
+            f.write(bytes(n - f.tell()))  # status writes then cannot die with SIGBUS on a full disk
+        for path, row_bytes in ((self.lengths_path, 4), (self.boxes_path, 16), (self.data_path, self.slot_bytes)):
             with path.open("ab") as f:
-                f.truncate(n * row_bytes)  # sparse: no bytes written until a row is filled
-        self.info_path.write_text(json.dumps({"format": FORMAT, "size": self.size, "dtype": DTYPE.name,
-                                              "hu_min": HU_MIN, "rows": n}, indent=1))
+                f.truncate(n * row_bytes)  # sparse: no disk used until a row is filled
+        rule = {"body_hu": crop_rule.BODY_HU, "margin": crop_rule.MARGIN, "min_side": crop_rule.MIN_SIDE} if crop else None
+        self.info_path.write_text(json.dumps({
+            "format": FORMAT, "size": self.size, "dtype": DTYPE.name, "hu_min": HU_MIN, "rows": n, "codec": codec,
+            "crop": rule, "boxes": "boxes.int32: rows x (y0, x0, y1, x1), the square cut from each slice, in its pixels",
+        }, indent=1))
 
-    def check_info(self) -> None:
-        if not self.info_path.is_file():
+    def check_info(self, codec: str | None = None, crop: bool | None = None) -> None:
+        """Refuse a folder in another format, or (when building) made with another codec or crop rule."""
+        info = self.info()
+        if not info:
             return
-        info = json.loads(self.info_path.read_text())
+        rebuild = f"delete {self.dir} and run `make cache CACHE_SIZE={self.size}` (python -m features cache --size {self.size})"
         if info.get("format") != FORMAT or info.get("size") != self.size:
-            raise ValueError(f"{self.dir} holds a cache in another format ({info}); delete that folder to rebuild it")
+            raise ValueError(f"{self.dir} holds an image cache in another format ({info.get('format')} at "
+                             f"{info.get('size')} px, not {FORMAT}: before v2 slices were stretched, uncropped and "
+                             f"uncompressed); {rebuild}")
+        if codec is not None and info.get("codec") != codec:
+            raise ValueError(f"{self.dir} was built with codec {info.get('codec')}, not {codec}; "
+                             f"pass --codec {info.get('codec')} to extend it, or {rebuild}")
+        if crop is not None and (info.get("crop") is not None) != crop:
+            raise ValueError(f"{self.dir} was built {'with' if info.get('crop') else 'without'} the head crop; "
+                             f"build it the same way to extend it, or {rebuild}")
 
 
-def _cache_chunk(root: str, data_path: str, size: int, n_rows: int, tasks: list[tuple[int, str]]) -> list[tuple[int, str]]:
-    """Worker: read, resize and write each (row, path); returns (row, reason) for the bad ones."""
+Task = list[tuple[list[tuple[int, str]], list[int] | None]]  # per series: its (row, path)s, and a box to reuse
+
+
+def _read_series(root: Path, rows: list[tuple[int, str]]) -> tuple[dict[int, np.ndarray], list[tuple[int, str]]]:
+    """HU of each readable row; (row, reason) for the others."""
     from competition.dicom import read_hu  # imported here so spawn-started workers import it too
 
-    data = np.memmap(data_path, dtype=DTYPE, mode="r+", shape=(n_rows, size, size))
-    bad = []
-    for row, rel in tasks:
+    hus, bad = {}, []
+    for row, rel in rows:
         try:
-            data[row] = to_stored(read_hu(Path(root) / rel), size)
+            hus[row] = read_hu(root / rel)
         except Exception as exc:  # one broken file must not stop the pass; it is listed instead
-            reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
-            bad.append((row, reason))
-    data.flush()
-    del data
+            bad.append((row, getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"))
+    return hus, bad
+
+
+def series_boxes(hus: Iterable[np.ndarray], crop: bool) -> dict[tuple[int, int], np.ndarray]:
+    """One square box per slice shape of a series: around the union of its head extents (``crop``),
+    else the whole slice padded to a square."""
+    by_shape: dict[tuple[int, int], list] = {}
+    for hu in hus:
+        by_shape.setdefault(hu.shape, []).append(crop_rule.head_extent(hu) if crop else None)
+    return {shape: crop_rule.square_box(crop_rule.union(extents), shape) for shape, extents in by_shape.items()}
+
+
+def _cache_chunk(root: str, store_dir: str, size: int, codec: str, crop: bool, task: Task) -> list[tuple[int, str]]:
+    """Worker: read each series of ``task``, cut its box, resize, encode and write each row in
+    place; returns (row, reason) for the bad ones."""
+    store = _Store(Path(store_dir), size)
+    # pwrite, not stores through a memory map: on a full disk a write into the sparse files fails
+    # with ENOSPC (one line, the rows stay to do) where a mapped store kills the process (SIGBUS).
+    fds = [os.open(p, os.O_WRONLY) for p in (store.data_path, store.lengths_path, store.boxes_path)]
+    bad = []
+    try:
+        for rows, reuse in task:
+            hus, series_bad = _read_series(Path(root), rows)
+            bad += series_bad
+            shape_box = series_boxes(hus.values(), crop)
+            for row, hu in hus.items():
+                box = np.asarray(reuse, dtype=np.int32) if reuse is not None else shape_box[hu.shape]
+                blob = encode(to_stored(hu, size, box), codec)
+                os.pwrite(fds[0], blob, row * store.slot_bytes)
+                os.pwrite(fds[1], np.uint32(len(blob)).tobytes(), row * 4)
+                os.pwrite(fds[2], np.asarray(box, dtype=np.int32).tobytes(), row * 16)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    # No msync: the rows sit in the shared page cache, which outlives this process (as does the
+    # parent's status write that follows); forcing them to disk here cost ~0.5 ms a slice.
     return bad
+
+
+def _tasks(series: np.ndarray, todo_rows: np.ndarray, paths: list[str], reuse: dict[str, list[int]]) -> list[Task]:
+    """Whole series per task, about CHUNK slices a task, in row order."""
+    tasks: list[Task] = []
+    current: Task = []
+    n = 0
+    frame = pd.DataFrame({"series": series, "row": todo_rows, "path": paths})
+    for s, group in frame.groupby("series", sort=False):
+        current.append((list(zip(group["row"].tolist(), group["path"].tolist())), reuse.get(s)))
+        n += len(group)
+        if n >= CHUNK:
+            tasks.append(current)
+            current, n = [], 0
+    return tasks + ([current] if current else [])
+
+
+def _boxes_to_reuse(store: _Store, series: np.ndarray, wanted: np.ndarray, status: np.ndarray) -> dict[str, list[int]]:
+    """The box of each series that is partly cached and partly to do (new slices appended): its
+    new slices get the same box, so that the series keeps one pixel grid."""
+    cached = status[wanted] == CACHED
+    todo = set(series[status[wanted] == TODO])
+    first = pd.Series(wanted[cached], index=series[cached]).groupby(level=0).first()
+    first = first[first.index.isin(todo)]
+    boxes = store.open("boxes")
+    return {s: boxes[r].tolist() for s, r in first.items()}
 
 
 def build_cache(
@@ -123,50 +239,67 @@ def build_cache(
     workers: int = 2,
     progress: bool = True,
     bad_files_csv: Path | str | None = None,
+    codec: str = DEFAULT_CODEC,
+    crop: bool = True,
 ) -> dict:
     """Cache every image of ``metadata`` (columns image_id, path, and series_id/slice_index when
     present) at ``size`` px; resumable. Returns what it did (counts, bytes, seconds, rate).
 
-    ``bad_files_csv`` is the work folder's shared bad-files list; by default the ``bad_files.csv``
-    next to ``cache_dir`` (that is ``WorkPaths.bad_files`` when ``cache_dir`` is ``WorkPaths.cache``).
+    ``codec`` is one of ``slice_codec.CODECS``; ``crop`` cuts each series to its head (else whole slices, padded
+    to squares). ``bad_files_csv`` is the work folder's shared bad-files list; by default the
+    ``bad_files.csv`` next to ``cache_dir`` (``WorkPaths.bad_files`` when ``cache_dir`` is
+    ``WorkPaths.cache``). Before a build it prints the rows to write and their expected disk size
+    (:func:`expected_cache_bytes`) when ``progress`` is on.
     """
     if size < 8:
         raise ValueError(f"cache size {size} px is too small; use e.g. 256 or 512")
+    if codec not in CODECS:
+        raise ValueError(f"unknown cache codec {codec!r}; one of {', '.join(CODECS)}")
     missing_cols = {"image_id", "path"} - set(metadata.columns)
     if missing_cols:
         raise ValueError(f"metadata lacks columns {sorted(missing_cols)}; build it with `python -m competition metadata`")
     t0 = time.perf_counter()
     store = _Store(size_dir(cache_dir, size), size)
-    store.check_info()
+    store.check_info(codec, crop)
     order = [c for c in ("split", "series_id", "slice_index", "image_id") if c in metadata.columns]
     table = metadata.sort_values(order, kind="mergesort")
     known = store.read_ids()
     known_set = set(known)
     new_ids = [i for i in table["image_id"] if i not in known_set]
     if new_ids or not known:
-        store.extend(new_ids)
+        store.extend(new_ids, codec, crop)
     ids = store.read_ids()
     row_of = {image_id: r for r, image_id in enumerate(ids)}
     status = np.memmap(store.status_path, dtype=np.uint8, mode="r+", shape=(len(ids),))
     paths = dict(zip(table["image_id"], table["path"]))
     wanted = np.array([row_of[i] for i in table["image_id"]], dtype=np.int64)
-    todo_rows = wanted[status[wanted] == TODO]
-    todo = [(int(r), paths[ids[r]]) for r in todo_rows]
-    chunks = [todo[i : i + CHUNK] for i in range(0, len(todo), CHUNK)]
+    series = (table["series_id"] if "series_id" in table.columns else table["image_id"]).to_numpy(dtype=object)
+    is_todo = status[wanted] == TODO
+    todo_rows = wanted[is_todo]
+    reuse = _boxes_to_reuse(store, series, wanted, status)
+    tasks = _tasks(series[is_todo], todo_rows, [paths[ids[r]] for r in todo_rows], reuse)
+    if progress and len(todo_rows):
+        print(f"cache {size}px: {len(todo_rows):,} slices to write into {store.dir} ({codec}), expected "
+              f"{expected_cache_bytes(len(todo_rows), size, codec) / 1e9:.2f} GB on disk "
+              f"(at most {expected_cache_bytes(len(todo_rows), size, codec, worst_case=True) / 1e9:.2f} GB)",
+              file=sys.stderr)
+    check_free_space(store.dir, expected_cache_bytes(len(todo_rows), size, codec),
+                     f"the {size} px cache ({len(todo_rows):,} slices)")
     bad_reasons = _read_bad(store.bad_path)
     new_bad = 0
-    args = (str(Path(data_dir)), str(store.data_path), size, len(ids))
+    args = (str(Path(data_dir)), str(store.dir), size, codec, crop)
     try:
-        with tqdm(total=len(wanted), initial=len(wanted) - len(todo), desc=f"cache {size}px", unit="slice",
+        with tqdm(total=len(wanted), initial=len(wanted) - len(todo_rows), desc=f"cache {size}px", unit="slice",
                   disable=not progress, smoothing=0.05) as bar:
-            for chunk, bad in _run_chunks(chunks, args, workers):
+            for task, bad in _run_chunks(tasks, args, workers):
                 bad_rows = {r for r, _ in bad}
                 for r, reason in bad:
                     bad_reasons[ids[r]] = (paths[ids[r]], reason)
-                for r, _ in chunk:
+                task_rows = [r for rows, _ in task for r, _ in rows]
+                for r in task_rows:
                     status[r] = BAD if r in bad_rows else CACHED
                 new_bad += len(bad)
-                bar.update(len(chunk))
+                bar.update(len(task_rows))
     finally:
         status.flush()
         if new_bad:
@@ -175,31 +308,39 @@ def build_cache(
     shared_csv = Path(bad_files_csv) if bad_files_csv is not None else Path(cache_dir).parent / "bad_files.csv"
     record_bad_files(shared_csv, bad_rows_all, stage=f"cache_{size}px")
     counts = np.bincount(np.asarray(status[wanted]), minlength=3)
+    cached = wanted[status[wanted] == CACHED]
+    lengths = np.fromfile(store.lengths_path, dtype=np.uint32, count=len(ids))
     seconds = time.perf_counter() - t0
     return {
         "cache_dir": str(store.dir),
         "size": size,
+        "codec": codec,
         "images": int(len(wanted)),
         "cached": int(counts[CACHED]),
         "bad": int(counts[BAD]),
-        "written_now": int(len(todo) - new_bad),
+        "written_now": int(len(todo_rows) - new_bad),
         "bad_now": int(new_bad),
-        "already_done": int(len(wanted) - len(todo)),
-        "bytes_per_slice": store.slice_bytes,
-        "data_bytes": int(len(ids) * store.slice_bytes),
+        "already_done": int(len(wanted) - len(todo_rows)),
+        "bytes_per_slice": float(lengths[cached].mean()) if len(cached) else 0.0,
+        "data_bytes": disk_bytes(store.dir),
         "bad_files_csv": str(store.bad_path),
         "seconds": round(seconds, 3),
-        "slices_per_s": round(len(todo) / seconds, 1) if todo else 0.0,
+        "slices_per_s": round(len(todo_rows) / seconds, 1) if len(todo_rows) else 0.0,
     }
 
 
-def _run_chunks(chunks: list[list[tuple[int, str]]], args: tuple, workers: int) -> Iterable[tuple[list, list]]:
-    """Yield (chunk, bad rows) as chunks finish; in this process when ``workers`` <= 1."""
+def disk_bytes(directory: Path | str) -> int:
+    """Bytes the files of a folder take on disk (sparse files count only their filled blocks)."""
+    return sum(p.stat().st_blocks * 512 for p in Path(directory).iterdir() if p.is_file())
+
+
+def _run_chunks(chunks: list[Task], args: tuple, workers: int) -> Iterable[tuple[Task, list]]:
+    """Yield (task, bad rows) as tasks finish; in this process when ``workers`` <= 1."""
     if workers <= 1 or len(chunks) <= 1:
         for chunk in chunks:
             yield chunk, _cache_chunk(*args, chunk)
         return
-    pool = ProcessPoolExecutor(min(workers, len(chunks)))
+    pool = worker_pool(min(workers, len(chunks)))  # its workers die with this process
     try:
         # A bounded window of tasks in flight keeps memory flat on 870k slices.
         pending = {}
@@ -229,9 +370,7 @@ def _read_bad(path: Path) -> dict[str, tuple[str, str]]:
 
 def _write_bad(path: Path, bad: dict[str, tuple[str, str]]) -> None:
     rows = [(i, p, reason) for i, (p, reason) in sorted(bad.items())]
-    tmp = path.with_suffix(".tmp")
-    pd.DataFrame(rows, columns=["image_id", "path", "reason"]).to_csv(tmp, index=False)
-    tmp.replace(path)
+    write_csv(path, pd.DataFrame(rows, columns=["image_id", "path", "reason"]))
 
 
 def available_sizes(cache_dir: Path | str) -> list[int]:
@@ -263,10 +402,13 @@ class ImageCache:
         self.size = size
         self._store = _Store(size_dir(self.cache_dir, size), size)
         self._store.check_info()
+        self.directory = self._store.dir
         self.ids = self._store.read_ids()
         self._row = {image_id: r for r, image_id in enumerate(self.ids)}
         self._status = np.fromfile(self._store.status_path, dtype=np.uint8, count=len(self.ids))
-        self._data: np.memmap | None = None
+        self.codec = self._store.info().get("codec")
+        self._data: np.ndarray | None = None
+        self._lengths: np.ndarray | None = None
         self._index: pd.Index | None = None
         self.reads = 0  # slices read through this object (in this process)
 
@@ -280,15 +422,34 @@ class ImageCache:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_data"] = None  # a memmap would pickle as a full copy of the array
+        state["_data"] = state["_lengths"] = None  # memory maps would pickle as full copies
         return state
 
     @property
-    def data(self) -> np.memmap:
+    def data(self) -> np.ndarray:
+        """rows x slot bytes (uint8): a plain ndarray over the memory map, which skips np.memmap's
+        per-index bookkeeping."""
         if self._data is None:
-            self._data = np.memmap(self._store.data_path, dtype=DTYPE, mode="r",
-                                   shape=(len(self.ids), self.size, self.size))
+            self._data = np.asarray(self._store.open("data"))
+            self._lengths = np.asarray(self._store.open("lengths"))
         return self._data
+
+    @property
+    def lengths(self) -> np.ndarray:
+        self.data  # opens both
+        assert self._lengths is not None
+        return self._lengths
+
+    def box(self, image_id: str) -> np.ndarray:
+        """The square (y0, x0, y1, x1) cut from the image's slice, in its pixels (see features.crop)."""
+        return np.array(self._store.open("boxes")[self.row(image_id)])
+
+    def boxes_of(self, image_ids: Sequence[str] | np.ndarray) -> np.ndarray:
+        """N x 4 boxes (see :meth:`box`); rows of images not cached are -1."""
+        rows = self.rows_of(image_ids)
+        out = np.array(self._store.open("boxes")[np.maximum(rows, 0)])
+        out[rows < 0] = -1
+        return out
 
     def __contains__(self, image_id: object) -> bool:
         r = self._row.get(image_id)  # type: ignore[arg-type]
@@ -320,15 +481,19 @@ class ImageCache:
 
     def read_hu(self, image_id: str) -> np.ndarray:
         """size x size int16 HU of one image (a copy)."""
-        self.reads += 1
-        return np.array(self.data[self.row(image_id)])
+        return self.read_rows([self.row(image_id)])[0]
 
     def read_rows(self, rows: Sequence[int] | np.ndarray, dtype: np.dtype | type = DTYPE) -> np.ndarray:
-        """K x size x size (int16, or ``dtype``) for already-resolved rows: the dataset's fast path,
-        one copy out of the memory map, converted on the way."""
+        """K x size x size (int16, or ``dtype``) for already-resolved rows: the dataset's fast path.
+        Raw rows are one copy out of the memory map, converted on the way; others are decoded."""
         rows = np.asarray(rows)
         self.reads += len(rows)
-        data = np.asarray(self.data)  # a plain ndarray view: skips np.memmap's per-index bookkeeping
-        if len(rows) == 1:
-            return data[rows[0]].astype(dtype)[None]
-        return data[rows].astype(dtype, copy=False)
+        data, lengths, size = self.data, self.lengths, self.size
+        slot = data.shape[1]
+        if (lengths[rows] == slot).all():
+            raw = data[rows[0]][None] if len(rows) == 1 else data[rows]
+            return raw.view(DTYPE).reshape(len(rows), size, size).astype(dtype)
+        out = np.empty((len(rows), size, size), dtype=dtype)
+        for k, r in enumerate(rows):
+            decode(data[r, : lengths[r]], size, out[k])
+        return out

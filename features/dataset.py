@@ -1,7 +1,9 @@
 """The torch Dataset the level-1 models train and predict on.
 
 An item is one image: its window combination's channels (C x H x W float32 in [0, 1]) and its six
-labels. 2.5D combinations read the neighbouring slices of the same series in z order (the
+labels. The image shows the square the cache cut from the slice (the head of its series, see
+``features.crop``); :meth:`SliceDataset.box` gives it, to put a map made on the input (Grad-CAM)
+back onto the original slice with ``features.crop.to_original``. 2.5D combinations read the neighbouring slices of the same series in z order (the
 metadata's ``slice_index``); at the ends of a series the edge slice repeats itself. Each distinct
 slice is read from the cache once per item, however many windows use it.
 
@@ -81,8 +83,10 @@ class SliceDataset(Dataset):
         labels: pd.DataFrame | None = None,
         augment: bool = False,
         augment_config: AugmentConfig = AugmentConfig(),
+        as_uint8: bool = False,
     ):
         self.image_ids = list(image_ids)
+        self.as_uint8 = as_uint8
         self.cache = cache
         self.combination = get_combination(combination) if isinstance(combination, str) else combination
         self.size = int(size)
@@ -152,6 +156,10 @@ class SliceDataset(Dataset):
         state["_augmenter"] = None
         return state
 
+    def box(self, i: int) -> np.ndarray:
+        """(y0, x0, y1, x1): the square of item ``i``'s slice that its input shows, in the slice's pixels."""
+        return self.cache.box(self.image_ids[i])
+
     def read_slices(self, i: int) -> np.ndarray:
         """K x size x size float32 HU: one cache read per distinct slice of the combination."""
         rows = self._rows[i]
@@ -181,4 +189,19 @@ class SliceDataset(Dataset):
             image = aug.photometric(apply_combination(self.combination, hu, header))
         else:
             image = apply_combination(self.combination, hu, header)
+        if self.as_uint8:
+            image = to_uint8(image)
         return torch.from_numpy(image), torch.from_numpy(self._labels[i].copy())  # a copy: callers may edit it
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """[0, 1] float32 channels -> uint8 (x 255, rounded). A quarter of the bytes through the worker's
+    shared memory, the pinned-memory copy and the PCIe link, where float32 capped the loader on a
+    GPU machine; 1/255 steps are finer than any window's contrast. ``unit_float`` undoes it."""
+    flat = image.reshape(-1, image.shape[-1])  # cv2 takes 2-D: one pass, saturating and rounding
+    return cv2.convertScaleAbs(flat, alpha=255.0).reshape(image.shape)
+
+
+def unit_float(x: torch.Tensor) -> torch.Tensor:
+    """A batch as the model takes it: float in [0, 1] (uint8 batches are scaled on the device)."""
+    return x.float().mul_(1.0 / 255.0) if x.dtype == torch.uint8 else x

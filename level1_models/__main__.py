@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from competition.cli import run_main
+from competition.cli import run_main, work_lock
 from level1_models.config import parse_field, parse_sets
 from level1_models.registry import get_spec, list_models
 
@@ -49,7 +49,8 @@ def cmd_oof(args: argparse.Namespace) -> None:
     from level1_models.train import run_model
 
     try:
-        run_model(args.model, args.data, args.work, overrides)
+        with work_lock(args, f"oof-{args.model}"):  # one run per model
+            run_model(args.model, args.data, args.work, overrides)
     finally:
         from level1_models.distributed import shutdown
 
@@ -65,7 +66,7 @@ def cmd_list(args: argparse.Namespace) -> None:
         spec = get_spec(name)
         if args.cpu and not spec.cpu_friendly:
             continue
-        print(f"{name:<18} {spec.arch:<22} {spec.combination:<12} {spec.img_size:>4} px  batch {spec.batch_size:<3} "
+        print(f"{name:<18} {spec.arch:<30} {spec.combination:<12} {spec.img_size:>4} px  batch {spec.batch_size:<3} "
               f"{spec.epochs} ep  {spec.description}")
 
 

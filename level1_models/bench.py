@@ -14,9 +14,10 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
 from competition.constants import LABEL_WEIGHTS
+from features.dataset import unit_float
 from features.windows import n_channels
 from level1_models.config import TrainConfig
 from level1_models.data import RunInputs
@@ -52,11 +53,6 @@ def _timed_loop(batches: Iterator, step: Callable[[torch.Tensor, torch.Tensor], 
     return total, wait, images
 
 
-def _repeat(loader: DataLoader) -> Iterator:
-    while True:
-        yield from loader
-
-
 def run_bench(cfg: TrainConfig, rt: Runtime, inputs: RunInputs | None, steps: int = 20, warmup: int = 3) -> dict[str, float]:
     device = rt.device
     model = build_model(cfg, use_pretrained=False, announce=False).to(device)
@@ -68,7 +64,7 @@ def run_bench(cfg: TrainConfig, rt: Runtime, inputs: RunInputs | None, steps: in
     weights = torch.as_tensor(LABEL_WEIGHTS, dtype=torch.float32, device=device)
 
     def prepare(x: torch.Tensor) -> torch.Tensor:
-        x = x.to(device, non_blocking=True)
+        x = unit_float(x.to(device, non_blocking=True))
         return x.contiguous(memory_format=torch.channels_last) if rt.channels_last else x
 
     def train_step(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -107,18 +103,22 @@ def run_bench(cfg: TrainConfig, rt: Runtime, inputs: RunInputs | None, steps: in
         need = (steps + warmup) * max(cfg.batch_size, cfg.eval_batch)
         ids = [ids[i] for i in np.random.default_rng(cfg.seed).permutation(len(ids))[:need]]
         # The loaders of training: persistent workers, pinned memory, prefetch (loop.loader_options).
+        # One pass covers every timed step (sampling with replacement from a small dataset), so an
+        # epoch end never drains the pipeline in the middle of the measurement.
         options = loader_options(cfg, device)
+        rng = torch.Generator().manual_seed(cfg.seed)
         train_ds: Dataset = inputs.datasets(ids, labeled=True, augment=cfg.augment)
-        loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(ids) >= cfg.batch_size,
-                            **options)
+        sampler = RandomSampler(train_ds, replacement=True, num_samples=(steps + warmup) * cfg.batch_size, generator=rng)
+        loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, **options)
         model.train()
-        seconds, wait, images = _timed_loop(_repeat(loader), train_step, steps, warmup, device)
+        seconds, wait, images = _timed_loop(iter(loader), train_step, steps, warmup, device)
         out["train_data_loader"] = images / seconds
         out["train_data_wait"] = 100.0 * wait / seconds
         eval_ds = inputs.datasets(ids, labeled=True, augment=False)
-        loader = DataLoader(Subset(eval_ds, range(len(ids))), batch_size=cfg.eval_batch, **options)
+        order = np.resize(np.arange(len(ids)), (steps + warmup) * cfg.eval_batch).tolist()
+        loader = DataLoader(Subset(eval_ds, order), batch_size=cfg.eval_batch, **options)
         model.eval()
-        seconds, wait, images = _timed_loop(_repeat(loader), infer_step, steps, warmup, device)
+        seconds, wait, images = _timed_loop(iter(loader), infer_step, steps, warmup, device)
         out["infer_data_loader"] = images / seconds
         out["infer_data_wait"] = 100.0 * wait / seconds
     return out

@@ -7,7 +7,6 @@ image cache through ``features.dataset.SliceDataset``; tests can pass a small sy
 """
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,10 @@ from competition.constants import LABELS
 from competition.labels import split_long_ids
 from competition.layout import Layout
 from competition.paths import WorkPaths
+
+
+class CacheTooSmallError(FileNotFoundError):
+    """The image cache is smaller than the model's input."""
 
 
 class DatasetFactory(Protocol):
@@ -82,23 +85,32 @@ def pick_cache_size(available: Sequence[int], img_size: int) -> int:
 class CacheDatasets:
     """The real DatasetFactory: ``features.dataset.SliceDataset`` over the image cache."""
 
-    def __init__(self, metadata: pd.DataFrame, labels: pd.DataFrame, cache_dir: Path, combination: str, img_size: int):
+    def __init__(self, metadata: pd.DataFrame, labels: pd.DataFrame, cache_dir: Path, combination: str, img_size: int,
+                 as_uint8: bool = False):
+        """``as_uint8``: images leave the workers as uint8 (training and prediction turn them back
+        into [0, 1] floats on the device with ``features.dataset.unit_float``)."""
         from features.cache import ImageCache, available_sizes
 
         size = pick_cache_size(available_sizes(cache_dir), img_size)
         if size < img_size:
-            print(f"note: the largest image cache is {size} px; inputs are upsampled to {img_size} px",
-                  file=sys.stderr, flush=True)
+            # Upsampling would hand the model less detail than it was built for while costing its
+            # full compute: build the cache it needs instead, or train at the cache's size.
+            raise CacheTooSmallError(
+                f"the largest image cache in {cache_dir} is {size} px but this model reads {img_size} px; "
+                f"build a cache of at least that size (make cache DATA=<data> CACHE_SIZE={img_size}) or train "
+                f"at the cache's size (IMG_SIZE={size})"
+            )
         self.cache = ImageCache(cache_dir, size)
         self.metadata, self.labels = metadata, labels
         self.combination, self.img_size = combination, img_size
+        self.as_uint8 = as_uint8
 
     def __call__(self, image_ids: Sequence[str], labeled: bool, augment: bool) -> Dataset:
         from features.dataset import SliceDataset
 
         return SliceDataset(
             image_ids, self.metadata, self.cache, self.combination, self.img_size,
-            labels=self.labels if labeled else None, augment=augment,
+            labels=self.labels if labeled else None, augment=augment, as_uint8=self.as_uint8,
         )
 
     def cached(self, image_ids: Sequence[str]) -> set[str]:
@@ -119,6 +131,6 @@ def load_inputs(data_dir: Path | str, paths: WorkPaths, combination: str, img_si
     if absent:
         raise ValueError(f"{len(absent)} sample-submission images are not in the metadata's test split "
                          f"(first: {absent[0]}); rebuild it with `make prepare DATA={data_dir}`")
-    factory = CacheDatasets(metadata, labels, paths.cache, combination, img_size)
+    factory = CacheDatasets(metadata, labels, paths.cache, combination, img_size, as_uint8=True)
     return RunInputs(folds=folds, labels=labels, test_ids=test_ids, datasets=factory,
                      trainable=factory.cached(folds["image_id"].tolist()))

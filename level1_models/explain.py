@@ -34,6 +34,7 @@ from captum.attr import Deconvolution, GuidedBackprop, GuidedGradCam, LayerAttri
 from timm.layers import activations as timm_act
 
 from competition.constants import LABELS
+from features.dataset import unit_float
 from features.windows import Combination, get_combination
 
 METHODS: tuple[str, ...] = ("grad_cam", "guided_backprop", "deconvnet", "guided_grad_cam")
@@ -364,8 +365,9 @@ def explain_images(
         model, cfg = loaded[k]
         if datasets is None:
             labels = pd.DataFrame(columns=["image_id", *LABELS])
-            datasets = CacheDatasets(metadata, labels, paths.cache, cfg.combination, cfg.img_size)
-        image, _ = datasets([image_id], labeled=False, augment=False)[0]
+            # uint8 as in training and OOF prediction, so the explained probability is the OOF one.
+            datasets = CacheDatasets(metadata, labels, paths.cache, cfg.combination, cfg.img_size, as_uint8=True)
+        image = unit_float(datasets([image_id], labeled=False, augment=False)[0][0])
         attrs = attribute(model, image, label, layer=layer, device=device)
         known = None
         if truth is not None and image_id in truth.index:

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from competition.constants import LABEL_WEIGHTS
+from features.dataset import unit_float
 from level1_models.config import TrainConfig
 from level1_models.distributed import DistEnv, all_reduce_sum
 from level1_models.predict import autocast
@@ -192,7 +193,7 @@ class Trainer:
     def micro_step(self, x: torch.Tensor, y: torch.Tensor, scale: float, sync: bool) -> torch.Tensor:
         """Forward and backward of one micro-batch; returns its summed per-image loss (detached)."""
         device = self.rt.device
-        x = x.to(device, non_blocking=True)
+        x = unit_float(x.to(device, non_blocking=True))
         y = y.to(device, non_blocking=True)
         if self.rt.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from competition.paths import WorkPaths
+from features.dataset import unit_float
 from level1_models.checkpoint import load_checkpoint, load_weights
 from level1_models.config import TrainConfig
 from level1_models.distributed import DistEnv, gather_predictions, shard
@@ -91,7 +92,7 @@ def predict_probabilities(
         loader = eval_loader(dataset, indices, batch_size=batch_size, device=device, workers=workers)
     start = 0
     for x, _ in loader:
-        x = x.to(device, non_blocking=True)
+        x = unit_float(x.to(device, non_blocking=True))
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         probs = torch.zeros(x.shape[0], 6, dtype=torch.float64, device=device)

@@ -15,6 +15,7 @@ from typing import TypeVar
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("cosine", "constant")
 TTA_MODES = ("none", "hflip")
+MIN_IMG_SIZE = 32  # the smallest input every backbone of the zoo accepts (five stride-2 stages)
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,12 @@ class ModelSpec:
             raise ValueError(f"spec {self.name}: unknown scheduler {self.scheduler!r}; known: {', '.join(SCHEDULERS)}")
         if self.tta not in TTA_MODES:
             raise ValueError(f"spec {self.name}: unknown tta {self.tta!r}; known: {', '.join(TTA_MODES)}")
-        for field_name in ("img_size", "batch_size", "epochs"):
+        for field_name in ("batch_size", "epochs"):
             if getattr(self, field_name) < 1:
                 raise ValueError(f"spec {self.name}: {field_name} must be >= 1, got {getattr(self, field_name)}")
+        if self.img_size < MIN_IMG_SIZE:  # the backbones downsample by 32: smaller inputs vanish to nothing
+            raise ValueError(f"spec {self.name}: img_size must be >= {MIN_IMG_SIZE} px (IMG_SIZE=, --img-size), "
+                             f"got {self.img_size}")
         if self.output_stride not in (8, 16, 32):
             raise ValueError(f"spec {self.name}: output_stride must be 8, 16 or 32, got {self.output_stride}")
 

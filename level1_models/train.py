@@ -527,11 +527,12 @@ def run_oof(
     unknown = sorted(set(todo) - set(all_folds))
     if unknown:
         raise ConfigError(f"folds {unknown} are not in the folds table (it has folds {all_folds})")
+    # Every process checks (a failure on rank 0 alone would leave the others waiting at the barrier).
+    check_same_model(folder, cfg)
+    weights = find_weights(cfg)
     if rt.env.is_main:
         folder.root.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(folder.root)
-        check_same_model(folder, cfg)
-        weights = find_weights(cfg)
         write_json(folder.config, {**cfg.to_dict(), "runtime": {
             "world_size": rt.env.world_size, "torch": torch.__version__, "timm": _timm_version(),
             "pretrained_weights": str(weights) if weights else None, "n_folds": len(all_folds),

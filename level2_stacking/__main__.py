@@ -20,7 +20,7 @@ import argparse  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from competition.cli import run_main  # noqa: E402
+from competition.cli import run_main, work_lock  # noqa: E402
 from level2_stacking.lgbm import default_threads  # noqa: E402
 from level2_stacking.pipeline import STACKERS, StackSettings, run_stack  # noqa: E402
 from level2_stacking.sequence import SequenceSettings  # noqa: E402
@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         early_stopping_rounds=args.early_stopping or None, target_sensitivity=args.target_sensitivity,
         progress=not args.no_progress,
     )
-    outcome = run_stack(args.data, args.work, settings)
+    with work_lock(args, "stack"):  # one stacking run per work folder
+        outcome = run_stack(args.data, args.work, settings)
     print(outcome.report())
     print(f"parameters: {outcome.params_source}")
     print(f"stack OOF: {outcome.oof_path}")

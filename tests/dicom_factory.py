@@ -15,7 +15,8 @@ def write_ct(
     patient: str = "ID_0000aaaa",
     study: str = "ID_00000000aa",
     series: str = "ID_00000000bb",
-    z: float = 0.0,
+    z: float | None = 0.0,
+    instance_number: int | None = None,
     intercept: float | str = -1024,
     slope: float | str = 1,
     window_center: object = "40\\40",
@@ -35,7 +36,10 @@ def write_ct(
     ds.PatientID = patient
     ds.StudyInstanceUID = study
     ds.SeriesInstanceUID = series
-    ds.ImagePositionPatient = [-125.0, -120.0, z]
+    if z is not None:  # None: a file without ImagePositionPatient
+        ds.ImagePositionPatient = [-125.0, -120.0, z]
+    if instance_number is not None:
+        ds.InstanceNumber = instance_number
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
@@ -60,3 +64,25 @@ def write_ct(
 def random_stored(rng: np.random.Generator, shape=(32, 32)) -> np.ndarray:
     """12-bit unsigned raw values (HU -1024..3071 with intercept -1024)."""
     return rng.integers(0, 4096, size=shape, dtype=np.uint16)
+
+
+def write_mini_competition(data: Path, patients: int = 6, slices: int = 3, broken: bool = False) -> Path:
+    """A small competition in the Kaggle layout: ``patients`` x ``slices`` labelled train slices
+    (even patients positive on their middle slice), one test slice, and with ``broken`` one train
+    file that is not DICOM at all (for the bad-files list)."""
+    import pandas as pd
+
+    from competition.constants import LABELS
+
+    rows = []
+    for p in range(patients):
+        for s in range(slices):
+            image_id = f"ID_{p:04x}{s:05x}"
+            write_ct(data / "stage_2_train" / f"{image_id}.dcm", np.zeros((4, 4), np.uint16),
+                     patient=f"ID_{p:08x}", series=f"ID_{p:010x}", z=float(s))
+            rows += [(f"{image_id}_{label}", int(p % 2 == 0 and s == 1)) for label in LABELS]
+    write_ct(data / "stage_2_test" / "ID_fffffffff.dcm", np.zeros((4, 4), np.uint16))
+    if broken:
+        (data / "stage_2_train" / "ID_eeeeeeeee.dcm").write_bytes(b"not a DICOM file")
+    pd.DataFrame(rows, columns=["ID", "Label"]).to_csv(data / "stage_2_train.csv", index=False)
+    return data

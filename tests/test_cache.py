@@ -13,7 +13,9 @@ from competition.badfiles import read_bad_files
 from competition.dicom import read_hu
 from competition.metadata import build_metadata
 from dicom_factory import write_ct
-from features.cache import BAD, CACHED, ImageCache, build_cache, size_dir
+from features.cache import BAD, CACHED, ImageCache, build_cache, expected_cache_bytes, size_dir
+from features.crop import to_original
+from features.slice_codec import CODECS, DEFAULT_CODEC, EXPECTED_RATIO
 
 N_SLICES = 7
 SIDE = 32
@@ -39,13 +41,16 @@ def metadata_of(root, tmp_path):
     return build_metadata(root, tmp_path / "work" / "metadata.parquet", workers=1, progress=False)
 
 
-def test_cache_holds_the_readers_hu(data, tmp_path):
+@pytest.mark.parametrize("codec", CODECS)
+def test_cache_holds_the_readers_hu(data, tmp_path, codec):
     meta = metadata_of(data, tmp_path)
     cache_dir = tmp_path / "work" / "cache"
-    result = build_cache(data, meta, cache_dir, size=SIDE, workers=1, progress=False)
+    result = build_cache(data, meta, cache_dir, size=SIDE, workers=1, progress=False, codec=codec)
     assert result["cached"] == len(meta) == result["written_now"] and result["bad"] == 0
-    assert result["bytes_per_slice"] == SIDE * SIDE * 2
+    # Random 12-bit noise: compression saves little or nothing (then the slice is stored raw).
+    assert result["bytes_per_slice"] <= SIDE * SIDE * 2 and (codec != "raw" or result["bytes_per_slice"] == SIDE * SIDE * 2)
     cache = ImageCache(cache_dir)
+    assert cache.codec == codec
     assert cache.size == SIDE and len(cache) == len(meta)
     for row in meta.itertuples():
         ds = pydicom.dcmread(data / row.path)  # independent HU: raw * slope + intercept
@@ -66,16 +71,39 @@ def test_smaller_size_is_the_area_mean(data, tmp_path):
         assert np.abs(cache.read_hu(row.image_id) - block_mean).max() <= 0.5 + 1e-6  # rounding to int16
 
 
-def test_real_sample_at_256(real_sample, tmp_path):
+def test_real_sample_at_256_uncropped(real_sample, tmp_path):
     meta = build_metadata(real_sample, tmp_path / "metadata.parquet", workers=1, progress=False)
-    build_cache(real_sample, meta, tmp_path / "cache", size=256, workers=2, progress=False)
+    result = build_cache(real_sample, meta, tmp_path / "cache", size=256, workers=2, progress=False, crop=False)
     cache = ImageCache(tmp_path / "cache")
     assert len(cache) == len(meta) == 32
+    assert result["bytes_per_slice"] < EXPECTED_RATIO[DEFAULT_CODEC] * 256 * 256 * 2  # as expected_cache_bytes says
     for row in meta.head(3).itertuples():
         hu = np.clip(read_hu(real_sample / row.path).astype(np.float64), -1024, None)
         assert hu.shape == (512, 512)
         block_mean = hu.reshape(256, 2, 256, 2).mean(axis=(1, 3))
         assert np.abs(cache.read_hu(row.image_id) - block_mean).max() <= 0.5 + 1e-6
+        assert (cache.box(row.image_id) == [0, 0, 512, 512]).all()
+
+
+def test_real_sample_cropped_to_its_head(real_sample, tmp_path):
+    meta = build_metadata(real_sample, tmp_path / "metadata.parquet", workers=1, progress=False)
+    result = build_cache(real_sample, meta, tmp_path / "cache", size=256, workers=1, progress=False)
+    cache = ImageCache(tmp_path / "cache")
+    boxes = cache.boxes_of(meta["image_id"])
+    assert (boxes == boxes[0]).all()  # one box for the series
+    y0, x0, y1, x1 = boxes[0]
+    assert y1 - y0 == x1 - x0 < 512 and result["bytes_per_slice"] < EXPECTED_RATIO[DEFAULT_CODEC] * 256 * 256 * 2
+    assert expected_cache_bytes(32, 256) >= result["data_bytes"] > 32 * result["bytes_per_slice"]
+    for row in meta.itertuples():
+        hu = np.clip(read_hu(real_sample / row.path), -1024, None)
+        # Every tissue pixel of every slice is inside the box.
+        ys, xs = np.nonzero(hu > -500)
+        inside = (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)
+        assert inside.mean() > 0.995, row.image_id  # the table's edge, below the head, falls outside
+        assert (ys[~inside] >= y1).all()
+        back = to_original(cache.read_hu(row.image_id), boxes[0], hu.shape, fill=-1024)
+        region = (slice(max(y0, 0), min(y1, 512)), slice(max(x0, 0), min(x1, 512)))
+        assert np.median(np.abs(back[region] - hu[region])) < 40  # resampled twice, same anatomy
 
 
 def test_bad_files_are_listed_and_skipped(data, tmp_path, monkeypatch):
@@ -104,9 +132,10 @@ def test_bad_files_are_listed_and_skipped(data, tmp_path, monkeypatch):
     assert len(pd.read_csv(again["bad_files_csv"])) == 2
 
 
-def _interrupt_on_row_6(*args):
-    """Stands in for the worker function: Ctrl-C while caching the chunk that holds row 6."""
-    if any(row == 6 for row, _ in args[-1]):
+def _interrupt_on_row_10(*args):
+    """Stands in for the worker function: Ctrl-C while caching the task that holds row 10 (the
+    second series: a task holds whole series)."""
+    if any(row == 10 for rows, _ in args[-1] for row, _ in rows):
         raise KeyboardInterrupt
     return _real_cache_chunk(*args)
 
@@ -119,12 +148,12 @@ def test_interrupted_pass_resumes(data, tmp_path, monkeypatch, workers):
     meta = metadata_of(data, tmp_path)
     monkeypatch.setattr(cache_module, "CHUNK", 3)
     # Forked pool workers inherit the patched module, so the interrupt also happens inside them.
-    monkeypatch.setattr(cache_module, "_cache_chunk", _interrupt_on_row_6)
+    monkeypatch.setattr(cache_module, "_cache_chunk", _interrupt_on_row_10)
     with pytest.raises(KeyboardInterrupt):
         build_cache(data, meta, tmp_path / "cache", size=SIDE, workers=workers, progress=False)
     monkeypatch.setattr(cache_module, "_cache_chunk", _real_cache_chunk)
     partial = ImageCache(tmp_path / "cache")
-    assert 6 <= len(partial) < len(meta) and partial.ids[6] not in partial
+    assert N_SLICES <= len(partial) < len(meta) and partial.ids[10] not in partial
     result = build_cache(data, meta, tmp_path / "cache", size=SIDE, workers=workers, progress=False)
     assert result["already_done"] == len(partial) and result["written_now"] == len(meta) - len(partial)
     cache = ImageCache(tmp_path / "cache")
@@ -179,7 +208,7 @@ def test_cli_builds_the_cache_and_resumes(data, tmp_path, capsys):
     work = tmp_path / "work"
     assert main(["cache", "--data", str(data), "--work", str(work), "--size", "16", "--workers", "1", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert f"{2 * N_SLICES} slices at 16 px ({2 * N_SLICES} now, 0 already there), 512 bytes/slice" in out
+    assert f"{2 * N_SLICES} slices at 16 px ({2 * N_SLICES} now, 0 already there), " in out and f"bytes/slice ({DEFAULT_CODEC})" in out
     assert (work / "metadata.parquet").is_file() and len(ImageCache(work / "cache")) == 2 * N_SLICES
     main(["cache", "--data", str(data), "--work", str(work), "--size", "16", "--no-progress"])
     assert f"(0 now, {2 * N_SLICES} already there)" in capsys.readouterr().out
@@ -194,8 +223,113 @@ def test_bench_prints_every_figure(data, tmp_path, capsys):
     lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
     for name in ("cache_build_per_core", "baseline_build_per_core", "cache_build_vs_baseline", "cache_read",
                  "loader_bsb_aug_per_worker", "baseline_loader_bsb_aug_per_worker", "loader_vs_baseline_aug",
-                 "loader_brain3_aug_per_worker", "cache_bytes_per_slice", "targets_met"):
+                 "loader_brain3_aug_per_worker", "cache_bytes_per_slice", "targets_met", "bytes_per_slice_before",
+                 "bytes_per_slice_lz4", "bytes_per_slice_zstd", "loader_bsb_aug_per_worker_before",
+                 "loader_bsb_aug_per_worker_lz4", "loader_bsb_aug_per_worker_zstd", "loader_brain3_zstd_vs_before",
+                 "loader_bsb_lz4_vs_before"):
         assert name in lines, name
-    assert lines["cache_bytes_per_slice"] == "2048 B"
+    assert 0 < float(lines["cache_bytes_per_slice"].split()[0]) <= 2048
     assert "3.00 cache reads/item" not in lines["loader_bsb_aug_per_worker"] and "1.00 cache reads/item" in lines["loader_bsb_aug_per_worker"]
     assert not list((tmp_path / "work").glob("bench-*"))  # scratch removed
+
+
+def write_phantom_series(root, series, n, shape=(64, 48), table_row=58):
+    """A head (40 HU ellipse) growing then shrinking over n slices, with a table below it."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    ids = []
+    for k in range(n):
+        ry, rx = 8 + 12 * np.sin(np.pi * (k + 1) / (n + 1)), 6 + 10 * np.sin(np.pi * (k + 1) / (n + 1))
+        hu = np.full(shape, -1000, dtype=np.int32)
+        hu[((yy - 28) / ry) ** 2 + ((xx - 22) / rx) ** 2 <= 1] = 40
+        hu[table_row : table_row + 2] = 200
+        image_id = f"ID_{series[-4:]}{k:05d}"
+        write_ct(root / "stage_2_train" / f"{image_id}.dcm", (hu + 1024).astype(np.uint16), series=series, z=float(k))
+        ids.append(image_id)
+    return ids
+
+
+def test_one_square_head_box_per_series_no_stretch(tmp_path):
+    root = tmp_path / "comp"
+    ids = write_phantom_series(root, "ID_0000ser1", 5)
+    meta = metadata_of(root, tmp_path)
+    hus = {i: np.clip(read_hu(root / "stage_2_train" / f"{i}.dcm"), -1024, None) for i in ids}
+    # Brute force: the union of the head pixels (40 HU, not the 200 HU table) over the series.
+    ys, xs = np.nonzero(np.any([np.abs(h - 40) < 1 for h in hus.values()], axis=0))
+    head = (ys.min(), xs.min(), ys.max() + 1, xs.max() + 1)
+    build_cache(root, meta, tmp_path / "probe", size=16, workers=1, progress=False)
+    box = ImageCache(tmp_path / "probe").box(ids[0])
+    y0, x0, y1, x1 = box.tolist()
+    side = y1 - y0
+    assert side == x1 - x0 and y0 <= head[0] - 1 and x0 <= head[1] - 1 and y1 >= head[2] + 1 and x1 >= head[3] + 1
+    assert y1 <= 58 + 1  # the table is left out
+    # At size == side nothing is resampled: the cache holds the box's pixels, air outside the slice.
+    build_cache(root, meta, tmp_path / "cache", size=side, workers=1, progress=False)
+    cache = ImageCache(tmp_path / "cache")
+    for i in ids:
+        assert (cache.box(i) == box).all()
+        padded = np.pad(hus[i], side, constant_values=-1024)[y0 + side : y1 + side, x0 + side : x1 + side]
+        np.testing.assert_array_equal(cache.read_hu(i), padded)
+        np.testing.assert_array_equal(to_original(cache.read_hu(i), box, hus[i].shape)[max(y0, 0):y1, max(x0, 0):x1],
+                                      hus[i][max(y0, 0):y1, max(x0, 0):x1])
+    assert (cache.boxes_of([ids[0], "ID_unknown"])[1] == -1).all()
+
+
+def test_non_square_slice_is_padded_not_stretched(tmp_path):
+    root = tmp_path / "comp"
+    stored = np.random.default_rng(4).integers(0, 4096, (40, 20), dtype=np.uint16)
+    write_ct(root / "stage_2_train" / "ID_00000wide.dcm", stored)
+    meta = metadata_of(root, tmp_path)
+    build_cache(root, meta, tmp_path / "cache", size=40, workers=1, progress=False, crop=False)
+    cache = ImageCache(tmp_path / "cache")
+    got = cache.read_hu("ID_00000wide")
+    assert (cache.box("ID_00000wide") == [0, -10, 40, 30]).all()
+    np.testing.assert_array_equal(got[:, 10:30], stored.astype(np.int16) - 1024)
+    assert (got[:, :10] == -1024).all() and (got[:, 30:] == -1024).all()
+    build_cache(root, meta, tmp_path / "half", size=20, workers=1, progress=False, crop=False)
+    block_mean = np.pad(stored.astype(np.float64) - 1024, ((0, 0), (10, 10)), constant_values=-1024)
+    block_mean = block_mean.reshape(20, 2, 20, 2).mean(axis=(1, 3))
+    assert np.abs(ImageCache(tmp_path / "half").read_hu("ID_00000wide") - block_mean).max() <= 0.5 + 1e-6
+
+
+def test_appended_slices_reuse_their_series_box(tmp_path):
+    root = tmp_path / "comp"
+    ids = write_phantom_series(root, "ID_0000ser2", 6)
+    meta = metadata_of(root, tmp_path)
+    small = meta[meta["image_id"].isin(ids[:2])]  # the two smallest heads first
+    build_cache(root, small, tmp_path / "cache", size=16, workers=1, progress=False)
+    first_box = ImageCache(tmp_path / "cache").box(ids[0])
+    build_cache(root, meta, tmp_path / "alone", size=16, workers=1, progress=False)
+    assert not (ImageCache(tmp_path / "alone").box(ids[0]) == first_box).all()  # the whole series' box is larger
+    result = build_cache(root, meta, tmp_path / "cache", size=16, workers=1, progress=False)
+    assert result["written_now"] == 4
+    assert (ImageCache(tmp_path / "cache").boxes_of(ids) == first_box).all()  # one pixel grid for the series
+
+
+def test_old_format_and_other_codec_are_refused(data, tmp_path):
+    meta = metadata_of(data, tmp_path)
+    old = size_dir(tmp_path / "old", SIDE)
+    old.mkdir(parents=True)
+    (old / "info.json").write_text('{"format": "int16-hu-memmap-v1", "size": 32, "dtype": "int16", "rows": 14}')
+    for attempt in (lambda: build_cache(data, meta, tmp_path / "old", size=SIDE, workers=1, progress=False),
+                    lambda: ImageCache(tmp_path / "old")):
+        with pytest.raises(ValueError, match=r"another format \(int16-hu-memmap-v1.*delete .*make cache CACHE_SIZE=32"):
+            attempt()
+    build_cache(data, meta, tmp_path / "cache", size=SIDE, workers=1, progress=False, codec="raw")
+    with pytest.raises(ValueError, match=f"built with codec raw, not {DEFAULT_CODEC}"):
+        build_cache(data, meta, tmp_path / "cache", size=SIDE, workers=1, progress=False)
+    with pytest.raises(ValueError, match="was built with the head crop; build it the same way"):
+        build_cache(data, meta, tmp_path / "cache", size=SIDE, workers=1, progress=False, codec="raw", crop=False)
+
+
+def test_expected_size_is_printed_before_the_build(data, tmp_path, capsys):
+    meta = metadata_of(data, tmp_path)
+    result = build_cache(data, meta, tmp_path / "cache", size=SIDE, workers=1, progress=True, codec="raw")
+    err = capsys.readouterr().err
+    expected = expected_cache_bytes(len(meta), SIDE, "raw")
+    assert f"{len(meta):,} slices to write" in err and f"expected {expected / 1e9:.2f} GB" in err
+    assert expected == len(meta) * (SIDE * SIDE * 2 + 37)
+    assert result["data_bytes"] <= expected + 6 * 4096  # raw: exact, give or take a block per small file
+    assert expected_cache_bytes(870_000, 512, "raw") / 1e9 == pytest.approx(456, abs=1)
+    assert expected_cache_bytes(10, 256) < expected_cache_bytes(10, 256, worst_case=True) == expected_cache_bytes(10, 256, "raw")
+    build_cache(data, meta, tmp_path / "cache", size=SIDE, workers=1, progress=True, codec="raw")
+    assert "to write" not in capsys.readouterr().err  # nothing to do, nothing announced

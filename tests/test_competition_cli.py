@@ -4,14 +4,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import numpy as np
 import pandas as pd
 
 from competition.__main__ import main
 from competition.cli import run_main
-from competition.constants import LABELS
 from conftest import REPO
-from dicom_factory import write_ct
+from dicom_factory import write_mini_competition
 
 
 def run(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
@@ -27,16 +25,7 @@ def run_here(capsys, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_prepare_writes_metadata_labels_folds(tmp_path, capsys):
-    data = tmp_path / "mini"
-    rows = []
-    for p in range(6):
-        for s in range(3):
-            image_id = f"ID_{p:04x}{s:05x}"
-            write_ct(data / "stage_2_train" / f"{image_id}.dcm", np.zeros((4, 4), np.uint16),
-                     patient=f"ID_{p:08x}", series=f"ID_{p:010x}", z=float(s))
-            rows += [(f"{image_id}_{label}", int(p % 2 == 0 and s == 1)) for label in LABELS]
-    write_ct(data / "stage_2_test" / "ID_fffffffff.dcm", np.zeros((4, 4), np.uint16))
-    pd.DataFrame(rows, columns=["ID", "Label"]).to_csv(data / "stage_2_train.csv", index=False)
+    data = write_mini_competition(tmp_path / "mini")
     work = tmp_path / "work"
     result = run_here(capsys, "prepare", "--data", str(data), "--work", str(work), "--workers", "1", "--n-folds", "3")
     assert result.returncode == 0, result.stderr
@@ -59,5 +48,6 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
     assert "does not exist" in result.stderr and "make data" in result.stderr
+    (tmp_path / "stage_2_train").mkdir()
     result = run_here(capsys, "folds", "--data", str(tmp_path), "--work", str(tmp_path / "w"))
     assert result.returncode == 2 and "run `python -m competition metadata" in result.stderr

@@ -14,7 +14,9 @@ from competition.constants import LABELS
 from competition.metadata import build_metadata
 from dicom_factory import write_ct
 from features.augment import Affine, AugmentConfig, Augmenter, BrightnessContrast
+from competition.dicom import read_hu
 from features.cache import ImageCache, build_cache
+from features.crop import to_original
 from features.dataset import SliceDataset, cached_only, neighbour_ids
 from features.windows import apply_combination
 
@@ -181,6 +183,14 @@ def test_real_series_neighbours(real_sample, tmp_path):
         x, _ = brain3[n]
         for c, neighbour in enumerate(truth[ids[n]]):
             np.testing.assert_array_equal(x[c].numpy(), brain[position[neighbour]][0][0].numpy())
+    # Neighbours stacked as channels share one pixel grid: one box for the series.
+    boxes = np.array([brain3.box(n) for n in range(len(ids))])
+    assert (boxes == boxes[0]).all() and boxes[0][2] - boxes[0][0] == boxes[0][3] - boxes[0][1]
+    # An input, put back on its slice, is that slice (in the brain window, at 64 px detail).
+    k = len(ids) // 2
+    original = np.clip(read_hu(real_sample / meta["path"].iloc[k]) / 80.0, 0, 1)
+    back = to_original(brain[k][0][0].numpy(), brain.box(k), original.shape)
+    assert np.corrcoef(back.ravel(), original.ravel())[0, 1] > 0.9
 
 
 def test_augmentation_is_random_seeded_and_off_at_validation(built):
@@ -263,3 +273,24 @@ def test_synthetic_competition_neighbours_and_its_truncated_file(tmp_path):
     with pytest.warns(UserWarning, match="not in the cache"):
         ds = SliceDataset(list(meta["image_id"]), meta, cache, "brain3", 32)
     assert (ds[list(meta["image_id"]).index(truncated[0])][0] == 0).all()
+
+
+def test_uint8_images_are_the_float_ones_rounded_and_reseeding_repeats_an_augmentation(built):
+    from features.dataset import unit_float
+
+    _, meta, cache = built
+    ids = list(meta["image_id"])
+    floats = SliceDataset(ids, meta, cache, "brain3", SIDE)
+    bytes_ = SliceDataset(ids, meta, cache, "brain3", SIDE, as_uint8=True)
+    for n in range(len(ids)):
+        x, q = floats[n][0].numpy(), bytes_[n][0]
+        assert q.dtype == torch.uint8 and q.shape == x.shape
+        np.testing.assert_array_equal(q.numpy(), np.rint(x * 255).astype(np.uint8))  # rounded, not truncated
+        assert float((unit_float(q) - torch.from_numpy(x)).abs().max()) <= 0.5 / 255 + 1e-7
+    aug = SliceDataset(ids, meta, cache, "bsb", SIDE, augment=True)
+    aug.reseed(123)
+    first = aug[0][0]
+    aug.reseed(123)
+    assert torch.equal(aug[0][0], first)
+    aug.reseed(124)
+    assert not torch.equal(aug[0][0], first)

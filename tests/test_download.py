@@ -44,6 +44,7 @@ def test_no_credentials_is_one_clear_error(no_credentials, tmp_path, fake_kaggle
     with pytest.raises(KaggleCredentialsError, match=r"kaggle\.json.*KAGGLE_USERNAME and KAGGLE_KEY"):
         download_competition(tmp_path / "data")
     assert fake_kaggle == []
+    assert not (tmp_path / "data").exists()  # no empty DATA left behind to confuse the next command
 
 
 def test_token_file_must_be_private_and_valid(no_credentials):
@@ -108,4 +109,42 @@ def test_unzip_resumes_and_replaces_half_files(tmp_path):
     (target / "d" / "two.bin").write_bytes(b"2" * 10)  # half written
     assert safe_unzip(archive, target, progress=False) == 1
     assert (target / "d" / "two.bin").read_bytes() == b"2" * 1000
-    assert not list(target.rglob("*.partial"))
+    assert not list(target.rglob("*.partial*"))
+
+
+def test_unzip_checks_free_space_first_and_a_full_disk_keeps_finished_files(tmp_path, monkeypatch):
+    import errno
+    import os
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    import competition.diskspace as diskspace
+    import competition.download as download
+    from competition.diskspace import NotEnoughSpaceError
+
+    archive = tmp_path / "a.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("d/one.bin", b"1" * 1000)
+        z.writestr("d/two.bin", b"2" * 1000)
+    target = tmp_path / "out"
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(diskspace.shutil, "disk_usage", lambda p: Usage(10**6, 10**6 - 1500, 1500))
+    with pytest.raises(NotEnoughSpaceError, match=r"unzipping a.zip needs 2.0 KiB \(and 64.0 MiB to spare\) in .* but only 1.5 KiB is free; .* point DATA= at a larger disk"):
+        safe_unzip(archive, target, progress=False)
+    monkeypatch.undo()
+
+    real_copy = shutil_module.copyfileobj
+
+    def full_at_two(src, dst, length=0):
+        if dst.name.endswith(f"two.bin.partial-{os.getpid()}"):
+            dst.write(b"2" * 10)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_copy(src, dst, length)
+
+    monkeypatch.setattr(download.shutil, "copyfileobj", full_at_two)
+    with pytest.raises(OSError, match="No space left"):
+        safe_unzip(archive, target, progress=False)
+    assert (target / "d" / "one.bin").read_bytes() == b"1" * 1000
+    assert sorted(p.name for p in (target / "d").iterdir()) == ["one.bin"]  # no half file, under any name
+    monkeypatch.undo()
+    assert safe_unzip(archive, target, progress=False) == 1  # resumes with what is missing

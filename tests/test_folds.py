@@ -51,5 +51,31 @@ def test_deterministic_for_a_seed():
 
 def test_too_few_patients_is_an_error():
     metadata, labels = fake_tables(n_patients=3)
-    with pytest.raises(ValueError, match="3 patients cannot fill 5 folds"):
+    with pytest.raises(ValueError, match="5 stratified folds need at least 5 patients of each class"):
         make_folds(metadata, labels, n_folds=5)
+
+
+def patient_any(positive: int, negative: int) -> pd.Series:
+    return pd.Series([1] * positive + [0] * negative, index=[f"ID_{i:08x}" for i in range(positive + negative)])
+
+
+def test_too_few_patients_per_class_names_counts_and_the_real_flag():
+    # sklearn itself would only warn for 4 positives in 5 folds and leave a fold without any.
+    metadata = pd.DataFrame({"image_id": [f"I{i}" for i in range(12)], "split": "train",
+                             "patient_id": [f"P{i}" for i in range(12)]})
+    labels = pd.DataFrame({"image_id": metadata["image_id"], "any": [1] * 4 + [0] * 8})
+    with pytest.raises(ValueError) as info:
+        make_folds(metadata, labels, n_folds=5)
+    message = str(info.value)
+    assert "4 any-positive and 8 negative patients" in message
+    assert "--n-folds 4" in message and "N_FOLDS=4" in message and "--folds " not in message
+    folds = make_folds(metadata, labels, n_folds=4)  # the advice works
+    assert (folds.merge(labels)[lambda t: t["any"] == 1].groupby("fold").size() == 1).all()
+
+
+def test_one_positive_patient_cannot_be_stratified():
+    from competition.folds import check_enough_patients
+
+    with pytest.raises(ValueError, match="add patients of the rarer class"):
+        check_enough_patients(patient_any(1, 20), 5)
+    check_enough_patients(patient_any(0, 5), 5)  # one class only: nothing to stratify, enough patients

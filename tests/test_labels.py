@@ -60,3 +60,13 @@ def test_unknown_subtype_and_missing_column(tmp_path):
         long_to_wide(pd.DataFrame({"ID": ["ID_1_any"], "Target": [0]}))
     with pytest.raises(LabelError, match="not found"):
         read_labels(tmp_path / "absent.csv")
+
+
+def test_empty_label_file_is_one_clear_error(tmp_path):
+    empty = tmp_path / "stage_2_train.csv"
+    empty.write_text("")
+    with pytest.raises(LabelError, match=r"stage_2_train.csv is empty .*make data"):
+        read_labels(empty)
+    empty.write_text("ID,Label\n")
+    with pytest.raises(LabelError, match="has a header but no rows"):
+        read_labels(empty)

@@ -136,3 +136,12 @@ def test_workers_default_to_the_cores_per_process(monkeypatch):
     cfg = resolve(train_module.build_model.__globals__["TrainConfig"].from_dict({**cfg.to_dict(), "workers": None}),
                   cuda_available=False, bf16_supported=False, local_processes=4)
     assert cfg.workers == 4
+
+
+def test_a_cache_smaller_than_the_input_is_an_error_not_an_upsample(tmp_path, monkeypatch):
+    import features.cache
+    from level1_models.data import CacheDatasets, CacheTooSmallError
+
+    monkeypatch.setattr(features.cache, "available_sizes", lambda cache_dir: [64, 128])
+    with pytest.raises(CacheTooSmallError, match=r"is 128 px but this model reads 256 px.*CACHE_SIZE=256.*IMG_SIZE=128"):
+        CacheDatasets(pd.DataFrame(), pd.DataFrame(), tmp_path, "bsb", 256)

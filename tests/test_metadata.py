@@ -123,3 +123,44 @@ def test_real_sample_series_order(real_sample, tmp_path):
     assert ordered["z"].iloc[0] == pytest.approx(155.0, abs=0.1) and ordered["z"].iloc[-1] == pytest.approx(313.1, abs=0.1)
     # File names are in no z order in the real data.
     assert table["slice_index"].tolist() != list(range(32))
+
+
+def write_series(root, series, slices, rng):
+    """Slices given as (z or None, instance number or None); returns their ids in that order."""
+    ids = []
+    for z, instance in slices:
+        image_id = f"ID_{rng.integers(0, 16**9):09x}"  # random: file names in no slice order
+        write_ct(root / "stage_2_train" / f"{image_id}.dcm", np.zeros((4, 4), np.uint16), series=series,
+                 z=z, instance_number=instance)
+        ids.append(image_id)
+    return ids
+
+
+def test_slices_without_position_are_ordered_by_instance_number(tmp_path):
+    rng = np.random.default_rng(5)
+    root = tmp_path / "comp"
+    # Listed in true slice order (z rising). Instance numbers rise with z here...
+    some_missing = write_series(root, "ID_0000000sa", [(0.0, 1), (5.0, 2), (None, 3), (15.0, 4), (None, 5)], rng)
+    # ... and fall as z rises here (scanned head to feet): the order must still follow z.
+    falling = write_series(root, "ID_0000000sb", [(None, 9), (2.5, 8), (5.0, 7), (None, 6), (10.0, 5)], rng)
+    all_missing = write_series(root, "ID_0000000sc", [(None, 1), (None, 2), (None, 10), (None, 11)], rng)
+    neither = write_series(root, "ID_0000000sd", [(None, None), (None, None), (1.0, None)], rng)
+    complete = write_series(root, "ID_0000000se", [(-3.0, 7), (1.0, 1), (2.0, 4)], rng)  # z wins over instance
+    table = build_metadata(root, tmp_path / "metadata.parquet", workers=1, progress=False).set_index("image_id")
+    for ids in (some_missing, falling, all_missing, complete):
+        assert table.loc[ids, "slice_index"].tolist() == list(range(len(ids)))
+        assert (table.loc[ids, "n_slices"] == len(ids)).all()
+    assert table.loc[neither].sort_values("slice_index").index.tolist() == sorted(neither)  # file-name order
+    # z is not invented where the header has none; InstanceNumber is kept.
+    assert table.loc[some_missing, "z"].isna().tolist() == [False, False, True, False, True]
+    assert table.loc[falling, "instance_number"].tolist() == [9, 8, 7, 6, 5]
+
+
+def test_a_table_from_an_older_version_is_read_again(dataset, tmp_path, capsys):
+    root, truth = dataset
+    out = tmp_path / "metadata.parquet"
+    fresh = build_metadata(root, out, workers=1, progress=False)
+    fresh.drop(columns="instance_number").to_parquet(out)  # as written before instance_number existed
+    again = build_metadata(root, out, workers=1, progress=False)
+    assert "lacks ['instance_number']" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(again, fresh)

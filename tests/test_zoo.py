@@ -11,7 +11,7 @@ import torch
 
 from features.windows import list_combinations, n_channels
 from level1_models.config import build_config
-from level1_models.modeling import NUM_OUTPUTS, create_network
+from level1_models.modeling import NUM_OUTPUTS, create_network, first_layer, input_stats
 from level1_models.registry import ModelSpec, UnknownModelError, get_spec, list_models, register_model
 
 torch.set_num_threads(1)
@@ -44,6 +44,64 @@ def test_spec_is_well_formed_and_builds(name):
         model = create_network(build_config(name))
     assert first_conv(model).in_channels == n_channels(spec.combination)
     assert model.get_classifier().out_features == NUM_OUTPUTS
+
+
+def test_every_full_size_spec_has_imagenet_weights_in_timm_and_fits_the_512_cache():
+    pretrained = set(timm.list_pretrained())
+    for name in BIG:
+        arch = get_spec(name).arch
+        base, tag = timm.models.split_model_name_tag(arch)
+        tag = tag or timm.models.get_pretrained_cfg(arch).tag  # an untagged arch loads its default tag
+        assert f"{base}.{tag}" in pretrained, f"{name}: timm has no ImageNet weights for {arch}"
+    assert max(get_spec(n).img_size for n in ALL) <= 512
+    assert "512 px" in get_spec("efficientnet_b7").description
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_first_layer_gets_the_raw_input_and_normalises_it_as_pretrained(name):
+    spec = get_spec(name)
+    channels = n_channels(spec.combination)
+    with torch.device("meta"):
+        model = create_network(build_config(name))
+    seen = []
+    layer = first_layer(model)
+    layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0]), prepend=True)
+    x = torch.empty(2, channels, 80, 80, device="meta")
+    model(x)
+    assert len(seen) == 1 and seen[0] is x  # no module touches the input before the normalisation
+    assert layer.input_mean.shape == layer.input_std.shape == (1, channels, 1, 1)
+    # The statistics are those of the arch's pretrained config (its tag's, for a tagged arch).
+    registered = timm.models.get_pretrained_cfg(spec.arch).to_dict()
+    assert input_stats(model.pretrained_cfg, channels) == input_stats(registered, channels)
+
+
+def test_input_stats_follow_the_pretrained_config():
+    imagenet = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    assert input_stats(imagenet, 3) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    mean, std = input_stats(imagenet, 9)  # other channel counts: the colours' average on every channel
+    assert mean == pytest.approx([0.449] * 9) and std == pytest.approx([0.226] * 9)
+    inception = timm.models.get_pretrained_cfg(get_spec("inceptionv3").arch).to_dict()
+    assert input_stats(inception, 1) == ([0.5], [0.5])  # [0, 1] -> [-1, 1]
+
+
+def test_normalisation_is_applied_and_travels_in_the_checkpoint():
+    torch.manual_seed(0)
+    cfg = build_config("tiny_resnet")
+    model = create_network(cfg).eval()
+    layer = first_layer(model)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        by_hand = torch.nn.functional.conv2d((x - 0.5) / 0.5, layer.weight, layer.bias, layer.stride, layer.padding)
+        assert torch.allclose(layer(x), by_hand, atol=1e-6)
+    state = model.state_dict()
+    assert {"conv1.0.input_mean", "conv1.0.input_std"} <= set(state)
+    twin = create_network(cfg)
+    twin.load_state_dict(state)
+    assert torch.equal(first_layer(twin).input_std, layer.input_std)
+    # A checkpoint from before the normalisation loads as trained: with the identity.
+    old = {k: v for k, v in state.items() if "input_" not in k}
+    twin.load_state_dict(old)
+    assert first_layer(twin).input_mean.abs().max() == 0 and (first_layer(twin).input_std == 1).all()
 
 
 @pytest.mark.parametrize("name", SMALL)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import fields
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--patients", type=int, default=None, help="number of patients (default: the preset's)")
     gen.add_argument("--size", type=int, default=None, help="image rows = columns (default: the preset's, 256 for demo)")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--workers", type=int, default=2, help="processes (1: in this process)")
+    gen.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (1: in this process; default: every core)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     for f in fields(Knobs):
         gen.add_argument(f"--{f.name.replace('_', '-')}", type=float, default=None, dest=f.name,

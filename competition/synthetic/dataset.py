@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from competition.constants import LABELS, SUBTYPES
+from competition.pools import worker_initializer
 from competition.synthetic.dicom_writer import write_slice
 from competition.synthetic.plan import PRESETS, Knobs, StudyPlan, make_plan
 from competition.synthetic.render import orientation, render_study
@@ -134,7 +135,8 @@ def _render_all(plan: list[StudyPlan], partial: Path, workers: int, progress: bo
         results = map(_write_study, tasks)
         pool = None
     else:
-        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker)
+        init, initargs = worker_initializer(_init_worker)  # workers die with this process
+        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=init, initargs=initargs)
         results = pool.imap_unordered(_write_study, tasks)
     try:
         for record in results:
