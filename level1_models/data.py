@@ -129,8 +129,10 @@ def load_inputs(data_dir: Path | str, paths: WorkPaths, combination: str, img_si
     test_meta = set(metadata.loc[metadata["split"] == "test", "image_id"])
     absent = [i for i in test_ids if i not in test_meta]
     if absent:
-        raise ValueError(f"{len(absent)} sample-submission images are not in the metadata's test split "
-                         f"(first: {absent[0]}); rebuild it with `make prepare DATA={data_dir}`")
+        raise ValueError(f"{len(absent)} sample-submission images have no readable DICOM in {layout.test_dir} "
+                         f"(first: {absent[0]}; unreadable ones are listed in {paths.bad_files}): download the "
+                         f"competition again (make data DATA={data_dir}, it resumes) or restore those files, then "
+                         f"make prepare DATA={data_dir}")
     factory = CacheDatasets(metadata, labels, paths.cache, combination, img_size, as_uint8=True)
     return RunInputs(folds=folds, labels=labels, test_ids=test_ids, datasets=factory,
                      trainable=factory.cached(folds["image_id"].tolist()))
