@@ -64,12 +64,15 @@ def summary_table(data_dir: Path, paths: WorkPaths, submission: Path | None) -> 
     truth = read_labels(answers) if answers is not None else None
     metadata = pd.read_parquet(paths.metadata, columns=["image_id", "study_id"])
     notes, figures = [], {}
-    for name in [*stack["models"], "stacker"]:
-        oof, test = _predictions(paths, name)
-        row = {"source": f"{name} (level 2)" if name == "stacker" else name,
+    # Each level-2 stacker that ran (LightGBM, the sequence model, their blend), then the final stack;
+    # study-level figures for the sources with prediction files (the models and the final stack).
+    level2 = [n for n in ("lightgbm", "sequence model", "blend") if n in stack["scores"]]
+    for name in [*stack["models"], *level2, "stacker"]:
+        row = {"source": f"{name} (level 2)" if name in ("stacker", *level2) else name,
                "OOF wLL": stack["scores"][name]["weighted"],
                "test wLL": stack.get("test_scores", {}).get(name, {}).get("weighted")}
-        if truth is not None:
+        if truth is not None and name not in level2:
+            oof, test = _predictions(paths, name)
             figures[name] = oof_threshold_on_test(oof, labels, test, truth, metadata)
             row.update({column: figures[name][key] for key, column in STUDY_COLUMNS.items()})
         rows.append(row)
