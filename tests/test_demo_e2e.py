@@ -28,7 +28,7 @@ def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     data, work, subs = root / "mini", root / "work", root / "subs"
     cmd = ["make", "--no-print-directory", "demo", f"DEMO_DATA={data}", f"WORK={work}", f"SUBMISSIONS={subs}",
-           "PRESET=tiny", "PATIENTS=16", f"DEMO_MODELS={' '.join(MODELS)}", "DEMO_EPOCHS=2", "DEMO_TRIALS=2",
+           "PRESET=tiny", "PATIENTS=16", "N_FOLDS=4", f"DEMO_MODELS={' '.join(MODELS)}", "DEMO_EPOCHS=2", "DEMO_TRIALS=2",
            "DEMO_STACK=--rounds 60 --neighbours 2 --early-stopping 10 --threads 1"]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -442,10 +442,10 @@ def test_tiny_preset_prepares_as_the_readme_says(tmp_path):
     assert make("synthetic", "PRESET=tiny").returncode == 0
     first = make("prepare", "CACHE_SIZE=64")
     assert first.returncode != 0
-    assert "--n-folds 3; make prepare N_FOLDS=3" in first.stderr
-    second = make("prepare", "N_FOLDS=3", "CACHE_SIZE=64")
+    assert "--n-folds 2; make prepare N_FOLDS=2" in first.stderr
+    second = make("prepare", "N_FOLDS=2", "CACHE_SIZE=64")
     assert second.returncode == 0, second.stderr
-    assert pd.read_parquet(work / "folds.parquet")["fold"].nunique() == 3
+    assert pd.read_parquet(work / "folds.parquet")["fold"].nunique() == 2
 
 
 @pytest.mark.parametrize("name", ["metadata.parquet", "metrics.json"])
