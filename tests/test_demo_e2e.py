@@ -19,8 +19,9 @@ from conftest import REPO
 
 MODELS = ("tiny_resnet", "tiny_byobnet")
 # Each model's OOF weighted log loss is at most this share of the constant prior's. The demo's bar
-# is 0.85 on 110 patients; on these 16 patients and 2 epochs the models measured RESNET_BYOB_MEASURED.
-LEARNS_BOUND = 0.95
+# is 0.85 on 110 patients; on these 16 patients (12 train), 4 folds and 2 epochs tiny_resnet measured
+# 0.924 and tiny_byobnet 0.934 (2026-11-25, 2-core machine): 0.97 leaves room for other CPUs' numerics.
+LEARNS_BOUND = 0.97
 
 
 @pytest.fixture(scope="module")
