@@ -148,8 +148,11 @@ class FoldData:
         if len(train_ids) < env.world_size or not val_readable.any():
             raise ValueError(f"fold {fold} has {len(train_ids)} readable training and {int(val_readable.sum())} "
                              f"readable validation images; the folds table needs at least two non-empty folds")
-        return cls(fold, train_ids, val_ids, val_readable, readable(inputs.test_ids),
-                   _prior_rates(inputs.label_array(train_all)))
+        test_readable = readable(inputs.test_ids)
+        if len(test_readable) and not test_readable.any():
+            raise ValueError(f"none of the {len(test_readable)} test images is in the image cache; build it for the "
+                             f"test images too (make cache DATA=<data>) before training")
+        return cls(fold, train_ids, val_ids, val_readable, test_readable, _prior_rates(inputs.label_array(train_all)))
 
 
 @dataclass
