@@ -135,4 +135,6 @@ def load_inputs(data_dir: Path | str, paths: WorkPaths, combination: str, img_si
                          f"make prepare DATA={data_dir}")
     factory = CacheDatasets(metadata, labels, paths.cache, combination, img_size, as_uint8=True)
     return RunInputs(folds=folds, labels=labels, test_ids=test_ids, datasets=factory,
-                     trainable=factory.cached(folds["image_id"].tolist()))
+                     # Test ids too: FoldData asks it whether each test image is readable (without
+                     # them every test image was "unreadable" and got the training prior).
+                     trainable=factory.cached(folds["image_id"].tolist() + test_ids))
