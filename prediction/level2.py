@@ -1,0 +1,20 @@
+"""The seam to level 2: a study's per-fold, per-model slice probabilities -> stacked probabilities.
+
+The submission's stacked prediction is the mean over folds k of booster_k applied to the features
+built from fold model k's own predictions (level2_stacking). Until that API is wired here,
+:func:`stack_study` raises :class:`Level2NotWired` and the predictor reports the level-1 mean.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+
+class Level2NotWired(NotImplementedError):
+    """Level 2 is not wired into prediction yet."""
+
+
+def stack_study(per_fold: dict[str, np.ndarray], metadata: pd.DataFrame, stack_dir=None) -> np.ndarray:
+    """``per_fold[model]``: folds x slices x 6 probabilities of the slices of ``metadata`` (in its
+    row order). Returns slices x 6 stacked probabilities."""
+    raise Level2NotWired("level 2 not wired yet: prediction reports the level-1 mean over models and folds")
