@@ -104,6 +104,8 @@ def explain_slices(result, predictor, ids: list[str]) -> list[tuple[str, str]]:
         ensemble_any = float(result.slices.set_index("image_id").at[image_id, "any"])
         title = (f"{image_id}: any = {ensemble_any:.3f} (ensemble); explained by {name} fold {fold} "
                  f"(p = {attrs.probability:.3f}, one view), Grad-CAM layer {attrs.layer}")
+        if not cam.max() > 0:
+            title += "\nGrad-CAM is zero here: the model found no positive evidence for 'any' in its last feature map"
         panels.append((image_id, slice_panel(hu, cam, guided, title)))
     return panels
 
