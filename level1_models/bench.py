@@ -21,9 +21,9 @@ from features.dataset import unit_float
 from features.windows import n_channels
 from level1_models.config import TrainConfig
 from level1_models.data import RunInputs
+from level1_models.loop import Runtime, make_optimizer, weighted_bce_sum
 from level1_models.modeling import build_model
-from level1_models.predict import AMP_DTYPES, autocast
-from level1_models.loop import Runtime, loader_options, make_optimizer, weighted_bce_sum
+from level1_models.predict import AMP_DTYPES, autocast, loader_options
 
 
 def _sync(device: torch.device) -> None:
@@ -102,10 +102,10 @@ def run_bench(cfg: TrainConfig, rt: Runtime, inputs: RunInputs | None, steps: in
         ids = inputs.folds["image_id"].tolist()
         need = (steps + warmup) * max(cfg.batch_size, cfg.eval_batch)
         ids = [ids[i] for i in np.random.default_rng(cfg.seed).permutation(len(ids))[:need]]
-        # The loaders of training: persistent workers, pinned memory, prefetch (loop.loader_options).
+        # The loaders of training: persistent workers, pinned memory, prefetch (predict.loader_options).
         # One pass covers every timed step (sampling with replacement from a small dataset), so an
         # epoch end never drains the pipeline in the middle of the measurement.
-        options = loader_options(cfg, device)
+        options = loader_options(cfg.workers, device, True, cfg.prefetch)
         rng = torch.Generator().manual_seed(cfg.seed)
         train_ds: Dataset = inputs.datasets(ids, labeled=True, augment=cfg.augment)
         sampler = RandomSampler(train_ds, replacement=True, num_samples=(steps + warmup) * cfg.batch_size, generator=rng)

@@ -31,7 +31,7 @@ from competition.constants import LABEL_WEIGHTS
 from features.dataset import unit_float
 from level1_models.config import TrainConfig
 from level1_models.distributed import DistEnv, all_reduce_sum
-from level1_models.predict import autocast
+from level1_models.predict import autocast, loader_options
 
 
 @dataclass(frozen=True)
@@ -112,16 +112,8 @@ class SeededItems(Dataset):
         return self.base[index]
 
 
-def loader_options(cfg: TrainConfig, device: torch.device) -> dict:
-    """Workers that stay alive across epochs, pinned memory on a GPU, a few batches of prefetch."""
-    options: dict = {"num_workers": cfg.workers, "pin_memory": device.type == "cuda"}
-    if cfg.workers:
-        options.update(persistent_workers=True, prefetch_factor=cfg.prefetch)
-    return options
-
-
 def train_loader(dataset: Dataset, sampler: EpochSampler, cfg: TrainConfig, device: torch.device) -> DataLoader:
-    return DataLoader(SeededItems(dataset), batch_sampler=sampler, **loader_options(cfg, device))
+    return DataLoader(SeededItems(dataset), batch_sampler=sampler, **loader_options(cfg.workers, device, True, cfg.prefetch))
 
 
 def weighted_bce_sum(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -35,13 +35,20 @@ def tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
     return [x, x.flip(-1)] if tta == "hflip" else [x]
 
 
+def loader_options(workers: int, device: torch.device, persistent: bool, prefetch: int) -> dict:
+    """DataLoader options: pinned memory on a GPU; with workers, their prefetch and whether they
+    stay alive for the next pass."""
+    options: dict = {"num_workers": workers, "pin_memory": device.type == "cuda"}
+    if workers:
+        options.update(persistent_workers=persistent, prefetch_factor=prefetch)
+    return options
+
+
 def eval_loader(dataset: Dataset, indices: Sequence[int] | np.ndarray, *, batch_size: int, device: torch.device,
                 workers: int = 0, persistent: bool = False, prefetch: int = 4) -> DataLoader:
     """In-order batches of ``dataset[indices]``; ``persistent`` keeps the workers for the next pass
     (validation every epoch)."""
-    options: dict = {"num_workers": workers, "pin_memory": device.type == "cuda"}
-    if workers:
-        options.update(persistent_workers=persistent, prefetch_factor=prefetch)
+    options = loader_options(workers, device, persistent, prefetch)
     return DataLoader(Subset(dataset, np.asarray(indices, dtype=np.int64).tolist()), batch_size=batch_size,
                       shuffle=False, **options)
 

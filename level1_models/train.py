@@ -53,6 +53,7 @@ from level1_models.distributed import (
 from level1_models.folder import ModelFolder
 from level1_models.loop import (
     EpochProgress,
+    EpochResult,
     EpochSampler,
     Runtime,
     Trainer,
@@ -264,6 +265,32 @@ def save_resume(path: Path, previous: Path, cfg: TrainConfig, core: torch.nn.Mod
     ))
 
 
+def record_epoch(cfg: TrainConfig, rt: Runtime, folder: ModelFolder, fold: int, core: torch.nn.Module,
+                 trainer: Trainer, st: FoldState, result: EpochResult, val_loss: float) -> dict:
+    """After an epoch's validation: early-stopping state, curve row, best and resume checkpoints, log."""
+    number = st.epoch + 1
+    improved = val_loss < st.best_loss
+    if improved:
+        st.best_loss, st.best_epoch, st.bad_epochs = val_loss, number, 0
+    else:
+        st.bad_epochs += 1
+    row = {
+        "epoch": number, "lr": float(trainer.optimizer.param_groups[0]["lr"]), "train_loss": result.train_loss,
+        "val_weighted_log_loss": float(val_loss), "train_images_per_s": result.images_per_s,
+        "epoch_seconds": result.seconds, "best": bool(improved),
+    }
+    st.history.append(row)
+    st.epoch, st.progress = number, EpochProgress()
+    if rt.env.is_main:
+        if improved:
+            save_checkpoint(folder.best(fold), make_state(cfg, core, fold, number, val_weighted_log_loss=float(val_loss)))
+        save_resume(folder.last(fold), folder.previous(fold), cfg, core, fold, trainer, st, [])
+        write_curve(folder.curves_csv(fold), st.history)
+    rt.log(f"{cfg.name} fold {fold} epoch {number}/{cfg.epochs}: train loss {result.train_loss:.4f}  "
+           f"val weighted log loss {val_loss:.4f}{' *' if improved else ''}  {result.images_per_s:.1f} img/s")
+    return row
+
+
 def train_fold(
     cfg: TrainConfig,
     fold: int,
@@ -328,28 +355,10 @@ def train_fold(
                                  desc=f"{cfg.name} fold {fold} epoch {number}/{cfg.epochs}")
         val_pred = predict_sharded(eval_model, val_ds, env, loader=val_loader, **predict_kwargs)
         val_loss = weighted_log_loss(y_val, val_pred)
-        improved = val_loss < st.best_loss
-        if improved:
-            st.best_loss, st.best_epoch, st.bad_epochs = val_loss, number, 0
-        else:
-            st.bad_epochs += 1
-        row = {
-            "epoch": number, "lr": float(trainer.optimizer.param_groups[0]["lr"]), "train_loss": result.train_loss,
-            "val_weighted_log_loss": float(val_loss), "train_images_per_s": result.images_per_s,
-            "epoch_seconds": result.seconds, "best": bool(improved),
-        }
-        st.history.append(row)
-        st.epoch, st.progress = number, EpochProgress()
-        if env.is_main:
-            if improved:
-                save_checkpoint(folder.best(fold), make_state(cfg, core, fold, number, val_weighted_log_loss=float(val_loss)))
-            save_resume(last, previous, cfg, core, fold, trainer, st, [])
-            write_curve(folder.curves_csv(fold), st.history)
-        rt.log(f"{cfg.name} fold {fold} epoch {number}/{cfg.epochs}: train loss {result.train_loss:.4f}  "
-               f"val weighted log loss {val_loss:.4f}{' *' if improved else ''}  {result.images_per_s:.1f} img/s")
+        row = record_epoch(cfg, rt, folder, fold, core, trainer, st, result, val_loss)
         barrier(env)
         if on_epoch_end is not None:
-            on_epoch_end(fold, number, row)
+            on_epoch_end(fold, st.epoch, row)
     barrier(env)
     del loader, val_loader  # the persistent workers go
     summary = finish_fold(cfg, fd, inputs, folder, rt, core, eval_model, y_val, val_ids, st, predict_kwargs)

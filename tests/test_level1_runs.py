@@ -145,3 +145,11 @@ def test_a_cache_smaller_than_the_input_is_an_error_not_an_upsample(tmp_path, mo
     monkeypatch.setattr(features.cache, "available_sizes", lambda cache_dir: [64, 128])
     with pytest.raises(CacheTooSmallError, match=r"is 128 px but this model reads 256 px.*CACHE_SIZE=256.*IMG_SIZE=128"):
         CacheDatasets(pd.DataFrame(), pd.DataFrame(), tmp_path, "bsb", 256)
+
+
+def test_gpu_check_on_a_machine_without_a_gpu_says_so_and_passes(capsys, monkeypatch):
+    from level1_models import gpu_check
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main([]) == 0
+    assert "no CUDA GPU" in capsys.readouterr().out
