@@ -180,8 +180,9 @@ def open_bundle(path: Path | str, models: Sequence[str] | None = None) -> Ensemb
         raise FileNotFoundError(f"bundle {path} not found; write one with `make export`")
     try:
         tar = tarfile.open(path, "r:*")
-    except tarfile.TarError as exc:
-        raise BundleError(f"{path} is not a readable archive ({exc}); write the bundle again with `make export`") from None
+    except tarfile.TarError:
+        raise BundleError(f"{path} is not a readable tar archive (truncated, or not a bundle); write it again with "
+                          f"`make export`") from None
     with tar:
         manifest = read_manifest(tar, path)
         members = [Member(**{**m, "folds": tuple(m["folds"])}) for m in manifest["members"]]
