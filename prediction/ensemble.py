@@ -66,11 +66,19 @@ def finished_folds(folder: ModelFolder) -> tuple[int, ...]:
     return tuple(sorted(found))
 
 
-def cache_used(cache_dir: Path, img_size: int) -> tuple[int, bool]:
-    """The cache size a model of ``img_size`` reads (level1_models.data's rule) and whether it was cropped."""
-    size = pick_cache_size(available_sizes(cache_dir), img_size)
-    info = json.loads((size_dir(cache_dir, size) / "info.json").read_text())
-    return size, info.get("crop") is not None
+def cache_used(cache_dir: Path, model_dir: Path, img_size: int) -> tuple[int, bool]:
+    """The cache size a model's images came from (its config.json says so; runs before it recorded
+    that: level1_models.data's rule over the caches built now) and whether that cache was cropped."""
+    size = json.loads((model_dir / "config.json").read_text()).get("runtime", {}).get("cache_size")
+    if size is None:
+        try:
+            size = pick_cache_size(available_sizes(cache_dir), img_size)
+        except FileNotFoundError:
+            raise EnsembleError(f"{model_dir} does not say which image cache it was trained from and {cache_dir} is "
+                                f"gone; rebuild the cache it read (make cache CACHE_SIZE=<size>)") from None
+    info_path = size_dir(cache_dir, size) / "info.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {"crop": "default"}  # the cache's default
+    return int(size), info.get("crop") is not None
 
 
 def trained_models(paths: WorkPaths) -> list[str]:
@@ -94,7 +102,7 @@ def from_work(paths: WorkPaths, models: Sequence[str] | None = None,
     for name in names:
         folder = ModelFolder(paths.model_dir(name))
         cfg = read_config(folder.config)
-        size, crop = cache_used(paths.cache, cfg.img_size)
+        size, crop = cache_used(paths.cache, folder.root, cfg.img_size)
         members.append(Member(name, finished_folds(folder), cfg.combination, cfg.img_size, size, crop))
     ensemble = Ensemble(paths.root, members, source=str(paths.root))
     ensemble.threshold = oof_threshold(paths, names, target_sensitivity)

@@ -80,7 +80,11 @@ def test_predict_equals_the_pipelines_test_predictions(trained, tmp_path):
 
 def test_each_member_alone_is_its_test_parquet(trained):
     data, paths = trained
-    predictor = Predictor("cpu").load(from_work(paths))
+    ensemble = from_work(paths)
+    for member in ensemble.members:  # the cache each model read, recorded by its run
+        assert json.loads((paths.model_dir(member.name) / "config.json").read_text())["runtime"]["cache_size"] == 64
+        assert (member.cache_size, member.crop, member.folds) == (64, True, (0, 1))
+    predictor = Predictor("cpu").load(ensemble)
     result = predictor.predict(read_study(data / "stage_2_test"))
     ids = result.slices["image_id"]
     for name in MODELS:
