@@ -14,7 +14,9 @@ class Level2NotWired(NotImplementedError):
     """Level 2 is not wired into prediction yet."""
 
 
-def stack_study(per_fold: dict[str, np.ndarray], metadata: pd.DataFrame, stack_dir=None) -> np.ndarray:
+def stack_study(per_fold: dict[str, np.ndarray], metadata: pd.DataFrame,
+                embeddings: dict[str, np.ndarray] | None = None, stack_dir=None) -> np.ndarray:
     """``per_fold[model]``: folds x slices x 6 probabilities of the slices of ``metadata`` (in its
-    row order). Returns slices x 6 stacked probabilities."""
+    row order); ``embeddings[model]``: folds x slices x D pooled features of the same fold models
+    (what the sequence model reads). Returns slices x 6 stacked probabilities."""
     raise Level2NotWired("level 2 not wired yet: prediction reports the level-1 mean over models and folds")

@@ -19,7 +19,8 @@ import torch
 from competition.constants import LABELS
 from features.dataset import SliceDataset
 from level1_models.config import TrainConfig, resolve
-from level1_models.predict import load_fold_model, predict_probabilities
+from features.windows import n_channels
+from level1_models.predict import embedding_width, load_fold_model, predict_probabilities
 from prediction.ensemble import Ensemble
 from prediction.level2 import Level2NotWired, stack_study
 from prediction.preprocess import MemoryCache
@@ -33,6 +34,7 @@ class StudyPrediction:
     study: Study
     slices: pd.DataFrame  # SLICE_COLUMNS, one row per readable slice, in series and z order
     per_fold: dict[str, np.ndarray]  # model -> folds x slices x 6
+    embeddings: dict[str, np.ndarray]  # model -> folds x slices x D float16 (pooled features, as level 1 saves them)
     level: str  # "level 2 (stacked)" or "level-1 mean ..."
     seconds: float
 
@@ -87,24 +89,28 @@ class Predictor:
             raise RuntimeError("Predictor.load(ensemble) first")
         t0 = time.perf_counter()
         caches: dict = {}
-        per_fold = {}
+        per_fold, embeddings = {}, {}
         for member in self.ensemble.members:
             cfg = self.configs[member.name]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # unreadable neighbours stand in as in the pipeline
                 ds = self.dataset(study, member.name, caches)
             index = np.arange(len(ds))
-            per_fold[member.name] = np.stack([
-                predict_probabilities(model, ds, index, batch_size=self.batch_size, device=self.device, amp=cfg.amp,
-                                      channels_last=cfg.channels_last, tta=cfg.tta)
-                for _, model in self.models[member.name]])
+            probs, pooled = [], []
+            for _, model in self.models[member.name]:
+                width = embedding_width(model, n_channels(cfg.combination), cfg.img_size, self.device)
+                pooled.append(np.zeros((len(ds), width), np.float16))
+                probs.append(predict_probabilities(model, ds, index, batch_size=self.batch_size, device=self.device,
+                                                   amp=cfg.amp, channels_last=cfg.channels_last, tta=cfg.tta,
+                                                   embeddings=pooled[-1]))
+            per_fold[member.name], embeddings[member.name] = np.stack(probs), np.stack(pooled)
         meta = study.metadata[study.metadata["readable"]].reset_index(drop=True)
         try:
-            probs, level = stack_study(per_fold, meta), "level 2 (stacked)"
+            probs, level = stack_study(per_fold, meta, embeddings), "level 2 (stacked)"
         except Level2NotWired:
             probs = np.mean([p.mean(axis=0) for p in per_fold.values()], axis=0)
             level = (f"level-1 mean over {len(per_fold)} model(s) and their folds "
                      f"(level 2 not wired into prediction yet)")
         slices = meta[["image_id", "study_id", "series_id", "slice_index", "z"]].copy()
         slices[list(LABELS)] = probs
-        return StudyPrediction(study, slices, per_fold, level, time.perf_counter() - t0)
+        return StudyPrediction(study, slices, per_fold, embeddings, level, time.perf_counter() - t0)

@@ -29,8 +29,7 @@ torch.set_num_threads(1)
 # A 2-D model (test_resnet, bsb) and a 2.5D one (test_efficientnet, brain of three slices), both
 # reading a 64 px cache at 32 px: the cache-size resize and the neighbour order are exercised.
 MODELS = ("tiny_resnet", "tiny_efficientnet")
-OVERRIDES = dict(epochs=1, img_size=32, batch_size=16, workers=0, device="cpu", augment=False, pretrained=False,
-                 save_embeddings=False)
+OVERRIDES = dict(epochs=1, img_size=32, batch_size=16, workers=0, device="cpu", augment=False, pretrained=False)
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +89,12 @@ def test_each_member_alone_is_its_test_parquet(trained):
     for name in MODELS:
         mine = result.per_fold[name].mean(axis=0)
         np.testing.assert_allclose(mine, pipeline_test(paths, name).loc[ids].to_numpy(), atol=1e-4, rtol=0)
+        for k in (0, 1):  # the pooled features level 2 reads, as the fold saved them for the test images
+            fold_ids = pd.read_parquet(paths.model_dir(name) / f"fold{k}" / "test.parquet")["image_id"]
+            saved = np.load(paths.model_dir(name) / f"fold{k}" / "embeddings_test.npy")
+            rows = pd.Index(fold_ids).get_indexer(ids)
+            np.testing.assert_allclose(result.embeddings[name][k].astype(np.float32), saved[rows].astype(np.float32),
+                                       atol=2e-3, rtol=2e-3)
 
 
 def _copy_with(src: Path, dst: Path, **fields) -> None:
