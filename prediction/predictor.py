@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -37,6 +37,7 @@ class StudyPrediction:
     embeddings: dict[str, np.ndarray]  # model -> folds x slices x D float16 (pooled features, as level 1 saves them)
     level: str  # "level 2 (stacked)" or "level-1 mean ..."
     seconds: float
+    caches: dict = field(default_factory=dict, repr=False)  # (size, crop) -> MemoryCache, reused by the report
 
 
 def resolve_device(device: str) -> torch.device:
@@ -113,4 +114,4 @@ class Predictor:
                      f"(level 2 not wired into prediction yet)")
         slices = meta[["image_id", "study_id", "series_id", "slice_index", "z"]].copy()
         slices[list(LABELS)] = probs
-        return StudyPrediction(study, slices, per_fold, embeddings, level, time.perf_counter() - t0)
+        return StudyPrediction(study, slices, per_fold, embeddings, level, time.perf_counter() - t0, caches)

@@ -90,7 +90,7 @@ def explain_slices(result, predictor, ids: list[str]) -> list[tuple[str, str]]:
     model, cfg, fold = predictor.fold_model(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds = predictor.dataset(result.study, name)
+        ds = predictor.dataset(result.study, name, result.caches)
     position = {image_id: i for i, image_id in enumerate(ds.image_ids)}
     centre = [c for c, ch in enumerate(ds.combination.channels) if ch.offset == 0] or [0]
     panels = []
