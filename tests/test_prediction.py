@@ -121,10 +121,13 @@ def test_bad_files_are_skipped_and_listed(trained, tmp_path):
     first = data / rows["path"].iloc[0]
     _copy_with(first, study / "mr" / "x1", Modality="MR", SOPInstanceUID="ID_mr0000001")
     _copy_with(first, study / "scout", ImageOrientationPatient=[1, 0, 0, 0, 0, -1], SOPInstanceUID="ID_sc0000001")
+    _copy_with(first, study / "loc", ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"], SOPInstanceUID="ID_lo0000001")
+    _copy_with(first, study / "sub9" / "again.dcm")  # the same slice twice, found after the first
     (study / "notes.txt").write_text("not a DICOM file\n")
     out = predict_folder(study, paths, out=tmp_path / "out", device="cpu", report=False)
     skipped = pd.read_csv(out / "skipped.csv").set_index("path")["reason"]
-    assert sorted(skipped.index) == ["mr/x1", "notes.txt", "scout", "sub1/IM0003"]
+    assert sorted(skipped.index) == ["loc", "mr/x1", "notes.txt", "scout", "sub1/IM0003", "sub9/again.dcm"]
+    assert "LOCALIZER" in skipped["loc"] and "duplicate of sub0/IM0000" in skipped["sub9/again.dcm"]
     assert "not CT" in skipped["mr/x1"] and "not a DICOM" in skipped["notes.txt"]
     assert "not axial" in skipped["scout"] and "pixel data" in skipped["sub1/IM0003"]
     slices = pd.read_csv(out / "slices.csv")
