@@ -85,6 +85,32 @@ def not_a_slice(ds) -> str | None:
     return None
 
 
+def read_without_preamble(path: Path, error: DicomReadError):
+    """A dataset written without the 128-byte preamble and file meta (some PACS exports), read with
+    ``force`` and given the transfer syntax its encoding implies; else the original error."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    if not error.reason.startswith("not a DICOM file"):
+        raise error
+    try:
+        ds = pydicom.dcmread(path, force=True)
+        if "PixelData" not in ds or "Rows" not in ds:
+            raise error
+        implicit, little = ds.original_encoding
+    except DicomReadError:
+        raise
+    except Exception:  # garbage read with force: it stays "not a DICOM file"
+        raise error from None
+    if not little:
+        raise error
+    ds.file_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    if "TransferSyntaxUID" not in ds.file_meta:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    return ds
+
+
 def read_study(root: Path | str) -> Study:
     """Scan ``root`` (a folder, searched recursively, or one file); raise NothingToPredict when no
     slice is left."""
@@ -96,7 +122,10 @@ def read_study(root: Path | str) -> Study:
     for path in files:
         rel = path.name if path == root else str(path.relative_to(root))
         try:
-            ds = read_dataset(path)
+            try:
+                ds = read_dataset(path)
+            except DicomReadError as exc:
+                ds = read_without_preamble(path, exc)
             reason = not_a_slice(ds)
         except DicomReadError as exc:
             reason = exc.reason

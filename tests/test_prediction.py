@@ -124,6 +124,12 @@ def test_bad_files_are_skipped_and_listed(trained, tmp_path):
     _copy_with(first, study / "loc", ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"], SOPInstanceUID="ID_lo0000001")
     _copy_with(first, study / "sub9" / "again.dcm")  # the same slice twice, found after the first
     (study / "notes.txt").write_text("not a DICOM file\n")
+    headerless = study / "sub0" / "IM0002"  # written without preamble and file meta: still read
+    bare = pydicom.Dataset()
+    for element in pydicom.dcmread(headerless):
+        bare.add(element)
+    bare.save_as(headerless, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    assert headerless.read_bytes()[128:132] != b"DICM"
     out = predict_folder(study, paths, out=tmp_path / "out", device="cpu", report=False)
     skipped = pd.read_csv(out / "skipped.csv").set_index("path")["reason"]
     assert sorted(skipped.index) == ["loc", "mr/x1", "notes.txt", "scout", "sub1/IM0003", "sub9/again.dcm"]
