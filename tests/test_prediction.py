@@ -226,3 +226,12 @@ def test_the_real_series(trained, real_sample, tmp_path):
     page = (out / "report.html").read_text()
     assert "not a medical device" in page and page.count("data:image/png;base64,") == 1 + 2
     assert "README.md" in pd.read_csv(out / "skipped.csv")["path"].tolist()
+
+
+def test_hu_kept_as_int16_only_where_exact():
+    from prediction.study import compact
+
+    whole = np.array([[-1024.0, 40.0], [3071.0, 0.0]], np.float32)
+    assert compact(whole).dtype == np.int16 and np.array_equal(compact(whole), whole)
+    for inexact in (np.array([[0.5, 1.0]], np.float32), np.array([[40000.0, 0.0]], np.float32)):
+        assert compact(inexact) is inexact
