@@ -138,5 +138,6 @@ def oof_threshold(paths: WorkPaths, names: Sequence[str], target_sensitivity: fl
         return {}
     score = study_probability(oof, metadata).reindex(truth.index)
     report = study_level_report(truth.to_numpy(), score.to_numpy(), target_sensitivity)
-    return {**{k: float(v) for k, v in report.items()}, "target_sensitivity": target_sensitivity,
+    figures = {k: float(v) if np.isfinite(v) else None for k, v in report.items()}  # NaN (no negatives): None in JSON
+    return {**figures, "target_sensitivity": target_sensitivity,
             "pooling": "max over slices", "predictions": f"level-1 mean OOF of {', '.join(names)}"}

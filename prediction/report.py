@@ -110,6 +110,10 @@ def explain_slices(result, predictor, ids: list[str]) -> list[tuple[str, str]]:
     return panels
 
 
+def _figure(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def _table(frame: pd.DataFrame) -> str:
     return frame.to_html(index=False, float_format=lambda v: f"{v:.3f}", border=0, classes="t", na_rep="")
 
@@ -128,7 +132,7 @@ def write_report(path, result, studies: pd.DataFrame, predictor, top: int = 3) -
         parts.append(f"<p>Decision: <b>bleed</b> when the study's <i>any</i> probability (the maximum over its slices) "
                      f"is at least {t:.3f}. On the out-of-fold predictions ({html.escape(th.get('predictions', ''))}; "
                      f"{int(th.get('n_studies', 0))} studies, {int(th.get('n_positive', 0))} with a bleed) this threshold "
-                     f"gave sensitivity {th['sensitivity']:.3f} and specificity {th['specificity']:.3f} "
+                     f"gave sensitivity {_figure(th.get('sensitivity'))} and specificity {_figure(th.get('specificity'))} "
                      f"(chosen as the highest threshold reaching sensitivity {th.get('target_sensitivity', 0):.2f}).</p>")
     parts.append(f"<p>Slice probabilities: {html.escape(result.level)}.</p>")
     for series_id, series in result.slices.groupby("series_id", sort=False):
