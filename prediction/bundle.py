@@ -39,7 +39,7 @@ BUNDLE_FORMAT = "rsna-ensemble-bundle"
 BUNDLE_VERSION = 1  # bump when a bundle written before cannot be read the same way
 MANIFEST = "manifest.json"
 PACKAGES = ("rsna-ensemble", "torch", "timm", "numpy", "pydicom", "opencv-python-headless", "lightgbm")
-STACK_SUFFIXES = (".txt", ".json", ".model")  # boosters and their settings; not the big prediction tables
+STACK_SKIP = (".parquet", ".db", ".png", ".html", ".csv")  # prediction tables, Optuna storage, plots: not needed to predict
 
 
 class BundleError(ValueError):
@@ -90,7 +90,7 @@ def bundle_files(ensemble: Ensemble, paths: WorkPaths) -> dict[str, Path]:
             files[f"models/{m.name}/fold{k}/best.pt"] = folder.best(k)
     if paths.stack.is_dir():
         for p in sorted(paths.stack.rglob("*")):
-            if p.is_file() and p.suffix in STACK_SUFFIXES:
+            if p.is_file() and p.suffix not in STACK_SKIP and not p.name.startswith("."):
                 files[f"stack/{p.relative_to(paths.stack).as_posix()}"] = p
     return files
 

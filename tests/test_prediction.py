@@ -152,7 +152,13 @@ def test_bad_files_are_skipped_and_listed(trained, tmp_path):
 
 def test_export_then_predict_in_a_fresh_folder(trained, tmp_path):
     data, paths = trained
+    (paths.stack / "lightgbm").mkdir(parents=True, exist_ok=True)  # level-2 files travel, its tables do not
+    (paths.stack / "lightgbm" / "booster_fold0.txt").write_text("tree\n")
+    (paths.stack / "oof.parquet").write_bytes(b"table")
     bundle = export_bundle(paths, tmp_path / "ens.tar")
+    with tarfile.open(bundle) as tar:
+        assert "stack/lightgbm/booster_fold0.txt" in tar.getnames() and "stack/oof.parquet" not in tar.getnames()
+    shutil.rmtree(paths.stack)
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     shutil.copy(bundle, fresh / "ens.tar")
