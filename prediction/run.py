@@ -1,7 +1,6 @@
 """``make predict``: a study folder in, slices.csv / studies.csv / skipped.csv / report.html out."""
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Sequence
