@@ -8,6 +8,7 @@ model's hflip-TTA probabilities (``level1_models.predict.predict_probabilities``
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -85,6 +86,22 @@ class Predictor:
         cfg = self.configs[name]
         return SliceDataset(study.readable_ids, study.metadata, caches[key], cfg.combination, cfg.img_size, as_uint8=True)
 
+    def _run(self, model: torch.nn.Module, ds: SliceDataset, index: np.ndarray, cfg: TrainConfig,
+             pooled: np.ndarray) -> np.ndarray:
+        """One fold model's probabilities; on a GPU out of memory the batch is halved (and kept so)."""
+        while True:
+            try:
+                return predict_probabilities(model, ds, index, batch_size=self.batch_size, device=self.device,
+                                             amp=cfg.amp, channels_last=cfg.channels_last, tta=cfg.tta,
+                                             embeddings=pooled)
+            except torch.OutOfMemoryError:
+                if self.batch_size == 1:
+                    raise
+                self.batch_size //= 2
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                print(f"out of GPU memory: predicting {self.batch_size} slices at a time", file=sys.stderr, flush=True)
+
     def predict(self, study: Study) -> StudyPrediction:
         if self.ensemble is None:
             raise RuntimeError("Predictor.load(ensemble) first")
@@ -101,9 +118,7 @@ class Predictor:
             for _, model in self.models[member.name]:
                 width = embedding_width(model, n_channels(cfg.combination), cfg.img_size, self.device)
                 pooled.append(np.zeros((len(ds), width), np.float16))
-                probs.append(predict_probabilities(model, ds, index, batch_size=self.batch_size, device=self.device,
-                                                   amp=cfg.amp, channels_last=cfg.channels_last, tta=cfg.tta,
-                                                   embeddings=pooled[-1]))
+                probs.append(self._run(model, ds, index, cfg, pooled[-1]))
             per_fold[member.name], embeddings[member.name] = np.stack(probs), np.stack(pooled)
         meta = study.metadata[study.metadata["readable"]].reset_index(drop=True)
         try:

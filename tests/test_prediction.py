@@ -241,3 +241,26 @@ def test_hu_kept_as_int16_only_where_exact():
     assert compact(whole).dtype == np.int16 and np.array_equal(compact(whole), whole)
     for inexact in (np.array([[0.5, 1.0]], np.float32), np.array([[40000.0, 0.0]], np.float32)):
         assert compact(inexact) is inexact
+
+
+def test_out_of_memory_halves_the_batch(trained, monkeypatch):
+    import level1_models.predict as level1_predict
+    import prediction.predictor as predictor_module
+
+    data, paths = trained
+    real = level1_predict.predict_probabilities
+    seen = []
+
+    def tight(*args, batch_size, **kwargs):  # a device that holds at most 8 slices
+        seen.append(batch_size)
+        if batch_size > 8:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*args, batch_size=batch_size, **kwargs)
+
+    monkeypatch.setattr(predictor_module, "predict_probabilities", tight)
+    study = read_study(data / "stage_2_test")
+    predictor = Predictor("cpu", batch_size=64).load(from_work(paths, ["tiny_resnet"]))
+    result = predictor.predict(study)
+    assert seen[:4] == [64, 32, 16, 8] and predictor.batch_size == 8
+    expected = pipeline_test(paths, "tiny_resnet").loc[result.slices["image_id"]].to_numpy()
+    np.testing.assert_allclose(result.slices[list(LABELS)].to_numpy(), expected, atol=1e-4, rtol=0)
