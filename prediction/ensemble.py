@@ -37,6 +37,7 @@ class Member:
     img_size: int
     cache_size: int  # the image cache its training read (smallest built size >= img_size)
     crop: bool  # that cache cut each series to the head
+    oof_weighted_log_loss: float | None = None  # its pooled OOF score (metrics.json), when every fold finished
 
 
 @dataclass
@@ -51,6 +52,11 @@ class Ensemble:
 
     def config(self, name: str) -> TrainConfig:
         return read_config(self.model_folder(name).config)
+
+    def best_member(self) -> Member:
+        """The member with the lowest OOF weighted log loss (the first one when none has a score)."""
+        scored = [m for m in self.members if m.oof_weighted_log_loss is not None]
+        return min(scored, key=lambda m: m.oof_weighted_log_loss) if scored else self.members[0]
 
     def to_json(self) -> dict:
         return {"members": [asdict(m) for m in self.members], "threshold": self.threshold}
@@ -81,6 +87,13 @@ def cache_used(cache_dir: Path, model_dir: Path, img_size: int) -> tuple[int, bo
     return int(size), info.get("crop") is not None
 
 
+def pooled_oof_loss(folder: ModelFolder) -> float | None:
+    if not folder.metrics.is_file():
+        return None
+    value = json.loads(folder.metrics.read_text()).get("pooled", {}).get("weighted_log_loss")
+    return float(value) if value is not None else None
+
+
 def trained_models(paths: WorkPaths) -> list[str]:
     if not paths.models.is_dir():
         return []
@@ -103,7 +116,8 @@ def from_work(paths: WorkPaths, models: Sequence[str] | None = None,
         folder = ModelFolder(paths.model_dir(name))
         cfg = read_config(folder.config)
         size, crop = cache_used(paths.cache, folder.root, cfg.img_size)
-        members.append(Member(name, finished_folds(folder), cfg.combination, cfg.img_size, size, crop))
+        members.append(Member(name, finished_folds(folder), cfg.combination, cfg.img_size, size, crop,
+                              pooled_oof_loss(folder)))
     ensemble = Ensemble(paths.root, members, source=str(paths.root))
     ensemble.threshold = oof_threshold(paths, names, target_sensitivity)
     return ensemble

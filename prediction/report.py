@@ -85,8 +85,9 @@ def slice_panel(hu: np.ndarray, cam: np.ndarray, guided: np.ndarray, title: str)
 
 
 def explain_slices(result, predictor, ids: list[str]) -> list[tuple[str, str]]:
-    """(image_id, panel) for ``ids``, explained by the first fold model of the first member."""
-    name = predictor.ensemble.members[0].name
+    """(image_id, panel) for ``ids``, explained by the first fold model of the member with the best
+    OOF score."""
+    name = predictor.ensemble.best_member().name
     model, cfg, fold = predictor.fold_model(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -143,7 +144,8 @@ def write_report(path, result, studies: pd.DataFrame, predictor, top: int = 3) -
             parts.append(f"<h3>The {len(ids)} slices with the highest <i>any</i> probability</h3>")
             parts += [f"<div><img src='{panel}'></div>" for _, panel in explain_slices(result, predictor, ids)]
     members = pd.DataFrame([{"model": m.name, "folds": ",".join(map(str, m.folds)), "windows": m.combination,
-                             "input px": m.img_size, "cache px": m.cache_size} for m in ensemble.members])
+                             "input px": m.img_size, "cache px": m.cache_size,
+                             "OOF weighted log loss": m.oof_weighted_log_loss} for m in ensemble.members])
     parts += ["<h2>Models</h2>", _table(members), f"<p>From {html.escape(ensemble.source)}; device "
               f"{html.escape(str(predictor.device))}; hflip test-time augmentation; mean over folds.</p>"]
     if len(result.study.skipped):

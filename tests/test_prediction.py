@@ -83,6 +83,9 @@ def test_each_member_alone_is_its_test_parquet(trained):
     for member in ensemble.members:  # the cache each model read, recorded by its run
         assert json.loads((paths.model_dir(member.name) / "config.json").read_text())["runtime"]["cache_size"] == 64
         assert (member.cache_size, member.crop, member.folds) == (64, True, (0, 1))
+        metrics = json.loads((paths.model_dir(member.name) / "metrics.json").read_text())
+        assert member.oof_weighted_log_loss == metrics["pooled"]["weighted_log_loss"]
+    assert ensemble.best_member().oof_weighted_log_loss == min(m.oof_weighted_log_loss for m in ensemble.members)
     predictor = Predictor("cpu").load(ensemble)
     result = predictor.predict(read_study(data / "stage_2_test"))
     ids = result.slices["image_id"]
