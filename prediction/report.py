@@ -141,7 +141,8 @@ def write_report(path, result, studies: pd.DataFrame, predictor, top: int = 3) -
                      f"{len(series)} slices)</h2><img src='{series_plot(series, t)}'>")
         ids = series.sort_values("any", ascending=False, kind="mergesort")["image_id"].head(top).tolist()
         if ids:
-            parts.append(f"<h3>The {len(ids)} slices with the highest <i>any</i> probability</h3>")
+            what = "The slice" if len(ids) == 1 else f"The {len(ids)} slices"
+            parts.append(f"<h3>{what} with the highest <i>any</i> probability</h3>")
             parts += [f"<div><img src='{panel}'></div>" for _, panel in explain_slices(result, predictor, ids)]
     members = pd.DataFrame([{"model": m.name, "folds": ",".join(map(str, m.folds)), "windows": m.combination,
                              "input px": m.img_size, "cache px": m.cache_size,
