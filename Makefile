@@ -1,6 +1,6 @@
 # RSNA Intracranial Hemorrhage Detection: from `kaggle competitions download` to `kaggle competitions submit`.
 # `make help` lists the targets. Variables (the users' interface, see README):
-#   DATA WORK N_FOLDS MODEL MODELS FOLDS EPOCHS IMG_SIZE BATCH LIMIT DEVICE GPUS WORKERS TUNE TRIALS STORAGE FILE MESSAGE IMAGE TOP LABEL
+#   DATA WORK N_FOLDS MODEL MODELS FOLDS EPOCHS IMG_SIZE BATCH LIMIT DEVICE GPUS WORKERS TUNE TRIALS STORAGE THREADS STACKER ROWS FILE MESSAGE IMAGE TOP LABEL
 #   STUDY OUT BUNDLE
 
 SHELL := bash
@@ -36,6 +36,9 @@ GPUS     ?=
 TUNE     ?=
 TRIALS   ?=
 STORAGE  ?=
+THREADS  ?=
+STACKER  ?=
+ROWS     ?=
 FILE     ?=
 MESSAGE  ?=
 IMAGE    ?=
@@ -122,9 +125,10 @@ oof: $(STAMP) ## K-fold level-1 training of MODEL -> OOF + test predictions (FOL
 	  $(call opt,--limit,$(LIMIT)) $(call opt,--device,$(DEVICE)) $(call opt,--workers,$(WORKERS)) $(sets)
 	$(PY) -m level2_stacking.plots --data $(DATA) $(work_opt) --model $(MODEL) --skip-missing
 
-stack: $(STAMP) ## level-2 features + LightGBM over every level-1 folder (or MODELS=a,b; TUNE=1 TRIALS=n STORAGE=url) -> submission
+stack: $(STAMP) ## level 2 over every level-1 folder (or MODELS=a,b): LightGBM + sequence model, blended (STACKER THREADS DEVICE TUNE=1 TRIALS STORAGE) -> submission
 	$(PY) -m level2_stacking --data $(DATA) $(work_opt) $(call opt,--models,$(MODELS)) $(if $(call yes,$(TUNE)),--tune) \
-	  $(call opt,--trials,$(TRIALS)) $(call opt,--storage,$(STORAGE)) $(STACK_OPTS)
+	  $(call opt,--trials,$(TRIALS)) $(call opt,--storage,$(STORAGE)) $(call opt,--threads,$(THREADS)) \
+	  $(call opt,--stacker,$(STACKER)) $(call opt,--seq-device,$(DEVICE)) $(STACK_OPTS)
 	$(PY) -m level2_stacking.plots --data $(DATA) $(work_opt) --stack
 	$(PY) -m submissions write --data $(DATA) $(work_opt) --stack --out-dir $(SUBMISSIONS)
 
@@ -167,8 +171,8 @@ bench-train: $(STAMP) ## training and inference images/s of MODEL, and the share
 gpu-check: $(STAMP) ## on a CUDA machine: resnet50 + efficientnet_b0 at 256 px from the real loader vs random tensors, DDP with 2+ GPUs
 	$(PY) -m level1_models.gpu_check $(call opt,--batch,$(BATCH)) $(call opt,--workers,$(WORKERS))
 
-bench-stack: $(STAMP) ## level-2 feature builder rate on a fabricated ~200k-row table
-	$(PY) -m level2_stacking.bench
+bench-stack: $(STAMP) ## level 2 at the real size (752k rows, 5 models, 256-dim embeddings; ROWS=n smaller): features, memory, LightGBM per thread count, sequence epoch, blend
+	$(PY) -m level2_stacking.bench $(call opt,--rows,$(ROWS)) $(call opt,--threads,$(THREADS))
 
 bench: bench-metadata bench-features bench-stack ## every data benchmark, one `name: value unit` line per figure
 

@@ -35,6 +35,9 @@ class TabularFeatureConfig:
     quantiles: tuple[float, ...] = (0.75, 0.9, 0.95)
     thresholds: tuple[float, ...] = (0.1, 0.5, 0.9)
     group_col: str = "study_id"                    # the "study" of the study statistics
+    # The slice minus each neighbour (2k columns per label): off by default, as dropping them
+    # lowered the stack's OOF and test loss on two fabricated competitions (README).
+    diffs: bool = False
 
     def __post_init__(self) -> None:
         if self.k_neighbours < 0:
@@ -60,7 +63,8 @@ def label_feature_names(config: TabularFeatureConfig) -> list[str]:
     k = config.k_neighbours
     names = ["self"]
     names += [f"prev{d}" for d in range(1, k + 1)] + [f"next{d}" for d in range(1, k + 1)]
-    names += [f"diff_prev{d}" for d in range(1, k + 1)] + [f"diff_next{d}" for d in range(1, k + 1)]
+    if config.diffs:
+        names += [f"diff_prev{d}" for d in range(1, k + 1)] + [f"diff_next{d}" for d in range(1, k + 1)]
     for w in config.rolling_windows:
         names += [f"roll_mean{w}", f"roll_max{w}"]
     names += ["study_max", "study_mean", "study_std"]
@@ -254,7 +258,8 @@ def build_tabular_features(
         shifts = {d: _shift(p, ord_.pos, ord_.length, d) for d in range(-config.max_offset, config.max_offset + 1) if d}
         blocks = [p]
         blocks += [shifts[-d] for d in range(1, k + 1)] + [shifts[d] for d in range(1, k + 1)]
-        blocks += [p - shifts[-d] for d in range(1, k + 1)] + [p - shifts[d] for d in range(1, k + 1)]
+        if config.diffs:
+            blocks += [p - shifts[-d] for d in range(1, k + 1)] + [p - shifts[d] for d in range(1, k + 1)]
         # Rolling max grows window by window: each wider window adds two shifts to the narrower one's max.
         running, reach, maxes = p.copy(), 0, {}
         for w in sorted(set(config.rolling_windows)):

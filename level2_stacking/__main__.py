@@ -1,9 +1,12 @@
-"""python -m level2_stacking --data DATA [--work WORK] [--models a,b] [--tune] [--trials N] [--storage URL]
+"""python -m level2_stacking --data DATA [--work WORK] [--models a,b] [--stacker blend] [--tune] [--trials N]
 
-Stacks every level-1 model folder present (or --models), prints the OOF report (each level-1
-model, their plain mean, the stacker; overall and per label; study-level diagnosis) and writes
-oof.parquet, test.parquet, metrics.json (and best_params.json, optuna.db with --tune) under
-the work folder's stack/. The submission file is written by `python -m submissions write --stack`.
+Stacks every level-1 model folder present (or --models) with LightGBM on neighbour and study
+features, a sequence model over each series, or their blend (the default); prints the OOF report
+(each level-1 model, their plain mean, each stacker, the final stack; overall and per label;
+study-level diagnosis) and writes oof.parquet, test.parquet, metrics.json (and best_params.json,
+optuna.db with --tune; lightgbm/ and sequence/ with each stacker's own predictions) under the
+work folder's stack/, each file atomically. The submission file is written by
+`python -m submissions write --stack`.
 """
 from __future__ import annotations
 
@@ -18,7 +21,10 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from competition.cli import run_main, work_lock  # noqa: E402
-from level2_stacking.pipeline import StackSettings, run_stack  # noqa: E402
+from level2_stacking.lgbm import default_threads  # noqa: E402
+from level2_stacking.pipeline import STACKERS, StackSettings, run_stack  # noqa: E402
+from level2_stacking.sequence import SequenceSettings  # noqa: E402
+from level2_stacking.tune import TUNE_SHARE  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,14 +33,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--data", required=True, type=Path, help="competition folder (Kaggle layout); names the work folder")
     ap.add_argument("--work", type=Path, default=None, help="work folder (default work/<basename of DATA>)")
     ap.add_argument("--models", default="", help="comma list of level-1 models (default: every model folder present)")
+    ap.add_argument("--stacker", choices=STACKERS, default="blend",
+                    help="lgbm, seq (the sequence model) or blend (both, weights fit on OOF; default)")
     ap.add_argument("--tune", action="store_true", help="run the Optuna study first and stack with its best parameters")
+    ap.add_argument("--tune-share", type=float, default=TUNE_SHARE,
+                    help="share of the train patients Optuna tunes on (at least 200 patients); refit on all")
     ap.add_argument("--trials", type=int, default=20, help="finished trials the study should hold (a rerun resumes)")
     ap.add_argument("--storage", default=None, help="Optuna RDB URL (default: sqlite optuna.db in the stack folder)")
-    ap.add_argument("--threads", type=int, default=2, help="LightGBM threads")
+    ap.add_argument("--threads", type=int, default=None,
+                    help=f"LightGBM and torch CPU threads (default: every usable core, here {default_threads()})")
     ap.add_argument("--neighbours", type=int, default=5, help="previous/next slices taken as features")
     ap.add_argument("--rounds", type=int, default=StackSettings.num_boost_round, help="max boosting rounds")
     ap.add_argument("--early-stopping", type=int, default=StackSettings.early_stopping_rounds,
                     help="early-stopping patience (0: train all --rounds)")
+    ap.add_argument("--seq-arch", choices=("gru", "transformer"), default=SequenceSettings.arch, help="sequence model")
+    ap.add_argument("--seq-epochs", type=int, default=SequenceSettings.epochs, help="sequence model epochs per fold")
+    ap.add_argument("--seq-device", default="auto", help="sequence model device: cpu, cuda or auto (cuda when present)")
+    ap.add_argument("--embedding-dim", type=int, default=256,
+                    help="level-1 embeddings reduced to this many dims (shared space) before the sequence model")
+    ap.add_argument("--no-embeddings", action="store_true", help="sequence model on the probabilities alone")
     ap.add_argument("--target-sensitivity", type=float, default=StackSettings.target_sensitivity,
                     help="study-level operating point (sensitivity to reach)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -43,9 +60,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    threads = args.threads or default_threads()
+    device = args.seq_device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     settings = StackSettings(
-        models=[m for m in args.models.split(",") if m.strip()] or None,
-        tune=args.tune, trials=args.trials, storage=args.storage, num_threads=args.threads,
+        models=[m for m in args.models.split(",") if m.strip()] or None, stacker=args.stacker,
+        tune=args.tune, trials=args.trials, storage=args.storage, tune_share=args.tune_share, num_threads=threads,
+        sequence=SequenceSettings(arch=args.seq_arch, epochs=args.seq_epochs, device=device, threads=threads),
+        embedding_dim=args.embedding_dim, use_embeddings=not args.no_embeddings,
         k_neighbours=args.neighbours, num_boost_round=args.rounds,
         early_stopping_rounds=args.early_stopping or None, target_sensitivity=args.target_sensitivity,
         progress=not args.no_progress,

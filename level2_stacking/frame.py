@@ -20,6 +20,12 @@ from features.tabular import TabularFeatureConfig, build_tabular_features, featu
 
 OOF_FILE = "oof.parquet"
 TEST_FILE = "test.parquet"
+EMBEDDINGS_OOF_FILE = "embeddings_oof.npy"    # fold<k>/: row i belongs to fold<k>/oof.parquet row i
+EMBEDDINGS_TEST_FILE = "embeddings_test.npy"  # fold<k>/: row i belongs to fold<k>/test.parquet row i
+
+
+def fold_dir(model_dir: Path, fold: int) -> Path:
+    return Path(model_dir) / f"fold{fold}"
 
 
 class StackFrameError(ValueError):
@@ -30,7 +36,9 @@ class StackFrameError(ValueError):
 class Level1Output:
     name: str
     oof: pd.DataFrame   # image_id, fold, LABELS
-    test: pd.DataFrame  # image_id, LABELS
+    test: pd.DataFrame  # image_id, LABELS (mean of the fold models)
+    fold_test: dict[int, pd.DataFrame]  # fold -> image_id, LABELS of that fold model alone ({} if absent)
+    folder: Path
 
 
 @dataclass(frozen=True)
@@ -41,9 +49,12 @@ class StackFrame:
     folds: np.ndarray                 # (N,) int fold of each train row
     y: np.ndarray                     # (N, 6) true labels
     x_train: pd.DataFrame             # (N, F) level-2 features
-    x_test: pd.DataFrame              # (M, F)
+    x_test: dict[int, pd.DataFrame]   # fold -> (M, F) features of fold model k's own test predictions
     level1_oof: dict[str, np.ndarray]   # model -> (N, 6), rows as train_ids
-    level1_test: dict[str, np.ndarray]  # model -> (M, 6), rows as test_ids
+    level1_test: dict[str, np.ndarray]  # model -> (M, 6), rows as test_ids (mean of the fold models)
+    level1_fold_test: dict[str, dict[int, np.ndarray]]  # model -> fold -> (M, 6); {} without per-fold files
+    model_dirs: dict[str, Path]
+    test_per_fold: bool                 # False: x_test is the mean's features for every fold (old folders)
 
 
 def _preview(ids: Sequence | pd.Index | np.ndarray, n: int = 3) -> str:
@@ -116,7 +127,8 @@ def _check_probabilities(table: pd.DataFrame, what: str) -> None:
         raise StackFrameError(f"{what}: probability outside [0, 1] or NaN for {table['image_id'].iloc[row]}")
 
 
-def load_level1(paths: WorkPaths, name: str) -> Level1Output:
+def load_level1(paths: WorkPaths, name: str, fold_ids: Sequence[int] = ()) -> Level1Output:
+    """A model's OOF and mean test tables, and each fold model's own test table where every one exists."""
     folder = paths.model_dir(name)
     oof = pd.read_parquet(folder / OOF_FILE)
     test = pd.read_parquet(folder / TEST_FILE)
@@ -124,7 +136,13 @@ def load_level1(paths: WorkPaths, name: str) -> Level1Output:
         raise StackFrameError(f"{folder / OOF_FILE}: no fold column")
     _check_probabilities(oof, str(folder / OOF_FILE))
     _check_probabilities(test, str(folder / TEST_FILE))
-    return Level1Output(name, oof, test)
+    fold_test: dict[int, pd.DataFrame] = {}
+    if fold_ids and all((fold_dir(folder, k) / TEST_FILE).is_file() for k in fold_ids):
+        for k in fold_ids:
+            path = fold_dir(folder, k) / TEST_FILE
+            fold_test[int(k)] = pd.read_parquet(path)
+            _check_probabilities(fold_test[int(k)], str(path))
+    return Level1Output(name, oof, test, fold_test, folder)
 
 
 def _check_studies_within_folds(metadata: pd.DataFrame, folds_table: pd.DataFrame, group_col: str) -> None:
@@ -161,7 +179,8 @@ def build_stack_frame(
     labels = align_exact(labels.loc[labels["image_id"].isin(train_ids)], train_ids, "labels of the folds table's images")
     y = labels[list(LABELS)].to_numpy(dtype=np.float64)
 
-    outputs = [load_level1(paths, m) for m in names]
+    fold_ids = sorted(int(k) for k in np.unique(folds))
+    outputs = [load_level1(paths, m, fold_ids) for m in names]
     test_ids = pd.Index(np.sort(outputs[0].test["image_id"].to_numpy()))
     overlap = test_ids.intersection(train_ids)
     if len(overlap):
@@ -178,11 +197,28 @@ def build_stack_frame(
             )
         oof_aligned[out.name] = oof
         test_aligned[out.name] = align_exact(out.test, test_ids, f"{out.name}/{TEST_FILE} vs {names[0]}/{TEST_FILE}")
+    fold_test = {
+        out.name: {k: align_exact(t, test_ids, f"{out.name}/fold{k}/{TEST_FILE} vs {names[0]}/{TEST_FILE}")
+                   for k, t in out.fold_test.items()}
+        for out in outputs
+    }
+    lacking = [out.name for out in outputs if not out.fold_test]
+    if lacking:
+        print(f"note: {', '.join(lacking)} lack fold<k>/{TEST_FILE} for some fold: every booster is applied to "
+              f"the features of the mean test predictions (their maxima and counts are shrunk); retrain to fix")
 
     # Train and test featurised apart (a series lies wholly in one split, so nothing changes), in
     # series order: realigning ids, labels and folds is cheaper than reordering the feature matrix.
+    # Test features per fold model: booster k learnt on one fold model's predictions, so it is
+    # applied to fold model k's own test predictions, never to their (smoother) mean.
     x_train, train_order = _features({m: oof_aligned[m] for m in names}, metadata, config, train_ids)
-    x_test, test_order = _features({m: test_aligned[m] for m in names}, metadata, config, test_ids)
+    if lacking:
+        x_mean, test_order = _features({m: test_aligned[m] for m in names}, metadata, config, test_ids)
+        x_test = {k: x_mean for k in fold_ids}
+    else:
+        x_test = {}
+        for k in fold_ids:
+            x_test[k], test_order = _features({m: fold_test[m][k] for m in names}, metadata, config, test_ids)
     return StackFrame(
         models=names,
         train_ids=train_ids.to_numpy()[train_order],
@@ -193,6 +229,10 @@ def build_stack_frame(
         x_test=x_test,
         level1_oof={m: oof_aligned[m][list(LABELS)].to_numpy(np.float64)[train_order] for m in names},
         level1_test={m: test_aligned[m][list(LABELS)].to_numpy(np.float64)[test_order] for m in names},
+        level1_fold_test={m: {k: t[list(LABELS)].to_numpy(np.float64)[test_order] for k, t in fold_test[m].items()}
+                          for m in names if not lacking},
+        model_dirs={out.name: out.folder for out in outputs},
+        test_per_fold=not lacking,
     )
 
 

@@ -79,7 +79,17 @@ def find_sources(paths: WorkPaths) -> tuple[list[Source], list[str]]:
         sources.append(Source(d.name, "level 1", pd.read_parquet(d / OOF_FILE), test, d, what))
     if (paths.stack / OOF_FILE).is_file():
         meta = _read_json(paths.stack / "metrics.json")
-        what = f"LightGBM over {', '.join(meta.get('models', [])) or '?'}; parameters {meta.get('params_source', '?')}"
+        over = ", ".join(meta.get("models", [])) or "?"
+        # Each stacker's own predictions (make stack writes them when it blends), then the final stack.
+        for sub, what in (("lightgbm", f"LightGBM over {over}; parameters {meta.get('params_source', '?')}"),
+                          ("sequence", f"sequence model over {over}; {meta.get('sequence_note', '')}")):
+            d = paths.stack / sub
+            if (d / OOF_FILE).is_file():
+                test = pd.read_parquet(d / TEST_FILE) if (d / TEST_FILE).is_file() else None
+                sources.append(Source(f"{STACK_NAME} {sub}", "level 2", pd.read_parquet(d / OOF_FILE), test, d, what))
+        what = f"{meta.get('stacker', 'lgbm')} over {over}"
+        if meta.get("blend_weights_lightgbm"):
+            what += "; LightGBM weight per label " + ", ".join(f"{v:.2f}" for v in meta["blend_weights_lightgbm"].values())
         test = pd.read_parquet(paths.stack / TEST_FILE) if (paths.stack / TEST_FILE).is_file() else None
         sources.append(Source(STACK_NAME, "level 2", pd.read_parquet(paths.stack / OOF_FILE), test, paths.stack, what))
     return sources, notes

@@ -6,10 +6,9 @@ its fold, ``test.parquet``), so the submission writer treats the stacker like an
 """
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,28 +20,47 @@ from competition.layout import Layout, LayoutError
 from competition.paths import WorkPaths
 from competition.study_level import DEFAULT_TARGET_SENSITIVITY
 from features.tabular import TabularFeatureConfig
-from level2_stacking.frame import OOF_FILE, TEST_FILE, StackFrameError, align_exact, build_stack_frame
-from level2_stacking.lgbm import DEFAULT_PARAMS, EARLY_STOPPING_ROUNDS, NUM_BOOST_ROUND, cross_validate
-from level2_stacking.report import format_table, oof_sources, score_table, study_table
+from competition.atomic import write_json, write_parquet
+from level2_stacking.blend import any_at_least_subtypes, any_rule_gain, blend, fit_blend_weights
+from level2_stacking.frame import OOF_FILE, TEST_FILE, StackFrame, StackFrameError, align_exact, build_stack_frame
+from level2_stacking.lgbm import DEFAULT_PARAMS, EARLY_STOPPING_ROUNDS, NUM_BOOST_ROUND, cross_validate, default_threads
+from level2_stacking.report import STACK_ROW, format_table, oof_sources, score_table, study_table
+from level2_stacking.sequence import SequenceSettings, cross_validate_sequence
+from level2_stacking.sequence_data import build_sequence_inputs
 from level2_stacking.tune import (
-    BEST_PARAMS_FILE, default_storage, load_best_params, save_best_params, study_name, tune,
+    BEST_PARAMS_FILE, TUNE_SHARE, default_storage, load_best_params, patient_subsample, save_best_params, study_name,
+    tune,
 )
 
 METRICS_FILE = "metrics.json"
 
 
+STACKERS = ("lgbm", "seq", "blend")
+LGBM_ROW, SEQ_ROW, BLEND_ROW = "lightgbm", "sequence model", "blend"
+COMPONENT_DIRS = {LGBM_ROW: "lightgbm", SEQ_ROW: "sequence"}  # each stacker's own outputs under stack/
+
+
 @dataclass(frozen=True)
 class StackSettings:
     models: Sequence[str] | None = None
+    stacker: str = "blend"                 # lgbm, seq or blend (both, weights fit on OOF)
     tune: bool = False
     trials: int = 20
     storage: str | None = None
-    num_threads: int = 2
+    tune_share: float = TUNE_SHARE
+    num_threads: int = field(default_factory=default_threads)
     k_neighbours: int = 5
     num_boost_round: int = NUM_BOOST_ROUND
     early_stopping_rounds: int | None = EARLY_STOPPING_ROUNDS
+    sequence: SequenceSettings = SequenceSettings()
+    embedding_dim: int = 256
+    use_embeddings: bool = True
     target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.stacker not in STACKERS:
+            raise ValueError(f"unknown stacker {self.stacker!r}; choose one of {', '.join(STACKERS)}")
 
 
 @dataclass(frozen=True)
@@ -97,10 +115,14 @@ def _choose_params(paths: WorkPaths, frame, s: StackSettings) -> tuple[dict[str,
     best_path = paths.stack / BEST_PARAMS_FILE
     if s.tune:
         name = study_name(frame.models)
+        metadata = pd.read_parquet(paths.metadata, columns=["image_id", "patient_id"])
+        rows = patient_subsample(frame.train_ids, metadata, s.tune_share)
+        print(f"tuning on {rows.sum()} of {len(rows)} train rows ({s.tune_share:.0%} of the patients, at least "
+              f"the tuning minimum); the best parameters are then refit on every row", flush=True)
         params, loss, study = tune(
-            frame.x_train, frame.y, frame.folds, trials=s.trials, storage=s.storage or default_storage(paths.stack),
-            name=name, num_threads=s.num_threads, num_boost_round=s.num_boost_round,
-            early_stopping_rounds=s.early_stopping_rounds, progress=s.progress,
+            frame.x_train[rows], frame.y[rows], frame.folds[rows], trials=s.trials,
+            storage=s.storage or default_storage(paths.stack), name=name, num_threads=s.num_threads,
+            num_boost_round=s.num_boost_round, early_stopping_rounds=s.early_stopping_rounds, progress=s.progress,
         )
         save_best_params(best_path, params, loss, name, frame.models, len(study.trials))
         print(f"tuned: best CV weighted log loss {loss:.5f} over {len(study.trials)} trials -> {best_path}")
@@ -113,6 +135,48 @@ def _choose_params(paths: WorkPaths, frame, s: StackSettings) -> tuple[dict[str,
     return {**saved["params"], "num_threads": s.num_threads}, f"tuned ({best_path.name})"
 
 
+def _table(ids: np.ndarray, p: np.ndarray, folds: np.ndarray | None = None) -> pd.DataFrame:
+    """Sorted by image_id, as level-1 outputs are (the frame's rows are in series order)."""
+    table = pd.DataFrame(p, columns=list(LABELS))
+    if folds is not None:
+        table.insert(0, "fold", folds)
+    table.insert(0, "image_id", ids)
+    return table.sort_values("image_id").reset_index(drop=True)
+
+
+def _fit_stackers(paths: WorkPaths, frame: StackFrame, s: StackSettings) -> tuple[dict, dict, dict]:
+    """(oof by stacker, test by stacker, facts for metrics.json) for the stackers ``s.stacker`` asks for."""
+    oof, test, facts = {}, {}, {}
+    if s.stacker in ("lgbm", "blend"):
+        params, source = _choose_params(paths, frame, s)
+        params = {**params, "num_threads": s.num_threads}
+        start = time.perf_counter()
+        result = cross_validate(
+            frame.x_train, frame.y, frame.folds, frame.x_test, params=params, num_boost_round=s.num_boost_round,
+            early_stopping_rounds=s.early_stopping_rounds, progress=s.progress,
+        )
+        oof[LGBM_ROW], test[LGBM_ROW] = result.oof, result.test
+        facts.update(params=params, params_source=source, n_features=int(frame.x_train.shape[1]),
+                     lgbm_seconds=time.perf_counter() - start,
+                     fold_weighted_log_loss=result.fold_losses,
+                     best_iterations={label: result.best_iterations[:, j].tolist() for j, label in enumerate(LABELS)})
+    if s.stacker in ("seq", "blend"):
+        metadata = pd.read_parquet(paths.metadata, columns=["image_id", "series_id", "slice_index"])
+        inputs = build_sequence_inputs(frame, metadata, s.embedding_dim, s.use_embeddings)
+        print(inputs.note, flush=True)
+        start = time.perf_counter()
+        seq = cross_validate_sequence(inputs, frame.y, frame.folds, s.sequence, progress=s.progress)
+        oof[SEQ_ROW], test[SEQ_ROW] = seq.oof, seq.test
+        facts.update(sequence=asdict(s.sequence), sequence_note=inputs.note, sequence_seconds=time.perf_counter() - start,
+                     sequence_seconds_per_epoch=seq.seconds_per_epoch, sequence_fold_weighted_log_loss=seq.fold_losses)
+    if s.stacker == "blend":
+        weights = fit_blend_weights(frame.y, oof[LGBM_ROW], oof[SEQ_ROW])
+        oof[BLEND_ROW] = blend(oof[LGBM_ROW], oof[SEQ_ROW], weights)
+        test[BLEND_ROW] = blend(test[LGBM_ROW], test[SEQ_ROW], weights)
+        facts["blend_weights_lightgbm"] = dict(zip(LABELS, weights.tolist()))
+    return oof, test, facts
+
+
 def run_stack(data_dir: Path | str, work_dir: Path | str | None = None, settings: StackSettings = StackSettings()) -> StackOutcome:
     paths = WorkPaths.for_data(data_dir, work_dir)
     feature_config = TabularFeatureConfig(k_neighbours=settings.k_neighbours)
@@ -123,44 +187,49 @@ def run_stack(data_dir: Path | str, work_dir: Path | str | None = None, settings
           f"{len(frame.train_ids)} train x {frame.x_train.shape[1]} features, {len(frame.test_ids)} test rows "
           f"(features in {time.perf_counter() - start:.1f} s)", flush=True)
     paths.stack.mkdir(parents=True, exist_ok=True)
-    params, source = _choose_params(paths, frame, settings)
-    params = {**params, "num_threads": settings.num_threads}
-    result = cross_validate(
-        frame.x_train, frame.y, frame.folds, frame.x_test, params=params, num_boost_round=settings.num_boost_round,
-        early_stopping_rounds=settings.early_stopping_rounds, progress=settings.progress,
-    )
+    oof, test, facts = _fit_stackers(paths, frame, settings)
+    final = {"lgbm": LGBM_ROW, "seq": SEQ_ROW, "blend": BLEND_ROW}[settings.stacker]
+    # The `any` rule is kept only where it lowers the OOF loss of the final predictions.
+    gain = any_rule_gain(frame.y, oof[final])
+    stack_oof, stack_test = oof[final], test[final]
+    if gain > 0:
+        stack_oof, stack_test = any_at_least_subtypes(stack_oof), any_at_least_subtypes(stack_test)
+    print(f"`any` >= the largest subtype: OOF loss {'-' if gain > 0 else '+'}{abs(gain):.5f} -> "
+          f"{'kept' if gain > 0 else 'not applied'}", flush=True)
 
-    oof = pd.DataFrame(result.oof, columns=list(LABELS))
-    oof.insert(0, "fold", frame.folds)
-    oof.insert(0, "image_id", frame.train_ids)
-    test = pd.DataFrame(result.test, columns=list(LABELS))
-    test.insert(0, "image_id", frame.test_ids)
+    for name, p in oof.items():  # each stacker's own outputs, for the report
+        if name in COMPONENT_DIRS and len(oof) > 1:
+            folder = paths.stack / COMPONENT_DIRS[name]
+            write_parquet(folder / OOF_FILE, _table(frame.train_ids, p, frame.folds))
+            write_parquet(folder / TEST_FILE, _table(frame.test_ids, test[name]))
     oof_path, test_path = paths.stack / OOF_FILE, paths.stack / TEST_FILE
-    # Sorted by image_id, as level-1 outputs are (the frame's rows are in series order).
-    oof.sort_values("image_id").to_parquet(oof_path, index=False)
-    test.sort_values("image_id").to_parquet(test_path, index=False)
+    write_parquet(oof_path, _table(frame.train_ids, stack_oof, frame.folds))
+    write_parquet(test_path, _table(frame.test_ids, stack_test))
 
-    sources = oof_sources(frame.level1_oof, result.oof)
+    components = {name: p for name, p in oof.items() if len(oof) > 1}
+    sources = oof_sources(frame.level1_oof, stack_oof, components)
     scores = score_table(frame.y, sources)
     metadata = pd.read_parquet(paths.metadata, columns=["image_id", "study_id"])
     studies = study_table(frame.train_ids, frame.y, sources, metadata, settings.target_sensitivity)
     test_scores = test_studies = None
     y_test = _test_answers(data_dir, frame.test_ids)
+    any_test_gain = None
     if y_test is not None:
-        test_sources = oof_sources(frame.level1_test, result.test)
+        test_sources = oof_sources(frame.level1_test, stack_test, {n: p for n, p in test.items() if n in components})
         test_scores = score_table(y_test, test_sources)
         test_studies = study_table(frame.test_ids, y_test, test_sources, metadata, settings.target_sensitivity,
                                    thresholds=studies["threshold"].to_dict())
+        any_test_gain = any_rule_gain(y_test, test[final])
     metrics_path = paths.stack / METRICS_FILE
-    metrics_path.write_text(json.dumps({
+    write_json(metrics_path, _jsonable({
         "models": frame.models,
-        "params": params,
-        "params_source": source,
+        "stacker": settings.stacker,
+        "params_source": facts.get("params_source", "none (no LightGBM)"),
+        **facts,
         "feature_config": asdict(feature_config),
-        "n_features": int(frame.x_train.shape[1]),
-        "oof_weighted_log_loss": result.loss,
-        "fold_weighted_log_loss": result.fold_losses,
-        "best_iterations": {label: result.best_iterations[:, j].tolist() for j, label in enumerate(LABELS)},
+        "test_features": "per fold model" if frame.test_per_fold else "mean of the fold models (no fold<k>/test.parquet)",
+        "any_rule": {"applied": gain > 0, "oof_gain": gain, "test_gain": any_test_gain},
+        "oof_weighted_log_loss": float(scores.loc[STACK_ROW, "weighted"]),
         "scores": scores.to_dict(orient="index"),
         "study_level": studies.to_dict(orient="index"),
         "target_sensitivity": settings.target_sensitivity,
@@ -168,5 +237,19 @@ def run_stack(data_dir: Path | str, work_dir: Path | str | None = None, settings
             "test_scores": test_scores.to_dict(orient="index"),
             "test_study_level": test_studies.to_dict(orient="index"),
         }),
-    }, indent=2, default=float) + "\n")
-    return StackOutcome(scores, studies, oof_path, test_path, metrics_path, source, test_scores, test_studies)
+    }))
+    return StackOutcome(scores, studies, oof_path, test_path, metrics_path, facts.get("params_source", "none"),
+                        test_scores, test_studies)
+
+
+def _jsonable(value):
+    """numpy scalars and int keys made JSON-ready; NaN (an undefined AUC) becomes null."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return None if not np.isfinite(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value

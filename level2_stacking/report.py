@@ -12,9 +12,12 @@ MEAN_ROW = "mean of level 1"
 STACK_ROW = "stacker"
 
 
-def oof_sources(level1_oof: dict[str, np.ndarray], stack_oof: np.ndarray) -> dict[str, np.ndarray]:
-    """Every prediction table the report scores, in report order."""
-    return {**level1_oof, MEAN_ROW: np.mean(list(level1_oof.values()), axis=0), STACK_ROW: stack_oof}
+def oof_sources(level1_oof: dict[str, np.ndarray], stack_oof: np.ndarray,
+                components: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Every prediction table the report scores, in report order: level 1, their mean, each level-2
+    stacker (LightGBM, the sequence model, their blend) and the stack's final output."""
+    return {**level1_oof, MEAN_ROW: np.mean(list(level1_oof.values()), axis=0), **(components or {}),
+            STACK_ROW: stack_oof}
 
 
 def score_table(y: np.ndarray, sources: dict[str, np.ndarray]) -> pd.DataFrame:

@@ -49,11 +49,13 @@ def summary_table(data_dir: Path, paths: WorkPaths, submission: Path | None) -> 
     prior = prior_scores(paths, answers)
     rows = [{"source": "constant prior", "OOF wLL": prior["oof"], "test wLL": prior["test"],
              "study acc": np.nan, "study AUC": 0.5}]
-    for name in [*stack["models"], "stacker"]:
+    # Each level-2 stacker that ran (LightGBM, the sequence model, their blend), then the final stack.
+    level2 = [n for n in ("lightgbm", "sequence model", "blend") if n in stack["scores"]]
+    for name in [*stack["models"], *level2, "stacker"]:
         study = stack.get("study_level", {}).get(name, {})
         test = stack.get("test_scores", {}).get(name, {})
         rows.append({
-            "source": f"{name} (level 2)" if name == "stacker" else name,
+            "source": f"{name} (level 2)" if name in ("stacker", *level2) else name,
             "OOF wLL": stack["scores"][name]["weighted"],
             "test wLL": test.get("weighted"),
             "study acc": study.get("accuracy"),

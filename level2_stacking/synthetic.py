@@ -2,7 +2,9 @@
 
 Hemorrhages fill runs of consecutive slices, and each fabricated level-1 model sees every slice
 through its own independent noise, so a slice's neighbours and its study carry real signal that
-a single slice's probability lacks: exactly what the stacker is meant to exploit.
+a single slice's probability lacks: exactly what the stacker is meant to exploit. Each fold
+model adds noise of its own (see FabricatedModel), so per-fold test predictions differ from each
+other and from their mean, as real fold models' do.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from competition.constants import LABELS
 from competition.labels import labels_to_long
 from competition.layout import ANSWERS_NAME
 from competition.paths import WorkPaths
-from level2_stacking.frame import OOF_FILE, TEST_FILE
+from level2_stacking.frame import EMBEDDINGS_OOF_FILE, EMBEDDINGS_TEST_FILE, OOF_FILE, TEST_FILE
 
 
 @dataclass(frozen=True)
@@ -65,27 +67,101 @@ def fabricate_predictions(labels: pd.DataFrame, noise: float, seed: int) -> pd.D
     """A level-1 model's probabilities: true logit +/-2 blurred by independent per-slice noise."""
     rng = np.random.default_rng(seed)
     y = labels[list(LABELS)].to_numpy(dtype=np.float64)
-    logit = np.where(y > 0, 1.5, -2.5) + rng.normal(0.0, noise, size=y.shape)
-    p = 1.0 / (1.0 + np.exp(-logit))
+    p = _sigmoid(_true_logit(y) + rng.normal(0.0, noise, size=y.shape))
     out = pd.DataFrame(p, columns=list(LABELS))
     out.insert(0, "image_id", labels["image_id"].to_numpy())
     return out
 
 
-def write_fabricated_work(paths: WorkPaths, comp: FabricatedCompetition, models: Mapping[str, float], seed: int = 0) -> None:
-    """Write metadata/labels/folds and one level-1 folder per model (name -> noise level)."""
+def _true_logit(y: np.ndarray) -> np.ndarray:
+    return np.where(y > 0, 1.5, -2.5)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+@dataclass(frozen=True)
+class FabricatedModel:
+    """How one fabricated level-1 model sees the slices.
+
+    Each slice's logit is the truth plus ``noise`` (sd), of which the share ``shared`` is the
+    model's own view (the same for every fold model) and the rest differs between fold models: an
+    OOF row gets its fold model's draw, a test row one draw per fold model, and ``test.parquet``
+    holds their mean, as level 1 writes it (averaging shrinks that part of the noise: the trap
+    the per-fold test features avoid). ``test_shift`` is added to every test logit (a shift of
+    the test distribution). ``embedding_dim`` > 0 writes embeddings: an independent noisy view
+    of the truth (sd ``embedding_noise``), mixed into ``embedding_dim`` dims by a matrix of the
+    model and rotated by a matrix of each fold model (fold models share no feature space).
+    """
+
+    noise: float
+    shared: float = 0.5
+    test_shift: float = 0.0
+    embedding_dim: int = 0
+    embedding_noise: float = 1.5
+
+
+def _fold_views(y: np.ndarray, m: FabricatedModel, n_folds: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Logits of every row as each of the n_folds fold models sees it."""
+    shared = rng.normal(0.0, m.noise * np.sqrt(m.shared), size=y.shape)
+    own = m.noise * np.sqrt(1.0 - m.shared)
+    return [_true_logit(y) + shared + rng.normal(0.0, own, size=y.shape) for _ in range(n_folds)]
+
+
+def _embeddings(y: np.ndarray, m: FabricatedModel, n_folds: int, rng: np.random.Generator) -> list[np.ndarray]:
+    view = _true_logit(y) + rng.normal(0.0, m.embedding_noise, size=y.shape)
+    latent = np.c_[view, rng.normal(size=(len(y), 2))] @ rng.normal(size=(len(LABELS) + 2, m.embedding_dim))
+    out = []
+    for _ in range(n_folds):
+        rotation, _ = np.linalg.qr(rng.normal(size=(m.embedding_dim, m.embedding_dim)))
+        out.append((latent @ rotation + rng.normal(0.0, 0.1, size=latent.shape)).astype(np.float16))
+    return out
+
+
+def write_fabricated_work(paths: WorkPaths, comp: FabricatedCompetition, models: Mapping[str, float | FabricatedModel],
+                          seed: int = 0) -> None:
+    """Write metadata/labels/folds and one level-1 folder per model (name -> noise sd or a
+    FabricatedModel): oof.parquet, test.parquet and fold<k>/{oof,test}.parquet (+ embeddings)."""
     paths.root.mkdir(parents=True, exist_ok=True)
     comp.metadata.to_parquet(paths.metadata, index=False)
-    train_ids = set(comp.folds["image_id"])
-    comp.labels.loc[comp.labels["image_id"].isin(train_ids)].to_parquet(paths.labels, index=False)
+    folds = comp.folds.set_index("image_id")["fold"]
+    is_train = comp.labels["image_id"].isin(folds.index).to_numpy()
+    comp.labels.loc[is_train].to_parquet(paths.labels, index=False)
     comp.folds.to_parquet(paths.folds, index=False)
-    for i, (name, noise) in enumerate(models.items()):
-        preds = fabricate_predictions(comp.labels, noise, seed=seed + 1000 * (i + 1))
-        oof = preds.loc[preds["image_id"].isin(train_ids)].merge(comp.folds[["image_id", "fold"]], on="image_id")
-        test = preds.loc[~preds["image_id"].isin(train_ids)].reset_index(drop=True)
+    fold_ids = sorted(folds.unique())
+    ids = comp.labels["image_id"].to_numpy()
+    y = comp.labels[list(LABELS)].to_numpy(dtype=np.float64)
+    row_fold = folds.reindex(ids).to_numpy()
+    for i, (name, spec) in enumerate(models.items()):
+        m = spec if isinstance(spec, FabricatedModel) else FabricatedModel(float(spec))
+        rng = np.random.default_rng(seed + 1000 * (i + 1))
+        views = _fold_views(y, m, len(fold_ids), rng)
+        embeddings = _embeddings(y, m, len(fold_ids), rng) if m.embedding_dim else None
         folder = paths.model_dir(name)
-        folder.mkdir(parents=True, exist_ok=True)
-        oof[["image_id", "fold", *LABELS]].sample(frac=1.0, random_state=i).to_parquet(folder / OOF_FILE, index=False)
+        oof_parts, test_probs = [], []
+        test_rows = np.flatnonzero(~is_train)
+        for k, fold in enumerate(fold_ids):
+            rows = np.flatnonzero(row_fold == fold)
+            rows = rows[np.random.default_rng(seed + k).permutation(len(rows))]  # nothing may rely on row order
+            oof_k = pd.DataFrame(_sigmoid(views[k][rows]), columns=list(LABELS))
+            oof_k.insert(0, "fold", int(fold))
+            oof_k.insert(0, "image_id", ids[rows])
+            p_test = _sigmoid(views[k][test_rows] + m.test_shift)
+            test_k = pd.DataFrame(p_test, columns=list(LABELS))
+            test_k.insert(0, "image_id", ids[test_rows])
+            (folder / f"fold{fold}").mkdir(parents=True, exist_ok=True)
+            oof_k.to_parquet(folder / f"fold{fold}" / OOF_FILE, index=False)
+            test_k.to_parquet(folder / f"fold{fold}" / TEST_FILE, index=False)
+            if embeddings is not None:
+                np.save(folder / f"fold{fold}" / EMBEDDINGS_OOF_FILE, embeddings[k][rows])
+                np.save(folder / f"fold{fold}" / EMBEDDINGS_TEST_FILE, embeddings[k][test_rows])
+            oof_parts.append(oof_k)
+            test_probs.append(p_test)
+        oof = pd.concat(oof_parts, ignore_index=True).sample(frac=1.0, random_state=i)
+        oof.to_parquet(folder / OOF_FILE, index=False)
+        test = pd.DataFrame(np.mean(test_probs, axis=0), columns=list(LABELS))
+        test.insert(0, "image_id", ids[test_rows])
         test.to_parquet(folder / TEST_FILE, index=False)
 
 

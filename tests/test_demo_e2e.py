@@ -70,11 +70,21 @@ def test_stack_beats_the_constant_prior(demo):
 
 
 def test_submission_scores_against_the_answers(demo):
-    data, _, subs, out = demo
+    data, work, subs, out = demo
     from competition.synthetic import score_submission
 
     score = score_submission(subs / f"{data.name}-stack.csv.gz", data / "stage_2_test_answers.csv")
     truth = read_labels(data / "stage_2_test_answers.csv")
     assert 0 < score["weighted_log_loss"] < 1
+    # On test, the stack beats its best level-1 input and the constant prior (train label rates).
+    y = truth.set_index("image_id")[list(LABELS)]
+    best = min(
+        weighted_log_loss(y.to_numpy(float), pd.read_parquet(work / "models" / m / "test.parquet")
+                          .set_index("image_id").loc[y.index, list(LABELS)].to_numpy(float))
+        for m in MODELS
+    )
+    train = pd.read_parquet(work / "labels.parquet")[list(LABELS)].to_numpy(float)
+    prior = weighted_log_loss(y.to_numpy(float), prior_baseline(train, len(y)))
+    assert score["weighted_log_loss"] < min(best, prior), (score, best, prior)
     assert f"{score['weighted_log_loss']:.4f}" in out
     assert len(truth) > 0

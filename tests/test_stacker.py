@@ -19,8 +19,9 @@ from features.tabular import TabularFeatureConfig
 from level2_stacking.__main__ import main as stack_main
 from level2_stacking.frame import StackFrameError, build_stack_frame
 from level2_stacking.lgbm import DEFAULT_PARAMS, cross_validate
-from level2_stacking.synthetic import fabricate_competition, write_fabricated_data, write_fabricated_work
-from level2_stacking.tune import load_best_params, open_study, tune
+from level2_stacking.blend import any_at_least_subtypes, any_rule_gain, blend, fit_blend_weights
+from level2_stacking.synthetic import FabricatedModel, fabricate_competition, write_fabricated_data, write_fabricated_work
+from level2_stacking.tune import load_best_params, open_study, patient_subsample, tune
 from submissions.validate import validate_submission
 from submissions.write import write_from_work
 
@@ -59,12 +60,37 @@ def test_cross_validation_equals_sklearn_cross_val_predict() -> None:
     assert ours.loss == pytest.approx(weighted_log_loss(y, ref_oof))
     assert (ours.best_iterations == rounds).all()
 
+    # Test features per fold: fold k's booster predicts fold k's table only.
+    per_fold = {int(f): x_test + 0.3 * int(f) for f in np.unique(folds)}
+    ours = cross_validate(x, y, folds, per_fold, params=FAST, num_boost_round=rounds, early_stopping_rounds=None,
+                          progress=False)
+    ref_test = np.zeros((len(x_test), len(LABELS)))
+    for f in np.unique(folds):
+        for j in range(len(LABELS)):
+            clf = LGBMClassifier(n_estimators=rounds, **FAST).fit(x[folds != f], y[folds != f, j])
+            ref_test[:, j] += clf.predict_proba(per_fold[int(f)])[:, 1] / len(np.unique(folds))
+    np.testing.assert_allclose(ours.test, ref_test, rtol=1e-10, atol=1e-12)
+
+
+def test_held_out_labels_never_choose_their_own_rounds() -> None:
+    """Early stopping watches an inner training fold: flipping the held-out fold's labels cannot
+    change its own predictions (it did when early stopping watched the held-out fold)."""
+    x, y, folds, _ = toy_table(seed=2)
+    kw = dict(params=FAST, num_boost_round=300, early_stopping_rounds=10, progress=False)
+    first = cross_validate(x, y, folds, **kw)
+    flipped = y.copy()
+    flipped[folds == 0] = 1 - flipped[folds == 0]
+    second = cross_validate(x, flipped, folds, **kw)
+    np.testing.assert_allclose(first.oof[folds == 0], second.oof[folds == 0])
+    assert not np.allclose(first.oof[folds == 1], second.oof[folds == 1])
+    no_refit = cross_validate(x, y, folds, refit=False, **kw)
+    assert not np.allclose(no_refit.oof, first.oof)  # the refit on all training folds is a different model
 
 def test_early_stopping_stops_and_on_fold_reports_running_loss() -> None:
     x, y, folds, _ = toy_table(seed=1)
     seen: list[tuple[int, float]] = []
     res = cross_validate(x, y, folds, params=FAST, num_boost_round=2000, early_stopping_rounds=10,
-                         on_fold=lambda step, loss: seen.append((step, loss)), progress=False)
+                         on_fold=lambda step, loss: seen.append((step, loss)), progress=False, refit=False)
     assert (res.best_iterations < 2000).all()
     assert [s for s, _ in seen] == [0, 1, 2, 3]
     assert seen[-1][1] == pytest.approx(res.loss)
@@ -199,3 +225,81 @@ def test_optuna_study_resumes_and_its_best_params_are_used(tmp_path, capsys) -> 
     used = json.loads((paths.stack / "metrics.json").read_text())["params"]
     assert used["num_leaves"] == saved["params"]["num_leaves"]
     assert used["learning_rate"] == pytest.approx(saved["params"]["learning_rate"])
+
+
+def test_per_fold_test_features_catch_the_mean_of_the_fold_models(tmp_path, capsys) -> None:
+    """Booster k learnt on one fold model's predictions; applied to the mean of the fold models
+    (smoother: lower maxima, fewer slices above a threshold) it mispredicts test. The fabricated
+    fold models differ, as real ones do; dropping their fold<k>/test.parquet brings back the old
+    behaviour, which must score worse on test."""
+    paths = WorkPaths(tmp_path / "w")
+    comp = fabricate_competition(n_patients=80, n_test_patients=40, slices=(12, 28), seed=21)
+    write_fabricated_work(paths, comp, {"cnn_a": FabricatedModel(2.5, shared=0.2), "cnn_b": FabricatedModel(3.0, shared=0.2)},
+                          seed=21)
+    cfg = TabularFeatureConfig(k_neighbours=2, rolling_windows=(3,))
+    frame = build_stack_frame(paths, None, cfg)
+    assert frame.test_per_fold and not frame.x_test[0].equals(frame.x_test[1])
+    y_test = comp.labels.set_index("image_id").loc[frame.test_ids, list(LABELS)].to_numpy(float)
+    kw = dict(params=FAST, num_boost_round=200, early_stopping_rounds=20, progress=False)
+    per_fold = cross_validate(frame.x_train, frame.y, frame.folds, frame.x_test, **kw)
+    for k in np.unique(frame.folds):
+        (paths.model_dir("cnn_a") / f"fold{k}" / "test.parquet").unlink()
+    old = build_stack_frame(paths, None, cfg)
+    assert "cnn_a lack fold<k>/test.parquet" in capsys.readouterr().out and not old.test_per_fold
+    on_mean = cross_validate(old.x_train, old.y, old.folds, old.x_test, **kw)
+    np.testing.assert_allclose(per_fold.oof, on_mean.oof)  # training is the same; only test features differ
+    new_loss, old_loss = weighted_log_loss(y_test, per_fold.test), weighted_log_loss(y_test, on_mean.test)
+    print(f"test loss: per fold {new_loss:.4f}, on the mean {old_loss:.4f}")
+    assert new_loss < 0.95 * old_loss
+
+
+def test_blend_weights_and_the_any_rule() -> None:
+    rng = np.random.default_rng(4)
+    y = (rng.random((2000, len(LABELS))) < 0.2).astype(float)
+    good = np.clip(0.7 * y + 0.15 + rng.normal(0, 0.05, y.shape), 0.01, 0.99)
+    noise = rng.random(y.shape)
+    weights = fit_blend_weights(y, good, noise)
+    assert (weights >= 0.8).all()
+    assert weighted_log_loss(y, blend(good, noise, weights)) <= weighted_log_loss(y, good) + 1e-12
+    p = np.full((1, len(LABELS)), 0.1)
+    p[0, 2] = 0.8
+    assert any_at_least_subtypes(p)[0, -1] == 0.8 and p[0, -1] == 0.1  # a copy; `any` raised to the subtype
+    y_any = np.zeros((1, len(LABELS)))
+    y_any[0, [2, -1]] = 1
+    assert any_rule_gain(y_any, p) > 0 and any_rule_gain(np.zeros_like(p), p) < 0
+
+
+def test_tuning_subsample_takes_whole_patients() -> None:
+    meta = pd.DataFrame({"image_id": [f"i{i}" for i in range(1000)], "patient_id": [f"p{i // 4}" for i in range(1000)]})
+    rows = patient_subsample(meta["image_id"].to_numpy(), meta, share=0.2, min_patients=10)
+    chosen = meta.loc[rows, "patient_id"]
+    assert chosen.nunique() == 50 and rows.sum() == 200
+    assert patient_subsample(meta["image_id"].to_numpy(), meta, share=0.2, min_patients=400).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed, noise, shared, shift, emb", [
+    (101, (2.0, 2.5, 3.0), 0.5, 0.0, 16),
+    (202, (3.0, 3.5), 0.3, 0.3, 8),      # a shift of the test distribution
+    (303, (2.5, 2.5, 4.0), 0.7, -0.2, 0),  # no embeddings (folders from before level 1 wrote them)
+])
+def test_stack_beats_its_best_input_on_unseen_synthetic_competitions(tmp_path, capsys, seed, noise, shared, shift, emb) -> None:
+    """Seeds and difficulty knobs not used while building the stack: the blended stack's test loss
+    beats its best level-1 input's and the constant prior's."""
+    comp = fabricate_competition(n_patients=80, n_test_patients=30, slices=(14, 36), positive_rate=0.3, seed=seed)
+    paths = WorkPaths(tmp_path / "w")
+    models = {f"m{i}": FabricatedModel(sd, shared=shared, test_shift=shift, embedding_dim=emb) for i, sd in enumerate(noise)}
+    write_fabricated_work(paths, comp, models, seed=seed)
+    data = write_fabricated_data(tmp_path / "d", comp)
+    assert stack_main(["--data", str(data), "--work", str(paths.root), "--threads", "1", "--no-progress",
+                       "--embedding-dim", "8"]) == 0
+    metrics = json.loads((paths.stack / "metrics.json").read_text())
+    test = {name: row["weighted"] for name, row in metrics["test_scores"].items()}
+    y_train = pd.read_parquet(paths.labels)[list(LABELS)].to_numpy(float)
+    y_test = comp.labels.set_index("image_id").loc[pd.read_parquet(paths.stack / "test.parquet")["image_id"], list(LABELS)]
+    prior = weighted_log_loss(y_test.to_numpy(float), np.broadcast_to(y_train.mean(axis=0), y_test.shape))
+    best = min(test[m] for m in models)
+    with capsys.disabled():
+        print(f"\nseed {seed}: test wLL stack {test['stacker']:.4f} (lightgbm {test['lightgbm']:.4f}, sequence "
+              f"{test['sequence model']:.4f}, blend {test['blend']:.4f}); best level 1 {best:.4f}; prior {prior:.4f}")
+    assert test["stacker"] < best and test["stacker"] < prior

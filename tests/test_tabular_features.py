@@ -91,10 +91,11 @@ def brute_force(meta: pd.DataFrame, preds: dict[str, pd.DataFrame], cfg: Tabular
     return out.reset_index()
 
 
-@pytest.mark.parametrize("k, windows, row_order", [(5, (3, 5, 9), "input"), (2, (7, 3), "series"), (0, (3,), "input")])
-def test_features_equal_brute_force(k: int, windows: tuple[int, ...], row_order: str) -> None:
+@pytest.mark.parametrize("k, windows, row_order, diffs", [(5, (3, 5, 9), "input", True), (2, (7, 3), "series", False),
+                                                          (0, (3,), "input", True)])
+def test_features_equal_brute_force(k: int, windows: tuple[int, ...], row_order: str, diffs: bool) -> None:
     meta, preds = fabricate(seed=k)
-    cfg = TabularFeatureConfig(k_neighbours=k, rolling_windows=windows)
+    cfg = TabularFeatureConfig(k_neighbours=k, rolling_windows=windows, diffs=diffs)
     fast = build_tabular_features(preds, meta, cfg, row_order=row_order)
     slow = brute_force(meta, preds, cfg)
     assert list(fast.columns) == ["image_id", *feature_names(["cnn_a", "cnn_b"], cfg)]
@@ -113,7 +114,7 @@ def test_features_equal_brute_force(k: int, windows: tuple[int, ...], row_order:
 def test_missing_neighbours_are_nan_not_zero() -> None:
     meta = pd.DataFrame(dict(image_id=["ID_a", "ID_b"], study_id="s", series_id="s", slice_index=[0, 1], n_slices=2))
     p = pd.DataFrame({"image_id": ["ID_b", "ID_a"], **{c: [0.2, 0.4] for c in LABELS}})
-    f = build_tabular_features({"m": p}, meta, TabularFeatureConfig(k_neighbours=2, rolling_windows=(3,))).set_index("image_id")
+    f = build_tabular_features({"m": p}, meta, TabularFeatureConfig(k_neighbours=2, rolling_windows=(3,), diffs=True)).set_index("image_id")
     assert f.loc["ID_a", "m__any__next1"] == pytest.approx(0.2)
     assert np.isnan(f.loc["ID_a", "m__any__prev1"]) and np.isnan(f.loc["ID_a", "m__any__next2"])
     assert np.isnan(f.loc["ID_b", "m__any__diff_next1"])
