@@ -550,6 +550,8 @@ def run_oof(
             "pretrained_weights": str(weights) if weights else None, "n_folds": len(all_folds),
             "global_batch": cfg.batch_size * rt.env.world_size * cfg.accumulate,
             "lr_effective": cfg.lr * cfg.lr_factor(rt.env.world_size),
+            # The image cache the images came from (prediction preprocesses new slices the same way).
+            "cache_size": getattr(getattr(inputs.datasets, "cache", None), "size", None),
         }})
     barrier(rt.env)
     for fold in todo:
