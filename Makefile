@@ -1,6 +1,7 @@
 # RSNA Intracranial Hemorrhage Detection: from `kaggle competitions download` to `kaggle competitions submit`.
 # `make help` lists the targets. Variables (the users' interface, see README):
 #   DATA WORK N_FOLDS MODEL MODELS FOLDS EPOCHS IMG_SIZE BATCH LIMIT DEVICE GPUS WORKERS TUNE TRIALS STORAGE THREADS STACKER ROWS FILE MESSAGE IMAGE TOP LABEL
+#   STUDY OUT BUNDLE
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -43,6 +44,9 @@ MESSAGE  ?=
 IMAGE    ?=
 TOP      ?=
 LABEL    ?=
+STUDY    ?=
+OUT      ?=
+BUNDLE   ?=
 SET      ?=
 STACK_OPTS ?=
 # 512 serves every spec of the zoo (none reads more); the demo's tiny models need no more than 256.
@@ -59,7 +63,7 @@ launch = $(if $(GPUS),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(GPUS)
 need = @test -n "$($(1))" || { echo "make $@: set $(1)=<$(2)>"; exit 2; }
 
 .PHONY: help setup demo test test-all synthetic data prepare cache oof list-models stack submission submit \
-        explain report bench bench-metadata bench-features bench-train gpu-check clean-work
+        explain report predict export bench bench-metadata bench-features bench-train gpu-check clean-work
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -146,6 +150,14 @@ explain: $(STAMP) ## Grad-CAM, Guided Backprop, DeconvNet, Guided Grad-CAM panel
 
 report: $(STAMP) ## one self-contained HTML page: every model's scores side by side, ROC/PR/threshold plots, curves, explanations
 	$(PY) -m level2_stacking.html_report --data $(DATA) $(work_opt)
+
+predict: $(STAMP) ## per-slice and per-study calls for the DICOM series under STUDY, with report.html (BUNDLE= or DATA/WORK; MODELS OUT DEVICE TOP)
+	$(call need,STUDY,folder of DICOM files)
+	$(PY) -m prediction predict --study $(STUDY) $(if $(BUNDLE),--bundle $(BUNDLE),--data $(DATA) $(work_opt)) \
+	  $(call opt,--models,$(MODELS)) $(call opt,--out,$(OUT)) $(call opt,--device,$(DEVICE)) $(call opt,--top,$(TOP))
+
+export: $(STAMP) ## one archive of the trained ensemble of DATA (MODELS; OUT=file): checkpoints, configs, threshold, hashes
+	$(PY) -m prediction export --data $(DATA) $(work_opt) $(call opt,--models,$(MODELS)) $(call opt,--out,$(OUT))
 
 bench-metadata: $(STAMP) ## header-pass rate (headers/s per core) on up to N files of DATA
 	$(PY) -m competition bench --data $(DATA) --n $(N) $(call opt,--workers,$(WORKERS))

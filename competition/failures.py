@@ -21,7 +21,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from types import TracebackType
 
-PACKAGES = ("competition", "features", "level1_models", "level2_stacking", "submissions")
+PACKAGES = ("competition", "features", "level1_models", "level2_stacking", "prediction", "submissions")
 RERUN = "run the same command again: finished work is kept"
 
 

@@ -38,7 +38,7 @@ class RunInputs:
     labels: pd.DataFrame  # image_id + LABELS
     test_ids: list[str]  # the sample submission's images, in its order
     datasets: DatasetFactory
-    trainable: set[str] | None = None  # ids whose image exists (None: all); others are not trained on
+    trainable: set[str] | None = None  # train and test ids whose image is readable (None: all)
 
     def __post_init__(self) -> None:
         if self.folds["image_id"].duplicated().any():
@@ -135,4 +135,4 @@ def load_inputs(data_dir: Path | str, paths: WorkPaths, combination: str, img_si
                          f"make prepare DATA={data_dir}")
     factory = CacheDatasets(metadata, labels, paths.cache, combination, img_size, as_uint8=True)
     return RunInputs(folds=folds, labels=labels, test_ids=test_ids, datasets=factory,
-                     trainable=factory.cached(folds["image_id"].tolist()))
+                     trainable=factory.cached([*folds["image_id"], *test_ids]))

@@ -148,8 +148,11 @@ class FoldData:
         if len(train_ids) < env.world_size or not val_readable.any():
             raise ValueError(f"fold {fold} has {len(train_ids)} readable training and {int(val_readable.sum())} "
                              f"readable validation images; the folds table needs at least two non-empty folds")
-        return cls(fold, train_ids, val_ids, val_readable, readable(inputs.test_ids),
-                   _prior_rates(inputs.label_array(train_all)))
+        test_readable = readable(inputs.test_ids)
+        if len(test_readable) and not test_readable.any():
+            raise ValueError(f"none of the {len(test_readable)} test images is in the image cache; build it for the "
+                             f"test images too (make cache DATA=<data>) before training")
+        return cls(fold, train_ids, val_ids, val_readable, test_readable, _prior_rates(inputs.label_array(train_all)))
 
 
 @dataclass
@@ -547,6 +550,8 @@ def run_oof(
             "pretrained_weights": str(weights) if weights else None, "n_folds": len(all_folds),
             "global_batch": cfg.batch_size * rt.env.world_size * cfg.accumulate,
             "lr_effective": cfg.lr * cfg.lr_factor(rt.env.world_size),
+            # The image cache the images came from (prediction preprocesses new slices the same way).
+            "cache_size": getattr(getattr(inputs.datasets, "cache", None), "size", None),
         }})
     barrier(rt.env)
     for fold in todo:

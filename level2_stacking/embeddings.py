@@ -23,6 +23,7 @@ import pandas as pd
 from level2_stacking.frame import EMBEDDINGS_OOF_FILE, EMBEDDINGS_TEST_FILE, OOF_FILE, TEST_FILE, fold_dir
 
 CHUNK_ROWS = 65_536
+RANK_TOL = 1e-6  # eigenvalues below this share of the largest are treated as zero
 RIDGE = 1e-2  # ridge strength, relative to the mean variance of a fold model's embedding dims
 
 
@@ -90,7 +91,12 @@ def shared_space_maps(folds: dict[int, FoldEmbeddings], dim: int) -> dict[int, L
     dim = max(1, min(dim, d, n_test - 1))
     mean, gram = _moments(reference)
     values, vectors = np.linalg.eigh(gram / max(n_test - 1, 1))
-    top = np.argsort(values)[::-1][:dim]
+    order = np.argsort(values)[::-1]
+    # Only directions with real variance: whitening a (numerically) null one divides by ~0 and
+    # overflows float16 (seen with small CNNs, whose pooled features have a low rank).
+    top = order[values[order] > RANK_TOL * max(float(values[order[0]]), 1e-30)][:dim]
+    top = top if len(top) else order[:1]  # constant embeddings: one (zero) coordinate
+    dim = len(top)
     to_ref = vectors[:, top] / np.sqrt(np.maximum(values[top], 1e-12))  # whitened principal components
     maps = {first: LinearMap(mean, to_ref)}
     for k, emb in folds.items():

@@ -153,3 +153,10 @@ def test_gpu_check_on_a_machine_without_a_gpu_says_so_and_passes(capsys, monkeyp
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert gpu_check.main([]) == 0
     assert "no CUDA GPU" in capsys.readouterr().out
+
+
+def test_a_cache_without_the_test_images_is_an_error(tmp_path):
+    inputs = make_inputs(n_train=16, n_test=4)
+    inputs.trainable = set(inputs.folds["image_id"])  # the train images only
+    with pytest.raises(ValueError, match="none of the 4 test images is in the image cache"):
+        run_oof(small_config(epochs=1, batch_size=8, folds=(0,)), inputs, tmp_path / "m", CPU)

@@ -113,3 +113,21 @@ def test_embeddings_without_a_matching_table_are_refused(fabricated, tmp_path) -
     bad = frame.__class__(**{**frame.__dict__, "model_dirs": {**frame.model_dirs, "a": folder}})
     with pytest.raises(ValueError, match=r"fold0/embeddings_oof.npy: shape \(3, 12\) does not match"):
         build_sequence_inputs(bad, metadata)
+
+
+def test_low_rank_embeddings_map_to_finite_float16() -> None:
+    """Small CNNs' pooled features span few directions; whitening the (numerically) empty ones
+    used to overflow float16 into inf and NaN."""
+    rng = np.random.default_rng(0)
+    basis = rng.normal(size=(3, 32))
+    folds = {}
+    for k in (0, 1):
+        test = (rng.normal(size=(200, 3)) @ basis + 1e-6 * rng.normal(size=(200, 32))).astype(np.float16)
+        oof = (rng.normal(size=(50, 3)) @ basis).astype(np.float16)
+        folds[k] = FoldEmbeddings(oof, np.arange(50), test, np.arange(200))
+    maps = shared_space_maps(folds, dim=16)
+    for k, emb in folds.items():
+        assert maps[k].weight.shape[1] <= 4  # the three real directions (and maybe float16's noise)
+        out = np.empty((len(emb.test), maps[k].weight.shape[1]), np.float16)
+        maps[k].apply(emb.test, out)
+        assert np.isfinite(out).all() and np.abs(out).max() < 100

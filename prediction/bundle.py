@@ -1,0 +1,207 @@
+"""``make export``: one tar of everything ``make predict`` needs, and the checked way back in.
+
+Layout (one top folder, as MONAI bundles have)::
+
+    manifest.json                    format and version, labels, members, threshold, windows, cache
+                                     rule, package versions, and the sha256 of every other file
+    models/<name>/config.json        the resolved training config
+    models/<name>/fold<k>/best.pt    weights-only fold checkpoints
+    stack/...                        the level-2 files, when the work folder has them
+
+Opening refuses anything that could write outside the unpacked folder (absolute names, ``..``,
+links, devices), a file the manifest does not list or hashes differently, a bundle of another
+format version, and preprocessing (windows, cache rule, label order) that this code would do
+differently; checkpoints are then read with ``weights_only=True`` (level1_models.checkpoint).
+"""
+from __future__ import annotations
+
+import atexit
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+import tempfile
+import time
+from collections.abc import Sequence
+from importlib import metadata as importlib_metadata
+from pathlib import Path, PurePosixPath
+
+from competition.atomic import atomic_path
+from competition.constants import LABELS
+from competition.paths import WorkPaths
+from features import crop as crop_rule
+from features.cache import FORMAT as CACHE_FORMAT
+from features.windows import PRESETS, get_combination
+from prediction.ensemble import Ensemble, EnsembleError, Member, from_work
+
+BUNDLE_FORMAT = "rsna-ensemble-bundle"
+BUNDLE_VERSION = 1  # bump when a bundle written before cannot be read the same way
+MANIFEST = "manifest.json"
+PACKAGES = ("rsna-ensemble", "torch", "timm", "numpy", "pydicom", "opencv-python-headless", "lightgbm")
+STACK_SKIP = (".parquet", ".db", ".png", ".html", ".csv")  # prediction tables, Optuna storage, plots: not needed to predict
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used; the message names it and says what to do."""
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def package_versions() -> dict[str, str | None]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def preprocessing(members: Sequence[Member]) -> dict:
+    """What the code does to pixels before a model sees them; a bundle must match it exactly."""
+    windows = {}
+    for m in members:
+        comb = get_combination(m.combination)
+        windows[m.combination] = {"transform": comb.transform,
+                                  "channels": [[c.window, c.offset] for c in comb.channels]}
+    return {
+        "labels": list(LABELS),
+        "cache_format": CACHE_FORMAT,
+        "crop_rule": {"body_hu": crop_rule.BODY_HU, "margin": crop_rule.MARGIN, "min_side": crop_rule.MIN_SIDE},
+        "combinations": windows,
+        "presets": {name: [w.center, w.width] for name, w in sorted(PRESETS.items())},
+    }
+
+
+def bundle_files(ensemble: Ensemble, paths: WorkPaths) -> dict[str, Path]:
+    """Archive name -> file on disk."""
+    files = {}
+    for m in ensemble.members:
+        folder = ensemble.model_folder(m.name)
+        files[f"models/{m.name}/config.json"] = folder.config
+        for k in m.folds:
+            files[f"models/{m.name}/fold{k}/best.pt"] = folder.best(k)
+    if paths.stack.is_dir():
+        for p in sorted(paths.stack.rglob("*")):
+            if p.is_file() and p.suffix not in STACK_SKIP and not p.name.startswith("."):
+                files[f"stack/{p.relative_to(paths.stack).as_posix()}"] = p
+    return files
+
+
+def export_bundle(paths: WorkPaths, out: Path | str, models: Sequence[str] | None = None) -> Path:
+    """Write the bundle of the work folder's trained models (``models`` or all) to ``out``."""
+    ensemble = from_work(paths, models)
+    files = bundle_files(ensemble, paths)
+    manifest = {
+        "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "work_folder": paths.root.resolve().name,
+        "packages": package_versions(), **ensemble.to_json(), "preprocessing": preprocessing(ensemble.members),
+        "level2": "stack/ files included" if any(n.startswith("stack/") for n in files) else None,
+        "files": {name: sha256(path) for name, path in files.items()},
+    }
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        with tarfile.open(tmp, "w") as tar:
+            data = json.dumps(manifest, indent=1).encode()
+            info = tarfile.TarInfo(MANIFEST)
+            info.size, info.mtime = len(data), int(time.time())
+            tar.addfile(info, fileobj=io.BytesIO(data))
+            for name, path in files.items():
+                tar.add(path, arcname=name, recursive=False)
+    return out
+
+
+def safe_name(name: str) -> str | None:
+    """The member name if it stays inside the unpacked folder, else None."""
+    pure = PurePosixPath(name)
+    if not name or "\\" in name or pure.is_absolute() or any(part in ("..", "") for part in pure.parts):
+        return None
+    return pure.as_posix()
+
+
+def read_manifest(tar: tarfile.TarFile, path: Path) -> dict:
+    try:
+        raw = tar.extractfile(MANIFEST)
+        manifest = json.loads(raw.read()) if raw is not None else None
+    except (KeyError, json.JSONDecodeError):
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{path} is not a bundle of this project (no {MANIFEST} of format {BUNDLE_FORMAT}); "
+                          f"write one with `make export`")
+    if manifest.get("version") != BUNDLE_VERSION:
+        raise BundleError(f"{path} is bundle format version {manifest.get('version')}, this project reads version "
+                          f"{BUNDLE_VERSION}: export it again with `make export` in a checkout that matches")
+    return manifest
+
+
+def check_preprocessing(manifest: dict, members: Sequence[Member], path: Path) -> None:
+    theirs, ours = manifest.get("preprocessing", {}), preprocessing(members)
+    differ = [key for key in ours if theirs.get(key) != ours[key]]
+    if differ:
+        raise BundleError(f"{path} was trained with other preprocessing than this code does ({', '.join(differ)} "
+                          f"differ): predictions would not be the models'; use the project version that exported it")
+
+
+def unpack(tar: tarfile.TarFile, manifest: dict, into: Path, path: Path) -> None:
+    """Extract the listed files into ``into``, checking names, kinds and hashes."""
+    listed = dict(manifest.get("files", {}))
+    for info in tar.getmembers():
+        if info.name == MANIFEST:
+            continue
+        name = safe_name(info.name)
+        if name is None or not info.isfile():
+            raise BundleError(f"{path}: refusing member {info.name!r} (a path outside the bundle, a link or a "
+                              f"device); the archive was not written by `make export`")
+        if name not in listed:
+            raise BundleError(f"{path}: member {name} is not in its manifest; the archive was changed after export")
+        target = into / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tar.extractfile(info) as src, open(target, "wb") as dst:  # type: ignore[union-attr]
+            shutil.copyfileobj(src, dst)
+        if sha256(target) != listed.pop(name):
+            raise BundleError(f"{path}: {name} does not match the hash in its manifest (changed or corrupt); "
+                              f"export the bundle again")
+    if listed:
+        raise BundleError(f"{path}: {len(listed)} file(s) of the manifest are missing (first: {next(iter(listed))}); "
+                          f"the archive is incomplete: copy it again")
+
+
+def open_bundle(path: Path | str, models: Sequence[str] | None = None) -> Ensemble:
+    """The ensemble of a bundle, unpacked into a temporary folder that lives as long as the process."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"bundle {path} not found; write one with `make export`")
+    try:
+        tar = tarfile.open(path, "r:*")
+    except tarfile.TarError:
+        raise BundleError(f"{path} is not a readable tar archive (truncated, or not a bundle); write it again with "
+                          f"`make export`") from None
+    with tar:
+        manifest = read_manifest(tar, path)
+        members = [Member(**{**m, "folds": tuple(m["folds"])}) for m in manifest["members"]]
+        check_preprocessing(manifest, members, path)
+        into = Path(tempfile.mkdtemp(prefix="rsna-bundle-"))
+        atexit.register(shutil.rmtree, into, True)
+        unpack(tar, manifest, into, path)
+    if models:
+        names = {m.name for m in members}
+        if lacking := [m for m in models if m not in names]:
+            raise EnsembleError(f"model(s) {lacking} are not in {path}; it holds {sorted(names)}")
+        members = [m for m in members if m.name in models]
+    ours = package_versions()
+    changed = {k: (v, ours.get(k)) for k, v in manifest.get("packages", {}).items()
+               if k in ("torch", "timm") and v != ours.get(k)}
+    if changed:
+        print(f"note: {path} was exported with " + ", ".join(f"{k} {a} (here {b})" for k, (a, b) in changed.items()),
+              flush=True)
+    return Ensemble(into, members, threshold=manifest.get("threshold", {}), source=str(path))
+
+
+__all__ = ["BUNDLE_VERSION", "BundleError", "export_bundle", "open_bundle"]

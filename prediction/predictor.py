@@ -1,0 +1,132 @@
+"""Load once, predict many: every fold model of every member on the device, then study after study.
+
+A slice's level-1 probability is what the competition pipeline gives a test image: each fold
+model's hflip-TTA probabilities (``level1_models.predict.predict_probabilities``) on the
+``SliceDataset`` input (uint8, turned into floats on the device), averaged over folds
+(``level1_models.train.assemble``); the members are then averaged (or stacked, see ``level2``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from competition.constants import LABELS
+from features.dataset import SliceDataset
+from level1_models.config import TrainConfig, resolve
+from features.windows import n_channels
+from level1_models.predict import embedding_width, load_fold_model, predict_probabilities
+from prediction.ensemble import Ensemble
+from prediction.level2 import Level2NotWired, stack_study
+from prediction.preprocess import MemoryCache
+from prediction.study import Study
+
+SLICE_COLUMNS = ["image_id", "study_id", "series_id", "slice_index", "z", *LABELS]
+
+
+@dataclass
+class StudyPrediction:
+    study: Study
+    slices: pd.DataFrame  # SLICE_COLUMNS, one row per readable slice, in series and z order
+    per_fold: dict[str, np.ndarray]  # model -> folds x slices x 6
+    embeddings: dict[str, np.ndarray]  # model -> folds x slices x D float16 (pooled features, as level 1 saves them)
+    level: str  # "level 2 (stacked)" or "level-1 mean ..."
+    seconds: float
+    caches: dict = field(default_factory=dict, repr=False)  # (size, crop) -> MemoryCache, reused by the report
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Predictor:
+    """``Predictor(device).load(ensemble)`` then ``predict(study)`` for as many studies as wanted."""
+
+    def __init__(self, device: str = "auto", batch_size: int = 64):
+        self.device = resolve_device(device)
+        self.batch_size = batch_size
+        self.ensemble: Ensemble | None = None
+        self.models: dict[str, list[tuple[int, torch.nn.Module]]] = {}
+        self.configs: dict[str, TrainConfig] = {}
+
+    def load(self, ensemble: Ensemble) -> "Predictor":
+        self.ensemble = ensemble
+        cuda = self.device.type == "cuda"
+        for member in ensemble.members:
+            folder = ensemble.model_folder(member.name).root
+            loaded = [(k, load_fold_model(member.name, k, model_dir=folder, device=self.device)) for k in member.folds]
+            self.models[member.name] = [(k, model) for k, (model, _) in loaded]
+            cfg = loaded[0][1][1]
+            # The pipeline's automatic choices on this device (mixed precision on a GPU, none on CPU).
+            self.configs[member.name] = resolve(dataclasses.replace(cfg, device=self.device.type, workers=0),
+                                                cuda_available=cuda, bf16_supported=cuda and torch.cuda.is_bf16_supported())
+        return self
+
+    def fold_model(self, name: str, fold: int | None = None) -> tuple[torch.nn.Module, TrainConfig, int]:
+        """One fold model of a member (its first fold by default), its resolved config and the fold."""
+        folds = dict(self.models[name])
+        k = next(iter(folds)) if fold is None else fold
+        return folds[k], self.configs[name], k
+
+    def dataset(self, study: Study, name: str, caches: dict | None = None) -> SliceDataset:
+        """The member's input for the readable slices of ``study`` (``caches`` reused across members)."""
+        member = next(m for m in self.ensemble.members if m.name == name)
+        caches = {} if caches is None else caches
+        key = (member.cache_size, member.crop)
+        if key not in caches:
+            caches[key] = MemoryCache(study.metadata, study.hu, member.cache_size, member.crop)
+        cfg = self.configs[name]
+        return SliceDataset(study.readable_ids, study.metadata, caches[key], cfg.combination, cfg.img_size, as_uint8=True)
+
+    def _run(self, model: torch.nn.Module, ds: SliceDataset, index: np.ndarray, cfg: TrainConfig,
+             pooled: np.ndarray) -> np.ndarray:
+        """One fold model's probabilities; on a GPU out of memory the batch is halved (and kept so)."""
+        while True:
+            try:
+                return predict_probabilities(model, ds, index, batch_size=self.batch_size, device=self.device,
+                                             amp=cfg.amp, channels_last=cfg.channels_last, tta=cfg.tta,
+                                             embeddings=pooled)
+            except torch.OutOfMemoryError:
+                if self.batch_size == 1:
+                    raise
+                self.batch_size //= 2
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                print(f"out of GPU memory: predicting {self.batch_size} slices at a time", file=sys.stderr, flush=True)
+
+    def predict(self, study: Study) -> StudyPrediction:
+        if self.ensemble is None:
+            raise RuntimeError("Predictor.load(ensemble) first")
+        t0 = time.perf_counter()
+        caches: dict = {}
+        per_fold, embeddings = {}, {}
+        for member in self.ensemble.members:
+            cfg = self.configs[member.name]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # unreadable neighbours stand in as in the pipeline
+                ds = self.dataset(study, member.name, caches)
+            index = np.arange(len(ds))
+            probs, pooled = [], []
+            for _, model in self.models[member.name]:
+                width = embedding_width(model, n_channels(cfg.combination), cfg.img_size, self.device)
+                pooled.append(np.zeros((len(ds), width), np.float16))
+                probs.append(self._run(model, ds, index, cfg, pooled[-1]))
+            per_fold[member.name], embeddings[member.name] = np.stack(probs), np.stack(pooled)
+        meta = study.metadata[study.metadata["readable"]].reset_index(drop=True)
+        try:
+            probs, level = stack_study(per_fold, meta, embeddings), "level 2 (stacked)"
+        except Level2NotWired:
+            probs = np.mean([p.mean(axis=0) for p in per_fold.values()], axis=0)
+            level = (f"level-1 mean over {len(per_fold)} model(s) and their folds "
+                     f"(level 2 not wired into prediction yet)")
+        slices = meta[["image_id", "study_id", "series_id", "slice_index", "z"]].copy()
+        slices[list(LABELS)] = probs
+        return StudyPrediction(study, slices, per_fold, embeddings, level, time.perf_counter() - t0, caches)

@@ -1,0 +1,166 @@
+"""A folder of DICOM files as it comes off a scanner: the axial CT slices to predict, grouped and
+ordered like the competition's metadata pass, and every other file listed with why it was skipped.
+
+Files are found recursively, whatever their names. A slice is kept when its header reads, it is CT
+(or says no modality), it is not a scout (ImageType LOCALIZER, or a plane more than
+``MAX_TILT_DEGREES`` from axial) and its pixels decode to one 2-D image. The table has the columns
+of ``competition.metadata.COLUMNS`` with ``image_id`` = SOPInstanceUID (the competition's file
+stem), so the level-1 datasets read it as they read the competition's.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from competition.dicom import DicomReadError, header_fields, hu_from_dataset, read_dataset
+from competition.metadata import COLUMNS, add_slice_order
+
+MAX_TILT_DEGREES = 45.0  # gantry tilt of head CT stays well below; scouts and reformats are ~90
+SKIPPED_COLUMNS = ["path", "reason"]
+
+
+class NothingToPredict(ValueError):
+    """No usable axial CT slice in the study folder."""
+
+
+@dataclass
+class Study:
+    """The slices to predict (``metadata``, one row per slice, ordered), their HU and the skipped files.
+
+    ``metadata`` also holds slices whose pixels do not decode (``readable`` False): they keep their
+    place in the z order, as in the competition's metadata, but get no prediction."""
+
+    root: Path
+    metadata: pd.DataFrame
+    hu: dict[str, np.ndarray] = field(repr=False)
+    skipped: pd.DataFrame
+
+    @property
+    def readable_ids(self) -> list[str]:
+        return self.metadata.loc[self.metadata["readable"], "image_id"].tolist()
+
+
+def list_files(root: Path) -> list[Path]:
+    """Every regular file under ``root`` (sorted; hidden files and folders skipped)."""
+    out = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out += [Path(folder) / f for f in sorted(files) if not f.startswith(".")]
+    return out
+
+
+def plane_tilt_degrees(orientation: object) -> float | None:
+    """Angle between the slice normal (row x column cosines) and the patient's z axis; None if unknown."""
+    try:
+        values = [float(v) for v in orientation]  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        return None
+    if len(values) != 6:
+        return None
+    normal = np.cross(values[:3], values[3:])
+    norm = float(np.linalg.norm(normal))
+    if not norm:
+        return None
+    return math.degrees(math.acos(min(1.0, abs(normal[2]) / norm)))
+
+
+def not_a_slice(ds) -> str | None:
+    """Why a read dataset is not an axial CT slice to predict, or None."""
+    modality = str(ds.get("Modality", "") or "").upper()
+    if modality and modality != "CT":
+        return f"modality {modality}, not CT"
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    if "LOCALIZER" in image_type:
+        return "scout (ImageType LOCALIZER)"
+    tilt = plane_tilt_degrees(ds.get("ImageOrientationPatient"))
+    if tilt is not None and tilt > MAX_TILT_DEGREES:
+        return f"not axial (plane {tilt:.0f} degrees from axial): a scout or a reformat"
+    if "PixelData" not in ds:
+        return "no pixel data (not an image)"
+    return None
+
+
+def compact(hu: np.ndarray) -> np.ndarray:
+    """The HU image as int16 where that is exact (integer slope and intercept: nearly every CT),
+    else float32: half the memory for a folder of thousands of slices, the same values."""
+    as_int = np.rint(hu)
+    if np.array_equal(as_int, hu) and as_int.min(initial=0) >= -32768 and as_int.max(initial=0) <= 32767:
+        return as_int.astype(np.int16)
+    return hu
+
+
+def read_without_preamble(path: Path, error: DicomReadError):
+    """A dataset written without the 128-byte preamble and file meta (some PACS exports), read with
+    ``force`` and given the transfer syntax its encoding implies; else the original error."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    if not error.reason.startswith("not a DICOM file"):
+        raise error
+    try:
+        ds = pydicom.dcmread(path, force=True)
+        if "PixelData" not in ds or "Rows" not in ds:
+            raise error
+        implicit, little = ds.original_encoding
+    except DicomReadError:
+        raise
+    except Exception:  # garbage read with force: it stays "not a DICOM file"
+        raise error from None
+    if not little:
+        raise error
+    ds.file_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    if "TransferSyntaxUID" not in ds.file_meta:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    return ds
+
+
+def read_study(root: Path | str) -> Study:
+    """Scan ``root`` (a folder, searched recursively, or one file); raise NothingToPredict when no
+    slice is left."""
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"STUDY {root} does not exist; point STUDY= at a folder of DICOM files")
+    files = [root] if root.is_file() else list_files(root)
+    rows, hus, skipped, seen = [], {}, [], {}
+    for path in files:
+        rel = path.name if path == root else str(path.relative_to(root))
+        try:
+            try:
+                ds = read_dataset(path)
+            except DicomReadError as exc:
+                ds = read_without_preamble(path, exc)
+            reason = not_a_slice(ds)
+        except DicomReadError as exc:
+            reason = exc.reason
+        if reason:
+            skipped.append((rel, reason))
+            continue
+        fields = header_fields(ds)
+        image_id = str(ds.get("SOPInstanceUID") or "").strip() or path.stem
+        if image_id in seen:
+            skipped.append((rel, f"duplicate of {seen[image_id]} (same SOPInstanceUID {image_id})"))
+            continue
+        seen[image_id] = rel
+        fields["series_id"] = fields["series_id"] or "unknown-series"
+        fields["study_id"] = fields["study_id"] or fields["series_id"]
+        readable = True
+        try:
+            hus[image_id] = compact(hu_from_dataset(ds, path))
+        except DicomReadError as exc:
+            skipped.append((rel, exc.reason))
+            readable = False
+        rows.append({"image_id": image_id, "split": "predict", "path": rel, **fields, "readable": readable})
+    skipped_table = pd.DataFrame(skipped, columns=SKIPPED_COLUMNS)
+    if not hus:
+        listed = "; ".join(f"{p}: {r}" for p, r in skipped[:3]) or "the folder is empty"
+        raise NothingToPredict(f"no axial CT slice to predict in {root} ({len(files)} files; {listed})")
+    table = pd.DataFrame(rows)
+    table = add_slice_order(table.drop(columns=["slice_index", "n_slices"], errors="ignore"))
+    table = table[[*COLUMNS, "readable"]].sort_values(["study_id", "series_id", "slice_index"], ignore_index=True)
+    return Study(root=root, metadata=table, hu=hus, skipped=skipped_table)
