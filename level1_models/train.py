@@ -221,7 +221,8 @@ def build_network(cfg: TrainConfig, fold: int, fd: FoldData, rt: Runtime, resume
     checkpoint's weights for a resumed one."""
     env, device = rt.env, rt.device
     seed_everything(stage_seed(cfg, fold, 0))  # the same initial weights on every process and rerun
-    core = build_model(cfg, use_pretrained=resume is None, announce=env.is_main)
+    # Where the weights came from is said once per run, not once per fold.
+    core = build_model(cfg, use_pretrained=resume is None, announce=env.is_main and first_fold)
     if resume is None:
         init_head_bias(core, fd.prior_rates)
     if env.enabled and has_batchnorm(core):
