@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from competition.constants import LABELS
+from conftest import prepare_tiny_competition
 from level1_models.config import build_config
 from level1_models.data import RunInputs
 from level1_models.distributed import shard
@@ -162,28 +163,17 @@ def test_accumulation_matches_one_larger_batch(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_torchrun_cli_on_a_synthetic_competition(tmp_path):
     """`torchrun --nproc_per_node=2 -m level1_models oof` (what `make oof GPUS=2` runs) on CPU."""
-    from competition.folds import make_folds
-    from competition.labels import read_labels
-    from competition.layout import Layout
-    from competition.metadata import build_metadata
-    from competition.paths import WorkPaths
-    from competition.synthetic import generate
-    from features.cache import build_cache
     from level1_models.__main__ import main
 
-    data = generate(tmp_path / "tiny", preset="tiny", seed=0, workers=1, progress=False)
-    paths = WorkPaths.for_data(data, tmp_path / "work").ensure()
-    metadata = build_metadata(data, paths.metadata, workers=1, progress=False)
-    labels = read_labels(Layout.find(data).train_csv)
-    labels.to_parquet(paths.labels, index=False)
-    make_folds(metadata, labels, n_folds=2, seed=42).to_parquet(paths.folds, index=False)
-    build_cache(data, metadata, paths.cache, size=64, workers=1, progress=False)
-    options = ["--model", MODEL, "--data", str(data), "--epochs", "1", "--img-size", "32", "--batch", "8",
-               "--workers", "0", "--device", "cpu", "--set", "augment=false"]
+    data, paths = prepare_tiny_competition(tmp_path)
+    # BATCH is per process: 2 x 4 under torchrun is the global batch of 8 of the single run below
+    # (lr_scale=none keeps both at the spec's lr).
+    options = ["--model", MODEL, "--data", str(data), "--epochs", "1", "--img-size", "32", "--workers", "0",
+               "--device", "cpu", "--set", "augment=false", "--set", "lr_scale=none"]
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     run = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "level1_models", "oof",
-                          "--work", str(paths.root), *options], cwd=REPO, env=env, capture_output=True, text=True,
+                          "--work", str(paths.root), *options, "--batch", "4"], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("fold 0: best epoch") == 1  # only rank 0 reports
@@ -191,7 +181,7 @@ def test_torchrun_cli_on_a_synthetic_competition(tmp_path):
     import shutil
 
     shutil.copytree(paths.root, single, ignore=shutil.ignore_patterns("models"))
-    assert main(["oof", "--work", str(single), *options]) == 0
+    assert main(["oof", "--work", str(single), *options, "--batch", "8"]) == 0
     a = pd.read_parquet(ModelFolder(single / "models" / MODEL).oof)
     b = pd.read_parquet(ModelFolder(paths.model_dir(MODEL)).oof)
     assert a["image_id"].tolist() == b["image_id"].tolist()
