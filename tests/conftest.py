@@ -19,3 +19,24 @@ def real_sample() -> Path:
     if not (REAL_SAMPLE / "stage_2_test").is_dir():
         pytest.skip("../shared/rsna_sample (one real RSNA series) is not present")
     return REAL_SAMPLE
+
+
+def prepare_tiny_competition(root: Path, n_folds: int = 2, cache_size: int = 64):
+    """The tiny synthetic competition under ``root``, prepared like `make prepare` (metadata,
+    labels, ``n_folds`` folds, the image cache). Returns (DATA, WorkPaths)."""
+    from competition.folds import make_folds
+    from competition.labels import read_labels
+    from competition.layout import Layout
+    from competition.metadata import build_metadata
+    from competition.paths import WorkPaths
+    from competition.synthetic import generate
+    from features.cache import build_cache
+
+    data = generate(root / "tiny", preset="tiny", seed=0, workers=1, progress=False)
+    paths = WorkPaths.for_data(data, root / "work").ensure()
+    metadata = build_metadata(data, paths.metadata, workers=1, progress=False)
+    labels = read_labels(Layout.find(data).train_csv)
+    labels.to_parquet(paths.labels, index=False)
+    make_folds(metadata, labels, n_folds=n_folds, seed=42).to_parquet(paths.folds, index=False)
+    build_cache(data, metadata, paths.cache, size=cache_size, workers=1, progress=False)
+    return data, paths

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from competition.constants import LABELS
+from conftest import prepare_tiny_competition
 from competition.paths import WorkPaths
 from prediction.bundle import BundleError, export_bundle, open_bundle
 from prediction.ensemble import from_work
@@ -34,22 +35,10 @@ OVERRIDES = dict(epochs=1, img_size=32, batch_size=16, workers=0, device="cpu", 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, WorkPaths]:
-    from competition.folds import make_folds
-    from competition.labels import read_labels
-    from competition.layout import Layout
-    from competition.metadata import build_metadata
-    from competition.synthetic import generate
-    from features.cache import build_cache
     from level1_models.train import run_model
 
     tmp = tmp_path_factory.mktemp("predict")
-    data = generate(tmp / "tiny", preset="tiny", seed=0, workers=1, progress=False)
-    paths = WorkPaths.for_data(data, tmp / "work").ensure()
-    metadata = build_metadata(data, paths.metadata, workers=1, progress=False)
-    labels = read_labels(Layout.find(data).train_csv)
-    labels.to_parquet(paths.labels, index=False)
-    make_folds(metadata, labels, n_folds=2, seed=42).to_parquet(paths.folds, index=False)
-    build_cache(data, metadata, paths.cache, size=64, workers=1, progress=False)
+    data, paths = prepare_tiny_competition(tmp)
     for name in MODELS:
         run_model(name, data, paths.root, OVERRIDES)
     return data, paths

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from competition.constants import LABELS
+from conftest import prepare_tiny_competition
 from competition.metric import weighted_log_loss
 from level1_models.atomic import atomic_path, write_json
 from level1_models.checkpoint import CheckpointMismatchError, load_checkpoint, load_weights
@@ -406,22 +407,8 @@ E2E_OPTIONS = ["--model", "tiny_resnet", "--epochs", "1", "--img-size", "32", "-
 @pytest.fixture(scope="session")
 def synthetic(tmp_path_factory) -> tuple[Path, Path]:
     """The tiny synthetic competition, prepared like `make prepare` does, with two folds."""
-    from competition.folds import make_folds
-    from competition.labels import read_labels
-    from competition.layout import Layout
-    from competition.metadata import build_metadata
-    from competition.paths import WorkPaths
-    from competition.synthetic import generate
-    from features.cache import build_cache
-
     root = tmp_path_factory.mktemp("synthetic")
-    data = generate(root / "tiny", preset="tiny", seed=0, workers=1, progress=False)
-    paths = WorkPaths.for_data(data, root / "work").ensure()
-    metadata = build_metadata(data, paths.metadata, workers=1, progress=False)
-    labels = read_labels(Layout.find(data).train_csv)
-    labels.to_parquet(paths.labels, index=False)
-    make_folds(metadata, labels, n_folds=2, seed=42).to_parquet(paths.folds, index=False)
-    build_cache(data, metadata, paths.cache, size=64, workers=1, progress=False)
+    data, paths = prepare_tiny_competition(root)
     return data, paths.root
 
 
