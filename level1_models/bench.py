@@ -16,14 +16,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
-from competition.constants import LABEL_WEIGHTS
-from features.dataset import unit_float
 from features.windows import n_channels
 from level1_models.config import TrainConfig
 from level1_models.data import RunInputs
-from level1_models.loop import Runtime, make_optimizer, weighted_bce_sum
+from level1_models.loop import Runtime, Trainer, make_optimizer
 from level1_models.modeling import build_model
-from level1_models.predict import AMP_DTYPES, autocast, loader_options
+from level1_models.predict import AMP_DTYPES, autocast, loader_options, model_input
 
 
 def _sync(device: torch.device) -> None:
@@ -61,26 +59,18 @@ def run_bench(cfg: TrainConfig, rt: Runtime, inputs: RunInputs | None, steps: in
     fwd = torch.compile(model) if cfg.compile else model
     optimizer = make_optimizer(cfg, model)
     scaler = torch.amp.GradScaler(device.type, enabled=AMP_DTYPES[rt.amp] is torch.float16)
-    weights = torch.as_tensor(LABEL_WEIGHTS, dtype=torch.float32, device=device)
-
-    def prepare(x: torch.Tensor) -> torch.Tensor:
-        x = unit_float(x.to(device, non_blocking=True))
-        return x.contiguous(memory_format=torch.channels_last) if rt.channels_last else x
+    constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    # The training loop's own step (loop.Trainer): one process, no accumulation.
+    trainer = Trainer(cfg, rt, fwd, list(model.parameters()), optimizer, constant, scaler)
 
     def train_step(x: torch.Tensor, y: torch.Tensor) -> None:
-        x, y = prepare(x), y.to(device, non_blocking=True)
-        with autocast(device, rt.amp):
-            logits = fwd(x)
-        loss = weighted_bce_sum(logits, y, weights) / len(x)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        trainer.micro_step(x, y, 1.0 / len(x), sync=True)
+        trainer.optimizer_step()
 
     @torch.no_grad()
     def infer_step(x: torch.Tensor, y: torch.Tensor) -> None:
         with autocast(device, rt.amp):
-            fwd(prepare(x))
+            fwd(model_input(x, device, rt.channels_last))
 
     shape = (n_channels(cfg.combination), cfg.img_size, cfg.img_size)
 

@@ -28,10 +28,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from competition.constants import LABEL_WEIGHTS
-from features.dataset import unit_float
 from level1_models.config import TrainConfig
 from level1_models.distributed import DistEnv, all_reduce_sum
-from level1_models.predict import autocast, loader_options
+from level1_models.predict import autocast, loader_options, model_input
 
 
 @dataclass(frozen=True)
@@ -182,19 +181,20 @@ class Trainer:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
 
+    def __post_init__(self) -> None:
+        # The metric's label weights, on the device once rather than copied there every step.
+        self.label_weights = torch.as_tensor(LABEL_WEIGHTS, dtype=torch.float32, device=self.rt.device)
+
     def micro_step(self, x: torch.Tensor, y: torch.Tensor, scale: float, sync: bool) -> torch.Tensor:
         """Forward and backward of one micro-batch; returns its summed per-image loss (detached)."""
         device = self.rt.device
-        x = unit_float(x.to(device, non_blocking=True))
+        x = model_input(x, device, self.rt.channels_last)
         y = y.to(device, non_blocking=True)
-        if self.rt.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        weights = torch.as_tensor(LABEL_WEIGHTS, dtype=torch.float32, device=device)
         no_sync = isinstance(self.model, DistributedDataParallel) and not sync
         with self.model.no_sync() if no_sync else contextlib.nullcontext():
             with autocast(device, self.rt.amp):
                 logits = self.model(x)
-            loss_sum = weighted_bce_sum(logits, y, weights)
+            loss_sum = weighted_bce_sum(logits, y, self.label_weights)
             self.scaler.scale(loss_sum * scale).backward()
         return loss_sum.detach()
 

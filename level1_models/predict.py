@@ -31,6 +31,12 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def model_input(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """A loader batch as the network takes it: on the device, [0, 1] floats, in its memory format."""
+    x = unit_float(x.to(device, non_blocking=True))
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
 def tta_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
     return [x, x.flip(-1)] if tta == "hflip" else [x]
 
@@ -99,9 +105,7 @@ def predict_probabilities(
         loader = eval_loader(dataset, indices, batch_size=batch_size, device=device, workers=workers)
     start = 0
     for x, _ in loader:
-        x = unit_float(x.to(device, non_blocking=True))
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = model_input(x, device, channels_last)
         probs = torch.zeros(x.shape[0], 6, dtype=torch.float64, device=device)
         pooled = None
         views = tta_views(x, tta)

@@ -136,8 +136,11 @@ class FoldData:
     @classmethod
     def build(cls, cfg: TrainConfig, fold: int, inputs: RunInputs, env: DistEnv) -> "FoldData":
         table = inputs.folds
-        readable = (lambda ids: np.array([i in inputs.trainable for i in ids], dtype=bool)) \
-            if inputs.trainable is not None else (lambda ids: np.ones(len(ids), dtype=bool))
+        def readable(ids: list[str]) -> np.ndarray:
+            if inputs.trainable is None:
+                return np.ones(len(ids), dtype=bool)
+            return np.array([i in inputs.trainable for i in ids], dtype=bool)
+
         val_ids = table.loc[table["fold"] == fold, "image_id"].tolist()
         train_all = table.loc[table["fold"] != fold, "image_id"].tolist()
         train_ids = [i for i, ok in zip(train_all, readable(train_all)) if ok]
