@@ -99,7 +99,7 @@ demo: $(STAMP) ## the whole competition on the synthetic data: generate, prepare
 	@$(foreach m,$(DEMO_MODELS),$(call stage,level 1 $(m),$(MAKE) --no-print-directory oof $(demo_vars) MODEL=$(m) EPOCHS=$(DEMO_EPOCHS)) &&) true
 	@$(call stage,stack,$(MAKE) --no-print-directory stack $(demo_vars) TUNE=1 TRIALS=$(DEMO_TRIALS) STACK_OPTS="$(DEMO_STACK)")
 	@$(call stage,report,$(MAKE) --no-print-directory report $(demo_vars))
-	@$(call stage,summary,$(PY) -m level2_stacking.summary --data $(DEMO_DATA) $(work_opt) --submission $(SUBMISSIONS)/$(notdir $(abspath $(DEMO_DATA)))-stack.csv.gz)
+	@$(call stage,summary,$(PY) -m reports.summary --data $(DEMO_DATA) $(work_opt) --submission $(SUBMISSIONS)/$(notdir $(abspath $(DEMO_DATA)))-stack.csv.gz)
 
 # `make synthetic DATA=x` writes x; without DATA on the command line (or in the environment) DEMO_DATA.
 synthetic_out = $(if $(filter command line environment,$(origin DATA)),$(DATA),$(DEMO_DATA))
@@ -125,13 +125,13 @@ oof: $(STAMP) ## K-fold level-1 training of MODEL -> OOF + test predictions (FOL
 	$(launch) -m level1_models oof --model $(MODEL) --data $(DATA) $(work_opt) $(call opt,--folds,$(FOLDS)) \
 	  $(call opt,--epochs,$(EPOCHS)) $(call opt,--img-size,$(IMG_SIZE)) $(call opt,--batch,$(BATCH)) \
 	  $(call opt,--limit,$(LIMIT)) $(call opt,--device,$(DEVICE)) $(call opt,--workers,$(WORKERS)) $(sets)
-	$(PY) -m level2_stacking.plots --data $(DATA) $(work_opt) --model $(MODEL) --skip-missing
+	$(PY) -m reports.plots --data $(DATA) $(work_opt) --model $(MODEL) --skip-missing
 
 stack: $(STAMP) ## level 2 over every level-1 folder (or MODELS=a,b): LightGBM + sequence model, blended (STACKER THREADS DEVICE TUNE=1 TRIALS STORAGE) -> submission
 	$(PY) -m level2_stacking --data $(DATA) $(work_opt) $(call opt,--models,$(MODELS)) $(if $(call yes,$(TUNE)),--tune) \
 	  $(call opt,--trials,$(TRIALS)) $(call opt,--storage,$(STORAGE)) $(call opt,--threads,$(THREADS)) \
 	  $(call opt,--stacker,$(STACKER)) $(call opt,--seq-device,$(DEVICE)) $(STACK_OPTS)
-	$(PY) -m level2_stacking.plots --data $(DATA) $(work_opt) --stack
+	$(PY) -m reports.plots --data $(DATA) $(work_opt) --stack
 	$(PY) -m submissions write --data $(DATA) $(work_opt) --stack --out-dir $(SUBMISSIONS)
 
 submission: $(STAMP) ## a submission straight from one level-1 model (MODEL=name)
@@ -149,7 +149,7 @@ explain: $(STAMP) ## Grad-CAM, Guided Backprop, DeconvNet, Guided Grad-CAM panel
 	  $(call opt,--top,$(TOP)) $(call opt,--label,$(LABEL)) $(call opt,--device,$(DEVICE))
 
 report: $(STAMP) ## one self-contained HTML page: every model's scores side by side, ROC/PR/threshold plots, curves, explanations
-	$(PY) -m level2_stacking.html_report --data $(DATA) $(work_opt)
+	$(PY) -m reports.html_report --data $(DATA) $(work_opt)
 
 predict: $(STAMP) ## per-slice and per-study calls for the DICOM series under STUDY, with report.html (BUNDLE= or DATA/WORK; MODELS OUT DEVICE TOP)
 	$(call need,STUDY,folder of DICOM files)

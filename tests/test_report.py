@@ -19,12 +19,12 @@ from sklearn.metrics import average_precision_score, confusion_matrix, f1_score,
 from competition.cli import run_main
 from competition.constants import LABEL_WEIGHTS, LABELS
 from level1_models.curves import COLUMNS, plot_curves
-from level2_stacking.html_report import MEAN_NAME, STACK_NAME, build_report, main as report_main
-from level2_stacking.plots import (
+from reports.html_report import MEAN_NAME, STACK_NAME, build_report, main as report_main
+from reports.plots import (
     CONFUSION_FILE, MAX_PLOT_POINTS, OPERATING_POINT_FILE, PLOT_FILES, operating_point, pr_points, roc_points,
     threshold_table, write_prediction_plots,
 )
-from level2_stacking.plots import main as plots_main
+from reports.plots import main as plots_main
 
 # --- the threshold table and the operating point ------------------------------------------------
 

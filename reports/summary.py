@@ -6,7 +6,7 @@ itself with the competition scorer, so the figure is the one Kaggle would report
 figures are on test, at the threshold each source reaches 95% sensitivity with on its OOF studies;
 the stack is compared with the best single model (by OOF loss) on test, with a paired bootstrap.
 
-    python -m level2_stacking.summary --data DATA [--work WORK] [--submission FILE]
+    python -m reports.summary --data DATA [--work WORK] [--submission FILE]
 """
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def _difference_line(paths: WorkPaths, a: str, b: str, truth: pd.DataFrame, meta
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m level2_stacking.summary", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m reports.summary", description=__doc__.splitlines()[0])
     add_data_args(parser)
     parser.add_argument("--submission", type=Path, default=None, help="submission file to score against the answers")
     args = parser.parse_args(argv)

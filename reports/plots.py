@@ -241,13 +241,13 @@ def write_prediction_plots(pred_dir: Path | str, labels: pd.DataFrame, title: st
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m level2_stacking.plots --data DATA [--work WORK] (--model NAME | --stack)``: the
+    """``python -m reports.plots --data DATA [--work WORK] (--model NAME | --stack)``: the
     plots of one output folder (for ``make oof`` / ``make stack`` to run after they finish)."""
     import argparse
 
     from competition.paths import WorkPaths
 
-    p = argparse.ArgumentParser(prog="python -m level2_stacking.plots", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m reports.plots", description=main.__doc__)
     p.add_argument("--data", required=True, type=Path, help="competition folder in the Kaggle layout")
     p.add_argument("--work", type=Path, default=None, help="work folder (default work/<basename of DATA>)")
     which = p.add_mutually_exclusive_group(required=True)

@@ -1,6 +1,6 @@
 """`make report`: one self-contained HTML page for a dataset's work folder.
 
-    python -m level2_stacking.html_report --data DATA [--work WORK] [--explain-top 2] [--max-panels 4]
+    python -m reports.html_report --data DATA [--work WORK] [--explain-top 2] [--max-panels 4]
 
 The page holds every model's scores side by side (each level-1 model with complete OOF
 predictions, their plain mean, and the level-2 stack): slice-level weighted log loss, per-label
@@ -36,7 +36,7 @@ from competition.metric import per_label_log_loss, weighted_log_loss
 from competition.paths import WorkPaths
 from competition.stamp import is_current, write_stamp
 from competition.study_level import DEFAULT_TARGET_SENSITIVITY, study_report_from_slices
-from level2_stacking.plots import (
+from reports.plots import (
     OOF_FILE, PLOT_FILES, aligned_truth, operating_point, write_prediction_plots,
 )
 
@@ -306,7 +306,7 @@ def explanation_panels(paths: WorkPaths, source: Source, data_dir: Path | str | 
         found = []
     if not found and explain_top > 0 and source.folder is not None and data_dir is not None \
             and any(source.folder.glob("fold*/best.pt")):
-        from level1_models.explain import explain_images  # the only upward import: the report sits on top
+        from level1_models.explain import explain_images  # level 1 is below: the reports sit on the top floor
 
         try:
             found = explain_images(source.name, data_dir, work_dir, top=explain_top, progress=False)
@@ -399,7 +399,7 @@ def build_report(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m level2_stacking.html_report", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m reports.html_report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, type=Path, help="competition folder in the Kaggle layout")
     p.add_argument("--work", type=Path, default=None, help="work folder (default work/<basename of DATA>)")
