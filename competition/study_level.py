@@ -18,7 +18,6 @@ import math
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_auc_score
 
 from competition.constants import LABEL_WEIGHTS
 from competition.metric import pairwise_log_loss
@@ -80,6 +79,8 @@ def threshold_for_sensitivity(y_true: np.ndarray, score: np.ndarray, target: flo
 def study_level_report(y_true: np.ndarray, score: np.ndarray, target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY,
                        threshold: float | None = None) -> dict[str, float]:
     """Study-level accuracy, ROC AUC, sensitivity and specificity at a recall-favouring threshold."""
+    from sklearn.metrics import roc_auc_score  # here: importing sklearn costs a second that skipped reruns need not pay
+
     y = np.asarray(y_true).astype(bool)
     s = np.asarray(score, dtype=np.float64)
     if len(y) != len(s) or not len(y):

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from competition.cli import run_main, work_lock
-from level1_models.config import parse_field, parse_sets
+from level1_models.config import build_config, parse_field, parse_sets
+from level1_models.finished import is_assembled
 from level1_models.registry import get_spec, list_models
 
 # Command-line option -> config field (the Makefile's FOLDS, EPOCHS, IMG_SIZE, BATCH, LIMIT, DEVICE).
@@ -44,17 +45,21 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_oof(args: argparse.Namespace) -> None:
-    get_spec(args.model)  # an unknown name fails here, before torch is imported
     overrides = overrides_from(args)
-    from level1_models.train import run_model
+    cfg = build_config(args.model, overrides)  # an unknown name or field fails here, before torch is imported
+    with work_lock(args, f"oof-{args.model}"):  # one run per model
+        if is_assembled(cfg, args.data, args.work):
+            print(f"{cfg.name}: every fold finished earlier and oof.parquet / test.parquet are up to date "
+                  f"(nothing they are made from changed); kept")
+            return
+        from level1_models.train import run_model
 
-    try:
-        with work_lock(args, f"oof-{args.model}"):  # one run per model
+        try:
             run_model(args.model, args.data, args.work, overrides)
-    finally:
-        from level1_models.distributed import shutdown
+        finally:
+            from level1_models.distributed import shutdown
 
-        shutdown()
+            shutdown()
 
 
 def cmd_list(args: argparse.Namespace) -> None:

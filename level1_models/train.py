@@ -50,6 +50,7 @@ from level1_models.distributed import (
     init_distributed,
     shard,
 )
+from level1_models.finished import mark_assembled
 from level1_models.folder import ModelFolder
 from level1_models.loop import (
     EpochProgress,
@@ -594,5 +595,8 @@ def run_model(
     cfg, rt = setup_runtime(build_config(name, overrides))
     paths = WorkPaths.for_data(data_dir, work_dir)
     inputs = load_inputs(data_dir, paths, cfg.combination, cfg.img_size)
-    return run_oof(cfg, inputs, paths.model_dir(name), rt, on_epoch_end)
+    metrics = run_oof(cfg, inputs, paths.model_dir(name), rt, on_epoch_end)
+    if metrics is not None and metrics["complete"]:
+        mark_assembled(cfg, data_dir, work_dir)  # a rerun with nothing changed skips all of this
+    return metrics
 

@@ -1,6 +1,6 @@
 """The plots a competitor reads every day, for any folder of OOF predictions (a level-1 run, the stack).
 
-Next to the folder's ``oof.parquet`` (the files are rewritten each time, so they follow the run):
+Next to the folder's ``oof.parquet`` (redrawn when it, the labels or the options change; skipped otherwise):
 
 * ``roc.png``: ROC curve of each label (AUC in the legend);
 * ``pr.png``: precision-recall curve of each label (average precision and prevalence in the legend);
@@ -12,6 +12,7 @@ Next to the folder's ``oof.parquet`` (the files are rewritten each time, so they
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from dataclasses import asdict, dataclass
@@ -19,15 +20,22 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import auc, precision_recall_curve, roc_curve
 
 from competition.constants import LABELS
+from competition.stamp import is_current, write_stamp
 from competition.study_level import DEFAULT_TARGET_SENSITIVITY, threshold_for_sensitivity
 
 OOF_FILE = "oof.parquet"
 PLOT_FILES = {"roc": "roc.png", "pr": "pr.png", "threshold": "threshold_any.png"}
 CONFUSION_FILE = "confusion_any.csv"
 OPERATING_POINT_FILE = "operating_point_any.json"
+STAMP_FILE = ".plots.json"  # hidden: the HTML report's own stamp skips dot files
+
+
+def labels_digest(labels: pd.DataFrame) -> str:
+    """A content hash of a labels table (row order included), for the stamp's options."""
+    rows = pd.util.hash_pandas_object(labels[["image_id", *LABELS]], index=False).to_numpy()
+    return hashlib.blake2b(rows.tobytes(), digest_size=16).hexdigest()
 
 
 def aligned_truth(predictions: pd.DataFrame, labels: pd.DataFrame, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -145,6 +153,8 @@ def _finish(plt, fig, ax, out_png: Path, legend_loc: str) -> Path:
 def roc_points(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """(false positive rates, true positive rates) thinned for drawing, and the ROC AUC of the full
     curve (one sort of the scores instead of two)."""
+    from sklearn.metrics import auc, roc_curve  # here: a skipped rerun needs neither sklearn nor matplotlib
+
     fpr, tpr, _ = roc_curve(y_true, score)
     area = float(auc(fpr, tpr))
     fpr, tpr = _thin(fpr, tpr)
@@ -154,6 +164,8 @@ def roc_points(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.nd
 def pr_points(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """(precision, recall) thinned for drawing, and the average precision of the full curve
     (sklearn's ``average_precision_score`` formula: sum over recall steps of precision)."""
+    from sklearn.metrics import precision_recall_curve
+
     precision, recall, _ = precision_recall_curve(y_true, score)
     ap = -float(np.sum(np.diff(recall) * precision[:-1]))
     precision, recall = _thin(precision, recall)
@@ -216,6 +228,9 @@ def write_prediction_plots(pred_dir: Path | str, labels: pd.DataFrame, title: st
                            target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY) -> dict[str, Path]:
     """ROC, PR and threshold plots, the confusion table and the operating point of the folder's OOF.
 
+    Skipped (the paths are returned as they are) when ``oof.parquet``, the labels and the options
+    are those the files were drawn from (``.plots.json`` holds their fingerprint).
+
     Hook: called by the level-1 trainer once ``oof.parquet`` is written, by ``make stack`` for the
     stack folder, and by the HTML report for any folder that lacks them.
     """
@@ -223,20 +238,24 @@ def write_prediction_plots(pred_dir: Path | str, labels: pd.DataFrame, title: st
     oof_path = pred_dir / OOF_FILE
     if not oof_path.is_file():
         raise FileNotFoundError(f"{oof_path} not found; finish every fold (make oof / make stack) first")
+    out = {key: pred_dir / name for key, name in PLOT_FILES.items()}
+    out["confusion"], out["operating_point"] = pred_dir / CONFUSION_FILE, pred_dir / OPERATING_POINT_FILE
+    stamp = pred_dir / STAMP_FILE
+    options = {"labels": labels_digest(labels), "title": title, "target_sensitivity": target_sensitivity}
+    if is_current(stamp, out.values(), [oof_path], options):
+        return out
     y, p = aligned_truth(pd.read_parquet(oof_path), labels, str(oof_path))
     j = LABELS.index("any")
     if not 0 < y[:, j].sum() < len(y):
         raise ValueError(f"{oof_path}: `any` has a single class in the labels, so no ROC or threshold exists")
     point = operating_point(y[:, j], p[:, j], target_sensitivity)
-    out = {
-        "roc": plot_roc(y, p, title, pred_dir / PLOT_FILES["roc"]),
-        "pr": plot_pr(y, p, title, pred_dir / PLOT_FILES["pr"]),
-        "threshold": plot_threshold(threshold_table(y[:, j], p[:, j]), point, title, pred_dir / PLOT_FILES["threshold"]),
-    }
-    confusion_frame(point).to_csv(pred_dir / CONFUSION_FILE, index=False)
+    plot_roc(y, p, title, out["roc"])
+    plot_pr(y, p, title, out["pr"])
+    plot_threshold(threshold_table(y[:, j], p[:, j]), point, title, out["threshold"])
+    confusion_frame(point).to_csv(out["confusion"], index=False)
     values = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in asdict(point).items()}
-    (pred_dir / OPERATING_POINT_FILE).write_text(json.dumps(values, indent=2) + "\n")
-    out["confusion"], out["operating_point"] = pred_dir / CONFUSION_FILE, pred_dir / OPERATING_POINT_FILE
+    out["operating_point"].write_text(json.dumps(values, indent=2) + "\n")
+    write_stamp(stamp, [oof_path], options)
     return out
 
 

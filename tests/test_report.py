@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import re
 import shutil
 import xml.etree.ElementTree as ET
@@ -174,6 +175,41 @@ def test_prediction_plots_next_to_the_predictions(work):
     assert point["tp"] + point["fn"] == y_train[:, 5].sum() and point["sensitivity"] >= 0.95
     with pytest.raises(ValueError, match="no label"):
         write_prediction_plots(w / "models" / "tiny_a", labels.iloc[5:], "tiny_a")
+
+
+def test_plots_are_skipped_until_the_predictions_labels_or_options_change(work, tmp_path, monkeypatch):
+    import reports.plots as plots
+
+    data, shared, *_ = work
+    folder = Path(shutil.copytree(shared / "models" / "tiny_a", tmp_path / "tiny_a"))
+    labels = pd.read_parquet(shared / "labels.parquet")
+    drawn: list[str] = []
+    real_plot_roc = plots.plot_roc
+    monkeypatch.setattr(plots, "plot_roc", lambda *a: drawn.append(a[2]) or real_plot_roc(*a))
+
+    def draw(table: pd.DataFrame = labels, sensitivity: float = 0.95) -> float:
+        write_prediction_plots(folder, table, "tiny_a", sensitivity)
+        return json.loads((folder / OPERATING_POINT_FILE).read_text())["threshold"]
+
+    first = draw()
+    draw()
+    assert len(drawn) == 1  # nothing changed: nothing drawn
+    oof_path = folder / "oof.parquet"
+    stat = oof_path.stat()
+    oof = pd.read_parquet(oof_path)
+    oof["any"] = 1.0 - oof["any"]  # same size, same mtime, other content
+    oof.to_parquet(oof_path, index=False)
+    assert oof_path.stat().st_size == stat.st_size
+    os.utime(oof_path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert draw() != first and len(drawn) == 2
+    flipped = labels.copy()
+    flipped.loc[0, "any"] = 1 - flipped.loc[0, "any"]
+    draw(flipped)
+    draw(flipped, 0.9)
+    assert len(drawn) == 4
+    (folder / PLOT_FILES["pr"]).unlink()  # a missing output is redrawn
+    draw(flipped, 0.9)
+    assert len(drawn) == 5 and (folder / PLOT_FILES["pr"]).is_file()
 
 
 def test_plots_cli_for_a_model_and_the_stack(work, capsys):

@@ -456,6 +456,53 @@ def test_cli_oof_on_a_synthetic_competition_writes_every_output(e2e_run):
     assert saved["img_size"] == 32 and saved["epochs"] == 1 and saved["combination"] == "bsb"
 
 
+def _same_size_and_mtime_edit(path: Path, edit) -> None:
+    """Rewrite a table through ``edit`` and give it back its size and mtime: only the content differs."""
+    stat = path.stat()
+    table = edit(pd.read_parquet(path))
+    table.to_parquet(path, index=False)
+    assert path.stat().st_size == stat.st_size, "the edit was meant to keep the size"
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_a_finished_model_is_kept_without_training_code_until_an_input_changes(e2e_run, tmp_path, monkeypatch, capsys):
+    """A rerun of `oof` on a finished model skips (never reaching run_model); a fold's predictions
+    edited in place, with the same size and mtime, are reassembled into oof.parquet."""
+    import shutil
+
+    import level1_models.train as train_module
+    from level1_models.__main__ import main
+
+    data, work, _ = e2e_run
+    work = Path(shutil.copytree(work, tmp_path / "work"))
+    folder = ModelFolder(work / "models" / "tiny_resnet")
+    command = ["oof", "--data", str(data), "--work", str(work), *E2E_OPTIONS]
+    real_run_model = train_module.run_model
+    calls = []
+    monkeypatch.setattr(train_module, "run_model", lambda *a, **k: calls.append(a) or real_run_model(*a, **k))
+
+    assert main(command) == 0  # the copy's stamp names the fixture's paths: assembled once here
+    assert main(command) == 0
+    assert len(calls) == 1 and "up to date" in capsys.readouterr().out.splitlines()[-1]
+
+    image = pd.read_parquet(folder.fold_oof(0))["image_id"].iloc[0]
+
+    def flip(oof: pd.DataFrame) -> pd.DataFrame:
+        oof.loc[0, "any"] = 1.0 - oof.loc[0, "any"]
+        return oof
+
+    _same_size_and_mtime_edit(folder.fold_oof(0), flip)
+    assert main(command) == 0
+    assert len(calls) == 2 and "up to date" not in capsys.readouterr().out
+    edited = pd.read_parquet(folder.fold_oof(0)).set_index("image_id").loc[image, "any"]
+    assert pd.read_parquet(folder.oof).set_index("image_id").loc[image, "any"] == edited
+    assert main(command) == 0 and len(calls) == 2  # assembled again: the next rerun skips
+
+    with pytest.raises(ConfigError, match=r"folds \[7\] are not in the folds table"):
+        main([*command, "--folds", "0,7"])  # a fold that is not done goes the full way (and fails there)
+    assert len(calls) == 3
+
+
 @pytest.mark.slow  # a fresh interpreter imports torch + timm: ~10 s alone, minutes on a loaded box
 def test_killed_run_restarts_where_it_stopped(e2e_run, synthetic, tmp_path, capsys):
     """SIGKILL a real `oof` process once its first checkpoint exists, restart it, and get what
