@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_auc_score
 
 from competition.constants import LABELS
 from competition.metric import per_label_log_loss, weighted_log_loss
@@ -121,6 +120,8 @@ def _mean_source(level1: Sequence[Source]) -> Source:
 def score_source(source: Source, labels: pd.DataFrame, metadata: pd.DataFrame, answers: pd.DataFrame | None,
                  target_sensitivity: float) -> dict:
     """Slice-level scores, the `any` operating point, study-level diagnosis and (answers) the test score."""
+    from sklearn.metrics import roc_auc_score  # here: an up-to-date report returns without importing sklearn
+
     y, p = aligned_truth(source.oof, labels, f"{source.name} OOF")
     auc = {label: float(roc_auc_score(y[:, j], p[:, j])) if 0 < y[:, j].sum() < len(y) else float("nan")
            for j, label in enumerate(LABELS)}
