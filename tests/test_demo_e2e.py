@@ -7,6 +7,7 @@ the stack beats the constant prior.
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,16 +25,20 @@ MODELS = ("tiny_resnet", "tiny_byobnet")
 LEARNS_BOUND = 0.97
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    data, work, subs = root / "mini", root / "work", root / "subs"
+def run_demo(data: Path, work: Path, subs: Path) -> subprocess.CompletedProcess:
     cmd = ["make", "--no-print-directory", "demo", f"DEMO_DATA={data}", f"WORK={work}", f"SUBMISSIONS={subs}",
            "PRESET=tiny", "PATIENTS=16", "N_FOLDS=4", f"DEMO_MODELS={' '.join(MODELS)}", "DEMO_EPOCHS=2", "DEMO_TRIALS=2",
            "DEMO_STACK=--rounds 60 --neighbours 2 --early-stopping 10 --threads 1"]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return data, work, subs, result.stdout
+    return result
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    data, work, subs = root / "mini", root / "work", root / "subs"
+    return data, work, subs, run_demo(data, work, subs).stdout
 
 
 def test_every_stage_ran_and_named_itself(demo):
@@ -109,3 +114,19 @@ def test_every_model_beats_the_prior(demo, model):
         prior[val] = prior_baseline(y[~val], int(val.sum()))
     pred = table[[f"{c}_pred" for c in LABELS]].to_numpy(float)
     assert weighted_log_loss(y, pred) <= LEARNS_BOUND * weighted_log_loss(y, prior)
+
+
+def test_a_second_demo_reuses_every_finished_stage(demo):
+    """Nothing changed: the dataset, each finished model, its plots and the report are kept as they
+    are (the files keep their modification times); the summary is printed again."""
+    data, work, subs, _ = demo
+    kept = [p for m in MODELS for p in (work / "models" / m).glob("*") if p.is_file()]
+    kept += [p for p in (work / "reports").rglob("*") if p.is_file()]
+    before = {p: p.stat().st_mtime_ns for p in kept}
+    result = run_demo(data, work, subs)
+    out = result.stdout + result.stderr
+    assert "complete already" in out
+    for model in MODELS:
+        assert f"{model}: every fold finished earlier and oof.parquet / test.parquet are up to date" in out
+    assert "index.html: up to date" in out and "stack minus best single model by OOF" in out
+    assert {p: p.stat().st_mtime_ns for p in kept} == before
