@@ -21,6 +21,7 @@ from competition.paths import WorkPaths
 from competition.study_level import DEFAULT_TARGET_SENSITIVITY
 from features.tabular import TabularFeatureConfig
 from competition.atomic import write_json, write_parquet
+from level2_stacking.fitted import FittedStack
 from level2_stacking.blend import any_at_least_subtypes, any_rule_gain, blend, fit_blend_weights
 from level2_stacking.frame import OOF_FILE, TEST_FILE, StackFrame, StackFrameError, align_exact, build_stack_frame
 from level2_stacking.lgbm import DEFAULT_PARAMS, EARLY_STOPPING_ROUNDS, NUM_BOOST_ROUND, cross_validate, default_threads
@@ -57,6 +58,7 @@ class StackSettings:
     use_embeddings: bool = True
     target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY
     progress: bool = True
+    params: dict[str, object] | None = None  # LightGBM parameters over the default or tuned ones (small data, tests)
 
     def __post_init__(self) -> None:
         if self.stacker not in STACKERS:
@@ -144,18 +146,21 @@ def _table(ids: np.ndarray, p: np.ndarray, folds: np.ndarray | None = None) -> p
     return table.sort_values("image_id").reset_index(drop=True)
 
 
-def _fit_stackers(paths: WorkPaths, frame: StackFrame, s: StackSettings) -> tuple[dict, dict, dict]:
-    """(oof by stacker, test by stacker, facts for metrics.json) for the stackers ``s.stacker`` asks for."""
+def _fit_stackers(paths: WorkPaths, frame: StackFrame, s: StackSettings) -> tuple[dict, dict, dict, dict]:
+    """(oof by stacker, test by stacker, facts for metrics.json, the fitted models for FittedStack)
+    for the stackers ``s.stacker`` asks for."""
     oof, test, facts = {}, {}, {}
+    fitted = {"boosters": {}, "sequence": {}, "maps": {}, "blend_weights": None}
     if s.stacker in ("lgbm", "blend"):
         params, source = _choose_params(paths, frame, s)
-        params = {**params, "num_threads": s.num_threads}
+        params = {**params, **(s.params or {}), "num_threads": s.num_threads}
         start = time.perf_counter()
         result = cross_validate(
             frame.x_train, frame.y, frame.folds, frame.x_test, params=params, num_boost_round=s.num_boost_round,
-            early_stopping_rounds=s.early_stopping_rounds, progress=s.progress,
+            early_stopping_rounds=s.early_stopping_rounds, progress=s.progress, keep_models=True,
         )
         oof[LGBM_ROW], test[LGBM_ROW] = result.oof, result.test
+        fitted["boosters"] = result.models
         facts.update(params=params, params_source=source, n_features=int(frame.x_train.shape[1]),
                      lgbm_seconds=time.perf_counter() - start,
                      fold_weighted_log_loss=result.fold_losses,
@@ -167,6 +172,7 @@ def _fit_stackers(paths: WorkPaths, frame: StackFrame, s: StackSettings) -> tupl
         start = time.perf_counter()
         seq = cross_validate_sequence(inputs, frame.y, frame.folds, s.sequence, progress=s.progress)
         oof[SEQ_ROW], test[SEQ_ROW] = seq.oof, seq.test
+        fitted["sequence"], fitted["maps"] = seq.models, inputs.maps
         facts.update(sequence=asdict(s.sequence), sequence_note=inputs.note, sequence_seconds=time.perf_counter() - start,
                      sequence_seconds_per_epoch=seq.seconds_per_epoch, sequence_fold_weighted_log_loss=seq.fold_losses)
     if s.stacker == "blend":
@@ -174,7 +180,8 @@ def _fit_stackers(paths: WorkPaths, frame: StackFrame, s: StackSettings) -> tupl
         oof[BLEND_ROW] = blend(oof[LGBM_ROW], oof[SEQ_ROW], weights)
         test[BLEND_ROW] = blend(test[LGBM_ROW], test[SEQ_ROW], weights)
         facts["blend_weights_lightgbm"] = dict(zip(LABELS, weights.tolist()))
-    return oof, test, facts
+        fitted["blend_weights"] = weights
+    return oof, test, facts, fitted
 
 
 def run_stack(data_dir: Path | str, work_dir: Path | str | None = None, settings: StackSettings = StackSettings()) -> StackOutcome:
@@ -187,7 +194,7 @@ def run_stack(data_dir: Path | str, work_dir: Path | str | None = None, settings
           f"{len(frame.train_ids)} train x {frame.x_train.shape[1]} features, {len(frame.test_ids)} test rows "
           f"(features in {time.perf_counter() - start:.1f} s)", flush=True)
     paths.stack.mkdir(parents=True, exist_ok=True)
-    oof, test, facts = _fit_stackers(paths, frame, settings)
+    oof, test, facts, fitted = _fit_stackers(paths, frame, settings)
     final = {"lgbm": LGBM_ROW, "seq": SEQ_ROW, "blend": BLEND_ROW}[settings.stacker]
     # The `any` rule is kept only where it lowers the OOF loss of the final predictions.
     gain = any_rule_gain(frame.y, oof[final])
@@ -205,6 +212,10 @@ def run_stack(data_dir: Path | str, work_dir: Path | str | None = None, settings
     oof_path, test_path = paths.stack / OOF_FILE, paths.stack / TEST_FILE
     write_parquet(oof_path, _table(frame.train_ids, stack_oof, frame.folds))
     write_parquet(test_path, _table(frame.test_ids, stack_test))
+    # What produced the test predictions, for `make predict` on new studies.
+    FittedStack(frame.models, sorted(int(k) for k in np.unique(frame.folds)), settings.stacker, feature_config,
+                [str(c) for c in frame.x_train.columns], sequence_settings=settings.sequence,
+                any_rule=gain > 0, **fitted).save(paths.stack)
 
     components = {name: p for name, p in oof.items() if len(oof) > 1}
     sources = oof_sources(frame.level1_oof, stack_oof, components)
