@@ -94,3 +94,36 @@ def test_inputs_the_stack_was_not_fit_on_are_refused(stacked, tmp_path) -> None:
     manifest.write_text(manifest.read_text().replace('"format": 1', '"format": 99'))
     with pytest.raises(FittedStackError, match="another version"):
         load_fitted(copy)
+
+
+def test_a_rerun_reuses_the_stack_until_an_input_changes(stacked, tmp_path, capsys) -> None:
+    paths = WorkPaths(tmp_path / "work")
+    shutil.copytree(stacked.root, paths.root)
+    data = stacked.root.parent / "rsna-fake"
+    settings = StackSettings(stacker="lgbm", num_threads=1, k_neighbours=2, num_boost_round=40,
+                             early_stopping_rounds=10, progress=False)
+    run_stack(data, paths.root, settings)
+    first = (paths.stack / "test.parquet").read_bytes()
+    capsys.readouterr()
+
+    outcome = run_stack(data, paths.root, settings)
+    assert "up to date" in capsys.readouterr().out
+    assert (paths.stack / "test.parquet").read_bytes() == first
+    assert outcome.scores.loc["stacker", "weighted"] == pytest.approx(
+        json.loads((paths.stack / "metrics.json").read_text())["scores"]["stacker"]["weighted"])
+    assert "stacker" in outcome.report()  # the summary printed after a reuse reads back from metrics.json
+
+    # One fold model's test predictions change (same shape, same size on disk): the stack is fit again.
+    path = paths.model_dir("a") / "fold2" / "test.parquet"
+    table = pd.read_parquet(path)
+    table[list(LABELS)] = table[list(LABELS)].to_numpy()[::-1]
+    table.to_parquet(path, index=False)
+    run_stack(data, paths.root, settings)
+    assert "up to date" not in capsys.readouterr().out
+    assert (paths.stack / "test.parquet").read_bytes() != first
+
+    # Another setting: fit again; `refit` fits again regardless.
+    run_stack(data, paths.root, StackSettings(**{**settings.__dict__, "k_neighbours": 1}))
+    assert "up to date" not in capsys.readouterr().out
+    run_stack(data, paths.root, StackSettings(**{**settings.__dict__, "k_neighbours": 1}), refit=True)
+    assert "up to date" not in capsys.readouterr().out
