@@ -127,3 +127,10 @@ def test_a_rerun_reuses_the_stack_until_an_input_changes(stacked, tmp_path, caps
     assert "up to date" not in capsys.readouterr().out
     run_stack(data, paths.root, StackSettings(**{**settings.__dict__, "k_neighbours": 1}), refit=True)
     assert "up to date" not in capsys.readouterr().out
+    # The refit LightGBM-only stack (one neighbour) is what was saved: it reproduces its own test rows.
+    fitted = load_fitted(paths.stack)
+    assert fitted.stacker == "lgbm" and not fitted.sequence and fitted.feature_config.k_neighbours == 1
+    ids, per_fold, embeddings = level1_test_outputs(paths)
+    metadata = pd.read_parquet(paths.metadata).set_index("image_id").loc[ids].reset_index()
+    expected = pd.read_parquet(paths.stack / "test.parquet").set_index("image_id").loc[ids, list(LABELS)]
+    np.testing.assert_allclose(fitted.predict(per_fold, metadata, embeddings), expected.to_numpy(), atol=1e-6, rtol=0)
