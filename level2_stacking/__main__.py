@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--target-sensitivity", type=float, default=StackSettings.target_sensitivity,
                     help="study-level operating point (sensitivity to reach)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument("--refit", action="store_true",
+                    help="fit again even when no input, setting or code changed since the last run (else it is reused)")
     return ap.parse_args(argv)
 
 
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=not args.no_progress,
     )
     with work_lock(args, "stack"):  # one stacking run per work folder
-        outcome = run_stack(args.data, args.work, settings)
+        outcome = run_stack(args.data, args.work, settings, refit=args.refit)
     print(outcome.report())
     print(f"parameters: {outcome.params_source}")
     print(f"stack OOF: {outcome.oof_path}")

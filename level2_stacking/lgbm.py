@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import lightgbm as lgb
 import numpy as np
@@ -69,6 +69,8 @@ class CVResult:
     best_iterations: np.ndarray   # (n_folds, 6) boosting rounds used
     fold_losses: dict[int, float] # weighted log loss of each held-out fold
     loss: float                   # weighted log loss of the whole OOF table
+    # fold -> per label (booster, rounds): kept only when asked (``keep_models``), for `make predict`
+    models: dict[int, list[tuple[lgb.Booster, int]]] = field(default_factory=dict)
 
 
 def _as_matrix(x: pd.DataFrame | np.ndarray) -> np.ndarray:
@@ -118,6 +120,7 @@ def cross_validate(
     on_fold: Callable[[int, float], None] | None = None,
     progress: bool = True,
     refit: bool = True,
+    keep_models: bool = False,
 ) -> CVResult:
     """Per-label LightGBM over the given folds.
 
@@ -126,7 +129,8 @@ def cross_validate(
     ``refit``, the booster is retrained on all training folds for those rounds scaled by the
     rows added; without ``refit`` the inner booster predicts. ``on_fold(step, running_loss)`` is
     called after each fold with the weighted log loss of the folds done so far (Optuna's pruning
-    hook; it may raise to stop). Without early stopping each model trains exactly
+    hook; it may raise to stop). ``keep_models`` returns each fold's boosters (what a new study is
+    predicted with). Without early stopping each model trains exactly
     ``num_boost_round`` rounds on all training folds (sklearn's cross_val_predict).
     """
     params = {**DEFAULT_PARAMS, **(params or {})}
@@ -148,6 +152,7 @@ def cross_validate(
     test = np.zeros((n_test, len(LABELS)))
     best = np.zeros((len(fold_ids), len(LABELS)), dtype=np.int64)
     fold_losses: dict[int, float] = {}
+    kept: dict[int, list[tuple[lgb.Booster, int]]] = {}
     done = np.zeros(len(y), dtype=bool)
     bar = tqdm(total=len(fold_ids) * len(LABELS), desc="level-2 LightGBM", unit="model", disable=not progress)
     for step, fold in enumerate(fold_ids):
@@ -184,10 +189,12 @@ def cross_validate(
             oof[val, j] = booster.predict(xm[val], num_iteration=rounds)
             if n_test:
                 test[:, j] += booster.predict(tests[int(fold)], num_iteration=rounds) / len(fold_ids)
+        if keep_models:
+            kept[int(fold)] = boosters
         bar.set_postfix(fold=int(fold))
         done |= val
         fold_losses[int(fold)] = weighted_log_loss(y[val], oof[val])
         if on_fold is not None:
             on_fold(step, weighted_log_loss(y[done], oof[done]))
     bar.close()
-    return CVResult(oof, test, best, fold_losses, weighted_log_loss(y, oof))
+    return CVResult(oof, test, best, fold_losses, weighted_log_loss(y, oof), kept)

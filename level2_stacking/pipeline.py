@@ -2,10 +2,13 @@
 
 Writes under WorkPaths.stack the same files a level-1 model folder holds (``oof.parquet`` with
 its fold, ``test.parquet``), so the submission writer treats the stacker like any model, plus
-``metrics.json`` (the report tables, the parameters and where they came from).
+``metrics.json`` (the report tables, the parameters and where they came from), ``fitted/`` (what
+`make predict` applies to new studies, level2_stacking.fitted) and ``.inputs.json`` (a stamp of
+every input: a rerun with nothing changed reuses the outputs instead of fitting again).
 """
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,10 +22,17 @@ from competition.labels import read_labels
 from competition.layout import Layout, LayoutError
 from competition.paths import WorkPaths
 from competition.study_level import DEFAULT_TARGET_SENSITIVITY
+import features.tabular as tabular_module
 from features.tabular import TabularFeatureConfig
 from competition.atomic import write_json, write_parquet
+from competition.stamp import is_current, write_stamp
+from level2_stacking.fitted import MANIFEST as FITTED_MANIFEST
+from level2_stacking.fitted import FittedStack, fitted_dir
 from level2_stacking.blend import any_at_least_subtypes, any_rule_gain, blend, fit_blend_weights
-from level2_stacking.frame import OOF_FILE, TEST_FILE, StackFrame, StackFrameError, align_exact, build_stack_frame
+from level2_stacking.frame import (
+    EMBEDDINGS_OOF_FILE, EMBEDDINGS_TEST_FILE, OOF_FILE, TEST_FILE, StackFrame, StackFrameError, align_exact,
+    build_stack_frame, resolve_models,
+)
 from level2_stacking.lgbm import DEFAULT_PARAMS, EARLY_STOPPING_ROUNDS, NUM_BOOST_ROUND, cross_validate, default_threads
 from level2_stacking.report import STACK_ROW, format_table, oof_sources, score_table, study_table
 from level2_stacking.sequence import SequenceSettings, cross_validate_sequence
@@ -57,6 +67,7 @@ class StackSettings:
     use_embeddings: bool = True
     target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY
     progress: bool = True
+    params: dict[str, object] | None = None  # LightGBM parameters over the default or tuned ones (small data, tests)
 
     def __post_init__(self) -> None:
         if self.stacker not in STACKERS:
@@ -144,18 +155,21 @@ def _table(ids: np.ndarray, p: np.ndarray, folds: np.ndarray | None = None) -> p
     return table.sort_values("image_id").reset_index(drop=True)
 
 
-def _fit_stackers(paths: WorkPaths, frame: StackFrame, s: StackSettings) -> tuple[dict, dict, dict]:
-    """(oof by stacker, test by stacker, facts for metrics.json) for the stackers ``s.stacker`` asks for."""
+def _fit_stackers(paths: WorkPaths, frame: StackFrame, s: StackSettings) -> tuple[dict, dict, dict, dict]:
+    """(oof by stacker, test by stacker, facts for metrics.json, the fitted models for FittedStack)
+    for the stackers ``s.stacker`` asks for."""
     oof, test, facts = {}, {}, {}
+    fitted = {"boosters": {}, "sequence": {}, "maps": {}, "blend_weights": None}
     if s.stacker in ("lgbm", "blend"):
         params, source = _choose_params(paths, frame, s)
-        params = {**params, "num_threads": s.num_threads}
+        params = {**params, **(s.params or {}), "num_threads": s.num_threads}
         start = time.perf_counter()
         result = cross_validate(
             frame.x_train, frame.y, frame.folds, frame.x_test, params=params, num_boost_round=s.num_boost_round,
-            early_stopping_rounds=s.early_stopping_rounds, progress=s.progress,
+            early_stopping_rounds=s.early_stopping_rounds, progress=s.progress, keep_models=True,
         )
         oof[LGBM_ROW], test[LGBM_ROW] = result.oof, result.test
+        fitted["boosters"] = result.models
         facts.update(params=params, params_source=source, n_features=int(frame.x_train.shape[1]),
                      lgbm_seconds=time.perf_counter() - start,
                      fold_weighted_log_loss=result.fold_losses,
@@ -167,6 +181,7 @@ def _fit_stackers(paths: WorkPaths, frame: StackFrame, s: StackSettings) -> tupl
         start = time.perf_counter()
         seq = cross_validate_sequence(inputs, frame.y, frame.folds, s.sequence, progress=s.progress)
         oof[SEQ_ROW], test[SEQ_ROW] = seq.oof, seq.test
+        fitted["sequence"], fitted["maps"] = seq.models, inputs.maps
         facts.update(sequence=asdict(s.sequence), sequence_note=inputs.note, sequence_seconds=time.perf_counter() - start,
                      sequence_seconds_per_epoch=seq.seconds_per_epoch, sequence_fold_weighted_log_loss=seq.fold_losses)
     if s.stacker == "blend":
@@ -174,11 +189,70 @@ def _fit_stackers(paths: WorkPaths, frame: StackFrame, s: StackSettings) -> tupl
         oof[BLEND_ROW] = blend(oof[LGBM_ROW], oof[SEQ_ROW], weights)
         test[BLEND_ROW] = blend(test[LGBM_ROW], test[SEQ_ROW], weights)
         facts["blend_weights_lightgbm"] = dict(zip(LABELS, weights.tolist()))
-    return oof, test, facts
+        fitted["blend_weights"] = weights
+    return oof, test, facts, fitted
 
 
-def run_stack(data_dir: Path | str, work_dir: Path | str | None = None, settings: StackSettings = StackSettings()) -> StackOutcome:
+STAMP_FILE = ".inputs.json"  # what the stack's outputs were made from (competition.stamp)
+
+
+def stack_inputs(paths: WorkPaths, models: Sequence[str]) -> list[Path]:
+    """Every file the stack reads: the prepared tables, each model's pooled and per-fold outputs
+    (embeddings by size and mtime, the rest by content), and the code that turns them into a stack."""
+    files = [paths.metadata, paths.folds, paths.labels]
+    fold_ids = sorted(pd.read_parquet(paths.folds, columns=["fold"])["fold"].unique()) if paths.folds.is_file() else []
+    for m in models:
+        folder = paths.model_dir(m)
+        files += [folder / OOF_FILE, folder / TEST_FILE]
+        for k in fold_ids:
+            files += [folder / f"fold{k}" / name for name in (OOF_FILE, TEST_FILE, EMBEDDINGS_OOF_FILE, EMBEDDINGS_TEST_FILE)]
+    code = Path(__file__).parent
+    return files + sorted(code.glob("*.py")) + [Path(tabular_module.__file__)]
+
+
+def _stamp_options(settings: StackSettings, data_dir: Path | str) -> dict:
+    options = asdict(settings)
+    options.pop("progress")
+    return json.loads(json.dumps({**options, "data": str(Path(data_dir).resolve())}))  # as the stamp reads back
+
+
+def run_stack(data_dir: Path | str, work_dir: Path | str | None = None, settings: StackSettings = StackSettings(),
+              refit: bool = False) -> StackOutcome:
+    """Fit level 2 and write its outputs; when nothing it reads (files, settings, code) changed
+    since the last run, the finished outputs are reused (``refit`` fits again anyway)."""
     paths = WorkPaths.for_data(data_dir, work_dir)
+    names = resolve_models(paths, settings.models)
+    stamp, inputs = paths.stack / STAMP_FILE, stack_inputs(paths, names)
+    outputs = [paths.stack / OOF_FILE, paths.stack / TEST_FILE, paths.stack / METRICS_FILE,
+               fitted_dir(paths.stack) / FITTED_MANIFEST]
+    options = _stamp_options(settings, data_dir)
+    if not refit and is_current(stamp, outputs, inputs, options):
+        print(f"{paths.stack}: up to date (no level-1 output, table, setting or code changed since it was fit); "
+              f"reusing it (`--refit` fits again)", flush=True)
+        return _outcome_from_metrics(paths)
+    stamp.unlink(missing_ok=True)  # a run stopped half way must not look finished
+    outcome = _fit_and_write(paths, data_dir, settings)
+    write_stamp(stamp, inputs, options)
+    return outcome
+
+
+def _outcome_from_metrics(paths: WorkPaths) -> StackOutcome:
+    """The outcome of the finished run, read back from its metrics.json."""
+    metrics = json.loads((paths.stack / METRICS_FILE).read_text())
+
+    def table(key: str) -> pd.DataFrame | None:
+        if key not in metrics:
+            return None
+        frame = pd.DataFrame.from_dict(metrics[key], orient="index")
+        frame.index.name = "source"
+        return frame
+
+    return StackOutcome(table("scores"), table("study_level"), paths.stack / OOF_FILE, paths.stack / TEST_FILE,
+                        paths.stack / METRICS_FILE, metrics.get("params_source", "none"),
+                        table("test_scores"), table("test_study_level"))
+
+
+def _fit_and_write(paths: WorkPaths, data_dir: Path | str, settings: StackSettings) -> StackOutcome:
     feature_config = TabularFeatureConfig(k_neighbours=settings.k_neighbours)
     print(f"building level-2 features under {paths.stack} ...", flush=True)
     start = time.perf_counter()
@@ -187,7 +261,7 @@ def run_stack(data_dir: Path | str, work_dir: Path | str | None = None, settings
           f"{len(frame.train_ids)} train x {frame.x_train.shape[1]} features, {len(frame.test_ids)} test rows "
           f"(features in {time.perf_counter() - start:.1f} s)", flush=True)
     paths.stack.mkdir(parents=True, exist_ok=True)
-    oof, test, facts = _fit_stackers(paths, frame, settings)
+    oof, test, facts, fitted = _fit_stackers(paths, frame, settings)
     final = {"lgbm": LGBM_ROW, "seq": SEQ_ROW, "blend": BLEND_ROW}[settings.stacker]
     # The `any` rule is kept only where it lowers the OOF loss of the final predictions.
     gain = any_rule_gain(frame.y, oof[final])
@@ -205,6 +279,10 @@ def run_stack(data_dir: Path | str, work_dir: Path | str | None = None, settings
     oof_path, test_path = paths.stack / OOF_FILE, paths.stack / TEST_FILE
     write_parquet(oof_path, _table(frame.train_ids, stack_oof, frame.folds))
     write_parquet(test_path, _table(frame.test_ids, stack_test))
+    # What produced the test predictions, for `make predict` on new studies.
+    FittedStack(frame.models, sorted(int(k) for k in np.unique(frame.folds)), settings.stacker, feature_config,
+                [str(c) for c in frame.x_train.columns], sequence_settings=settings.sequence,
+                any_rule=gain > 0, **fitted).save(paths.stack)
 
     components = {name: p for name, p in oof.items() if len(oof) > 1}
     sources = oof_sources(frame.level1_oof, stack_oof, components)

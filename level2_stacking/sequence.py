@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -172,6 +172,7 @@ class SequenceResult:
     fold_losses: dict[int, float]
     loss: float
     seconds_per_epoch: float
+    models: dict[int, SeriesModel] = field(default_factory=dict)  # fold -> its trained model, for `make predict`
 
 
 def cross_validate_sequence(inputs: SequenceInputs, y: np.ndarray, folds: np.ndarray, s: SequenceSettings,
@@ -190,6 +191,7 @@ def cross_validate_sequence(inputs: SequenceInputs, y: np.ndarray, folds: np.nda
     test = np.zeros((n_test, N_LABELS))
     fold_losses: dict[int, float] = {}
     epoch_seconds: list[float] = []
+    models: dict[int, SeriesModel] = {}
     for k in fold_ids:
         train_series = np.flatnonzero(series_fold != k)
         val_series = np.flatnonzero(series_fold == k)
@@ -202,6 +204,7 @@ def cross_validate_sequence(inputs: SequenceInputs, y: np.ndarray, folds: np.nda
 
         model = fit_series_model(inputs.train, y, inputs.train_series, train_series, inputs.n_models,
                                  inputs.embedding_dims, s, on_epoch=report)
+        models[int(k)] = model
         # The held-out series are not contiguous in the table: gather them, with their own bounds.
         val_rows = np.concatenate([np.arange(a, b) for a, b in
                                    zip(inputs.train_series[val_series], inputs.train_series[val_series + 1])])
@@ -210,4 +213,4 @@ def cross_validate_sequence(inputs: SequenceInputs, y: np.ndarray, folds: np.nda
         fold_losses[int(k)] = weighted_log_loss(y[val_rows], oof[val_rows])
         if n_test:
             test += predict_series(model, inputs.test[int(k)], inputs.test_series, s) / len(fold_ids)
-    return SequenceResult(oof, test, fold_losses, weighted_log_loss(y, oof), float(np.median(epoch_seconds)))
+    return SequenceResult(oof, test, fold_losses, weighted_log_loss(y, oof), float(np.median(epoch_seconds)), models)

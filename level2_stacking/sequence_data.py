@@ -8,12 +8,12 @@ rows come once per fold model, so that sequence model k reads fold model k's tes
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
-from level2_stacking.embeddings import open_embeddings, shared_space_maps
+from level2_stacking.embeddings import LinearMap, open_embeddings, shared_space_maps
 from level2_stacking.frame import StackFrame
 
 LOGIT_CLIP = 8.0  # |logit| of a level-1 probability, so 0 and 1 stay finite
@@ -28,6 +28,7 @@ class SequenceInputs:
     n_models: int                   # the first 6 * n_models columns are logits, then 1 position column
     embedding_dims: list[int]       # then one block of this width per model with embeddings
     note: str                       # one line: which models gave embeddings
+    maps: dict[str, dict[int, LinearMap]] = field(default_factory=dict)  # model -> fold -> into the shared space
 
 
 def logits(p: np.ndarray) -> np.ndarray:
@@ -50,10 +51,24 @@ def series_bounds(ids: np.ndarray, metadata: pd.DataFrame) -> tuple[np.ndarray, 
     return bounds, rel
 
 
+def mapped(array: np.ndarray, linear: LinearMap) -> np.ndarray:
+    """(rows, r) float16: ``array``'s rows in the shared space."""
+    out = np.empty((len(array), linear.weight.shape[1]), np.float16)
+    linear.apply(array, out)
+    return out
+
+
+def slice_inputs(probabilities: Sequence[np.ndarray], position: np.ndarray, embeddings: Sequence[np.ndarray]
+                 ) -> np.ndarray:
+    """(rows, C) float16: each model's six logits, the relative position, each mapped embedding."""
+    return np.concatenate([*(logits(p) for p in probabilities), position[:, None], *embeddings],
+                          axis=1).astype(np.float16)
+
+
 def _embedding_blocks(frame: StackFrame, fold_ids: Sequence[int], dim: int
-                      ) -> tuple[list[np.ndarray], list[dict[int, np.ndarray]], list[str]]:
-    """Per model with embeddings: train block (N, r) and per-fold test blocks (M, r), float16."""
-    train_blocks, test_blocks, names = [], [], []
+                      ) -> tuple[list[np.ndarray], list[dict[int, np.ndarray]], dict[str, dict[int, LinearMap]]]:
+    """Per model with embeddings: train block (N, r), per-fold test blocks (M, r), float16, and the maps."""
+    train_blocks, test_blocks, all_maps = [], [], {}
     train_at = pd.Index(frame.train_ids)
     test_at = pd.Index(frame.test_ids)
     for m in frame.models:
@@ -65,19 +80,21 @@ def _embedding_blocks(frame: StackFrame, fold_ids: Sequence[int], dim: int
         train = np.zeros((len(frame.train_ids), r), np.float16)
         tests: dict[int, np.ndarray] = {}
         for k, emb in folds.items():
-            block = np.empty((len(emb.oof), r), np.float16)
-            maps[k].apply(emb.oof, block)
+            block = mapped(emb.oof, maps[k])
             rows = train_at.get_indexer(emb.oof_ids)
             if (rows < 0).any():
                 raise ValueError(f"{m}/fold{k}: embedded images that are not train rows of the folds table")
             train[rows] = block
-            test = np.empty((len(emb.test), r), np.float16)
-            maps[k].apply(emb.test, test)
-            tests[k] = test[test_at.get_indexer(emb.test_ids)] if len(test) else test
+            test = mapped(emb.test, maps[k])
+            # Row i of the frame is the embedded row showing frame.test_ids[i] (fold tables have their own order).
+            at = pd.Index(emb.test_ids).get_indexer(test_at)
+            if (at < 0).any():
+                raise ValueError(f"{m}/fold{k}: the embedded test images are not the stack's test images")
+            tests[k] = test[at]
         train_blocks.append(train)
         test_blocks.append(tests)
-        names.append(m)
-    return train_blocks, test_blocks, names
+        all_maps[m] = maps
+    return train_blocks, test_blocks, all_maps
 
 
 def build_sequence_inputs(frame: StackFrame, metadata: pd.DataFrame, embedding_dim: int = 256,
@@ -85,15 +102,14 @@ def build_sequence_inputs(frame: StackFrame, metadata: pd.DataFrame, embedding_d
     fold_ids = sorted(int(k) for k in np.unique(frame.folds))
     train_series, train_pos = series_bounds(frame.train_ids, metadata)
     test_series, test_pos = series_bounds(frame.test_ids, metadata)
-    emb_train, emb_test, with_emb = (_embedding_blocks(frame, fold_ids, embedding_dim) if use_embeddings
-                                     else ([], [], []))
-    train = np.concatenate([*(logits(frame.level1_oof[m]) for m in frame.models), train_pos[:, None], *emb_train],
-                           axis=1).astype(np.float16)
+    emb_train, emb_test, maps = (_embedding_blocks(frame, fold_ids, embedding_dim) if use_embeddings
+                                 else ([], [], {}))
+    with_emb = list(maps)
+    train = slice_inputs([frame.level1_oof[m] for m in frame.models], train_pos, emb_train)
     test = {}
     for k in fold_ids:
         probs = [frame.level1_fold_test[m][k] if frame.test_per_fold else frame.level1_test[m] for m in frame.models]
-        test[k] = np.concatenate([*(logits(p) for p in probs), test_pos[:, None], *(t[k] for t in emb_test)],
-                                 axis=1).astype(np.float16)
+        test[k] = slice_inputs(probs, test_pos, [t[k] for t in emb_test])
     if not use_embeddings:
         note = "sequence model: embeddings switched off; it runs on the level-1 probabilities alone"
     elif not with_emb:
@@ -104,4 +120,4 @@ def build_sequence_inputs(frame: StackFrame, metadata: pd.DataFrame, embedding_d
         note = (f"sequence model: embeddings of {', '.join(with_emb)} ({emb_train[0].shape[1]} dims each in the shared "
                 f"space)" + (f"; {', '.join(lacking)} without (probabilities only)" if lacking else ""))
     return SequenceInputs(train, test, train_series, test_series, len(frame.models),
-                          [b.shape[1] for b in emb_train], note)
+                          [b.shape[1] for b in emb_train], note, maps)

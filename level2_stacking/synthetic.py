@@ -148,14 +148,15 @@ def write_fabricated_work(paths: WorkPaths, comp: FabricatedCompetition, models:
             oof_k.insert(0, "fold", int(fold))
             oof_k.insert(0, "image_id", ids[rows])
             p_test = _sigmoid(views[k][test_rows] + m.test_shift)
-            test_k = pd.DataFrame(p_test, columns=list(LABELS))
-            test_k.insert(0, "image_id", ids[test_rows])
+            shuffled = np.random.default_rng(seed + 100 + k).permutation(len(test_rows))  # each fold its own order
+            test_k = pd.DataFrame(p_test[shuffled], columns=list(LABELS))
+            test_k.insert(0, "image_id", ids[test_rows][shuffled])
             (folder / f"fold{fold}").mkdir(parents=True, exist_ok=True)
             oof_k.to_parquet(folder / f"fold{fold}" / OOF_FILE, index=False)
             test_k.to_parquet(folder / f"fold{fold}" / TEST_FILE, index=False)
             if embeddings is not None:
                 np.save(folder / f"fold{fold}" / EMBEDDINGS_OOF_FILE, embeddings[k][rows])
-                np.save(folder / f"fold{fold}" / EMBEDDINGS_TEST_FILE, embeddings[k][test_rows])
+                np.save(folder / f"fold{fold}" / EMBEDDINGS_TEST_FILE, embeddings[k][test_rows][shuffled])
             oof_parts.append(oof_k)
             test_probs.append(p_test)
         oof = pd.concat(oof_parts, ignore_index=True).sample(frac=1.0, random_state=i)

@@ -6,7 +6,8 @@ Layout (one top folder, as MONAI bundles have)::
                                      rule, package versions, and the sha256 of every other file
     models/<name>/config.json        the resolved training config
     models/<name>/fold<k>/best.pt    weights-only fold checkpoints
-    stack/...                        the level-2 files, when the work folder has them
+    stack/fitted/...                 the fitted level 2 (level2_stacking.fitted), when it was fit on
+                                     exactly the exported models
 
 Opening refuses anything that could write outside the unpacked folder (absolute names, ``..``,
 links, devices), a file the manifest does not list or hashes differently, a bundle of another
@@ -33,13 +34,14 @@ from competition.paths import WorkPaths
 from features import crop as crop_rule
 from features.cache import FORMAT as CACHE_FORMAT
 from features.windows import PRESETS, get_combination
+from level2_stacking.fitted import fitted_dir
 from prediction.ensemble import Ensemble, EnsembleError, Member, from_work
+from prediction.level2 import why_not_stacked
 
 BUNDLE_FORMAT = "rsna-ensemble-bundle"
 BUNDLE_VERSION = 1  # bump when a bundle written before cannot be read the same way
 MANIFEST = "manifest.json"
 PACKAGES = ("rsna-ensemble", "torch", "timm", "numpy", "pydicom", "opencv-python-headless", "lightgbm")
-STACK_SKIP = (".parquet", ".db", ".png", ".html", ".csv")  # prediction tables, Optuna storage, plots: not needed to predict
 
 
 class BundleError(ValueError):
@@ -88,9 +90,10 @@ def bundle_files(ensemble: Ensemble, paths: WorkPaths) -> dict[str, Path]:
         files[f"models/{m.name}/config.json"] = folder.config
         for k in m.folds:
             files[f"models/{m.name}/fold{k}/best.pt"] = folder.best(k)
-    if paths.stack.is_dir():
-        for p in sorted(paths.stack.rglob("*")):
-            if p.is_file() and p.suffix not in STACK_SKIP and not p.name.startswith("."):
+    fitted = fitted_dir(paths.stack)
+    if ensemble.not_stacked is None:  # the level 2 fit on exactly these members
+        for p in sorted(fitted.rglob("*")):
+            if p.is_file():
                 files[f"stack/{p.relative_to(paths.stack).as_posix()}"] = p
     return files
 
@@ -103,7 +106,7 @@ def export_bundle(paths: WorkPaths, out: Path | str, models: Sequence[str] | Non
         "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "work_folder": paths.root.resolve().name,
         "packages": package_versions(), **ensemble.to_json(), "preprocessing": preprocessing(ensemble.members),
-        "level2": "stack/ files included" if any(n.startswith("stack/") for n in files) else None,
+        "level2": "stack/fitted included" if ensemble.not_stacked is None else f"none: {ensemble.not_stacked}",
         "files": {name: sha256(path) for name, path in files.items()},
     }
     out = Path(out)
@@ -201,7 +204,11 @@ def open_bundle(path: Path | str, models: Sequence[str] | None = None) -> Ensemb
     if changed:
         print(f"note: {path} was exported with " + ", ".join(f"{k} {a} (here {b})" for k, (a, b) in changed.items()),
               flush=True)
-    return Ensemble(into, members, threshold=manifest.get("threshold", {}), source=str(path))
+    threshold = manifest.get("threshold", {})
+    if len(members) < len(manifest["members"]) and threshold:
+        print(f"note: the study threshold of {path} was chosen for all of its models; with MODELS= it is kept as is",
+              flush=True)
+    return Ensemble(into, members, threshold=threshold, source=str(path), not_stacked=why_not_stacked(into, members))
 
 
 __all__ = ["BUNDLE_VERSION", "BundleError", "export_bundle", "open_bundle"]

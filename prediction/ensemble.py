@@ -21,6 +21,7 @@ from features.cache import available_sizes, size_dir
 from level1_models.config import TrainConfig, read_config
 from level1_models.data import pick_cache_size
 from level1_models.folder import ModelFolder
+from prediction.level2 import stack_dir, why_not_stacked
 
 
 class EnsembleError(ValueError):
@@ -46,6 +47,7 @@ class Ensemble:
     members: list[Member]
     threshold: dict = field(default_factory=dict)  # study-level decision threshold and its OOF figures
     source: str = ""  # the work folder or the bundle, for the report
+    not_stacked: str | None = None  # None: level 2 applies to these members; else why not (prediction.level2)
 
     def model_folder(self, name: str) -> ModelFolder:
         return ModelFolder(self.root / "models" / name)
@@ -59,7 +61,8 @@ class Ensemble:
         return min(scored, key=lambda m: m.oof_weighted_log_loss) if scored else self.members[0]
 
     def to_json(self) -> dict:
-        return {"members": [asdict(m) for m in self.members], "threshold": self.threshold}
+        return {"members": [asdict(m) for m in self.members], "threshold": self.threshold,
+                "level2": "stacked" if self.not_stacked is None else f"not applied: {self.not_stacked}"}
 
 
 def finished_folds(folder: ModelFolder) -> tuple[int, ...]:
@@ -118,8 +121,8 @@ def from_work(paths: WorkPaths, models: Sequence[str] | None = None,
         size, crop = cache_used(paths.cache, folder.root, cfg.img_size)
         members.append(Member(name, finished_folds(folder), cfg.combination, cfg.img_size, size, crop,
                               pooled_oof_loss(folder)))
-    ensemble = Ensemble(paths.root, members, source=str(paths.root))
-    ensemble.threshold = oof_threshold(paths, names, target_sensitivity)
+    ensemble = Ensemble(paths.root, members, source=str(paths.root), not_stacked=why_not_stacked(paths.root, members))
+    ensemble.threshold = oof_threshold(paths, names, target_sensitivity, stacked=ensemble.not_stacked is None)
     return ensemble
 
 
@@ -138,10 +141,16 @@ def level1_oof_mean(paths: WorkPaths, names: Sequence[str]) -> pd.DataFrame | No
     return mean.reset_index()
 
 
-def oof_threshold(paths: WorkPaths, names: Sequence[str], target_sensitivity: float) -> dict:
-    """The recall-favouring study-level threshold on the OOF predictions (study = max over slices
-    of ``any``), with the sensitivity and specificity it gave there; empty when there is no OOF."""
-    oof = level1_oof_mean(paths, names)
+def stack_oof(paths: WorkPaths) -> pd.DataFrame | None:
+    path = stack_dir(paths.root) / "oof.parquet"
+    return pd.read_parquet(path).drop(columns="fold", errors="ignore") if path.is_file() else None
+
+
+def oof_threshold(paths: WorkPaths, names: Sequence[str], target_sensitivity: float, stacked: bool = False) -> dict:
+    """The recall-favouring study-level threshold on the OOF predictions of what predicts (the
+    stack, or the level-1 mean of ``names``; study = max over slices of ``any``), with the
+    sensitivity and specificity it gave there; empty when there is no OOF."""
+    oof = stack_oof(paths) if stacked else level1_oof_mean(paths, names)
     if oof is None or not paths.metadata.is_file() or not paths.labels.is_file():
         return {}
     metadata = pd.read_parquet(paths.metadata, columns=["image_id", "study_id"])
@@ -154,4 +163,5 @@ def oof_threshold(paths: WorkPaths, names: Sequence[str], target_sensitivity: fl
     report = study_level_report(truth.to_numpy(), score.to_numpy(), target_sensitivity)
     figures = {k: float(v) if np.isfinite(v) else None for k, v in report.items()}  # NaN (no negatives): None in JSON
     return {**figures, "target_sensitivity": target_sensitivity,
-            "pooling": "max over slices", "predictions": f"level-1 mean OOF of {', '.join(names)}"}
+            "pooling": "max over slices",
+            "predictions": "level-2 stack OOF" if stacked else f"level-1 mean OOF of {', '.join(names)}"}

@@ -1,27 +1,43 @@
-"""The seam to level 2: a study's per-fold, per-model slice probabilities -> stacked probabilities.
-
-The submission's stacked prediction is the mean over folds k of booster_k applied to the features
-built from fold model k's own predictions (level2_stacking), with a sequence model and a blend.
-Until that API is wired here, :func:`stack_study` raises :class:`Level2NotWired` and the
-predictor reports the level-1 mean. Wiring needs from level 2: its fitted stackers saved under
-``WorkPaths.stack`` (boosters per fold, sequence-model weights, blend weights; the branch seen on
-2026-11-25 keeps them only in memory) and one public function that builds a study's features from
-these per-fold inputs and applies them. ``export`` already carries every file under ``stack/``
-but its tables.
-"""
+"""Level 2 in prediction: the stack `make stack` saved (``stack/fitted/``, level2_stacking.fitted),
+used when it was fit on exactly the level-1 models and folds being predicted with; otherwise the
+level-1 mean, with one line saying why."""
 from __future__ import annotations
 
-import numpy as np
-import pandas as pd
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from level2_stacking.fitted import MANIFEST, FittedStack, fitted_dir, load_fitted
 
 
-class Level2NotWired(NotImplementedError):
-    """Level 2 is not wired into prediction yet."""
+def stack_dir(root: Path) -> Path:
+    """Where a work folder, or an unpacked bundle, keeps the stack."""
+    return Path(root) / "stack"
 
 
-def stack_study(per_fold: dict[str, np.ndarray], metadata: pd.DataFrame,
-                embeddings: dict[str, np.ndarray] | None = None, stack_dir=None) -> np.ndarray:
-    """``per_fold[model]``: folds x slices x 6 probabilities of the slices of ``metadata`` (in its
-    row order); ``embeddings[model]``: folds x slices x D pooled features of the same fold models
-    (what the sequence model reads). Returns slices x 6 stacked probabilities."""
-    raise Level2NotWired("level 2 not wired yet: prediction reports the level-1 mean over models and folds")
+def why_not_stacked(root: Path, members: Sequence) -> str | None:
+    """None when the saved level 2 under ``root`` fits ``members`` (same models, same folds), else
+    one line saying why it is not applied and how to get it."""
+    path = fitted_dir(stack_dir(root)) / MANIFEST
+    if not path.is_file():
+        return f"no fitted level 2 in {path.parent} (run `make stack` to fit and save it)"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return f"{path} is unreadable ({exc}); run `make stack` again"
+    names = sorted(m.name for m in members)
+    if sorted(manifest.get("models", [])) != names:
+        return (f"the stack was fit on models {sorted(manifest.get('models', []))}, not {names} "
+                f"(predict with MODELS={','.join(manifest.get('models', []))}, or `make stack MODELS=...`)")
+    folds = sorted(int(k) for k in manifest.get("folds", []))
+    lacking = [m.name for m in members if sorted(m.folds) != folds]
+    if lacking:
+        return f"the stack was fit on folds {folds}; {', '.join(lacking)} have other finished folds: run `make stack` again"
+    return None
+
+
+def load_stack(root: Path, members: Sequence) -> FittedStack | None:
+    """The fitted level 2 for ``members``, or None when it does not apply (see ``why_not_stacked``)."""
+    if why_not_stacked(root, members) is not None:
+        return None
+    return load_fitted(stack_dir(root))

@@ -23,7 +23,7 @@ from level1_models.config import TrainConfig, resolve
 from features.windows import n_channels
 from level1_models.predict import embedding_width, load_fold_model, predict_probabilities
 from prediction.ensemble import Ensemble
-from prediction.level2 import Level2NotWired, stack_study
+from prediction.level2 import load_stack
 from prediction.preprocess import MemoryCache
 from prediction.study import Study
 
@@ -56,6 +56,7 @@ class Predictor:
         self.ensemble: Ensemble | None = None
         self.models: dict[str, list[tuple[int, torch.nn.Module]]] = {}
         self.configs: dict[str, TrainConfig] = {}
+        self.stack = None  # the fitted level 2 (level2_stacking.fitted.FittedStack) when it applies
 
     def load(self, ensemble: Ensemble) -> "Predictor":
         self.ensemble = ensemble
@@ -68,6 +69,9 @@ class Predictor:
             # The pipeline's automatic choices on this device (mixed precision on a GPU, none on CPU).
             self.configs[member.name] = resolve(dataclasses.replace(cfg, device=self.device.type, workers=0),
                                                 cuda_available=cuda, bf16_supported=cuda and torch.cuda.is_bf16_supported())
+        self.stack = load_stack(ensemble.root, ensemble.members)
+        if self.stack is None:
+            print(f"note: level 2 not applied: {ensemble.not_stacked}; slices get the level-1 mean", file=sys.stderr)
         return self
 
     def fold_model(self, name: str, fold: int | None = None) -> tuple[torch.nn.Module, TrainConfig, int]:
@@ -121,12 +125,14 @@ class Predictor:
                 probs.append(self._run(model, ds, index, cfg, pooled[-1]))
             per_fold[member.name], embeddings[member.name] = np.stack(probs), np.stack(pooled)
         meta = study.metadata[study.metadata["readable"]].reset_index(drop=True)
-        try:
-            probs, level = stack_study(per_fold, meta, embeddings), "level 2 (stacked)"
-        except Level2NotWired:
+        if self.stack is not None:
+            folds = {m.name: m.folds for m in self.ensemble.members}
+            probs = self.stack.predict({m: dict(zip(folds[m], p)) for m, p in per_fold.items()}, meta,
+                                       {m: dict(zip(folds[m], e)) for m, e in embeddings.items()})
+            level = f"level 2 ({self.stack.stacker} stack of {', '.join(self.stack.models)})"
+        else:
             probs = np.mean([p.mean(axis=0) for p in per_fold.values()], axis=0)
-            level = (f"level-1 mean over {len(per_fold)} model(s) and their folds "
-                     f"(level 2 not wired into prediction yet)")
+            level = f"level-1 mean over {len(per_fold)} model(s) and their folds (level 2 not applied)"
         slices = meta[["image_id", "study_id", "series_id", "slice_index", "z"]].copy()
         slices[list(LABELS)] = probs
         return StudyPrediction(study, slices, per_fold, embeddings, level, time.perf_counter() - t0, caches)

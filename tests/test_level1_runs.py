@@ -3,7 +3,6 @@ epoch (and from a truncated checkpoint), augmentation independent of the loader'
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

@@ -1,6 +1,7 @@
 """make predict / make export on a tiny trained work folder: a competition test image gets the
-pipeline's level-1 test prediction, bad files are skipped and listed, a bundle predicts the same in
-a fresh folder, and a tampered bundle is refused."""
+stacked submission's probabilities (and each member alone its level-1 test prediction), bad files
+are skipped and listed, a bundle predicts the same in a fresh folder, and a tampered bundle is
+refused."""
 from __future__ import annotations
 
 import io
@@ -35,12 +36,20 @@ OVERRIDES = dict(epochs=1, img_size=32, batch_size=16, workers=0, device="cpu", 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, WorkPaths]:
+    """Both models trained, then stacked (LightGBM + sequence model, blended) as `make stack` does."""
     from level1_models.train import run_model
+    from level2_stacking.pipeline import StackSettings, run_stack
+    from level2_stacking.sequence import SequenceSettings
 
     tmp = tmp_path_factory.mktemp("predict")
     data, paths = prepare_tiny_competition(tmp)
     for name in MODELS:
         run_model(name, data, paths.root, OVERRIDES)
+    # Two folds leave no inner fold for early stopping: fixed rounds; leaves small enough for ~60 rows.
+    run_stack(data, paths.root, StackSettings(
+        stacker="blend", num_threads=1, k_neighbours=2, num_boost_round=30, early_stopping_rounds=None,
+        params={"min_data_in_leaf": 5, "learning_rate": 0.2}, embedding_dim=8, progress=False,
+        sequence=SequenceSettings(hidden=16, layers=1, embedding_proj=8, epochs=3, threads=1)))
     return data, paths
 
 
@@ -48,14 +57,24 @@ def pipeline_test(paths: WorkPaths, name: str) -> pd.DataFrame:
     return pd.read_parquet(paths.model_dir(name) / "test.parquet").set_index("image_id")[list(LABELS)]
 
 
-def test_predict_equals_the_pipelines_test_predictions(trained, tmp_path):
+def stacked_test(paths: WorkPaths) -> pd.DataFrame:
+    return pd.read_parquet(paths.stack / "test.parquet").set_index("image_id")[list(LABELS)]
+
+
+def test_predict_equals_the_stacked_submission(trained, tmp_path):
     data, paths = trained
     out = predict_folder(data / "stage_2_test", paths, out=tmp_path / "out", device="cpu", report=False)
     slices = pd.read_csv(out / "slices.csv").set_index("image_id")
-    tables = [pipeline_test(paths, m) for m in MODELS]
-    assert set(slices.index) == set(tables[0].index)
-    expected = np.mean([t.to_numpy() for t in tables], axis=0)
-    np.testing.assert_allclose(slices.loc[tables[0].index, list(LABELS)].to_numpy(), expected, atol=1e-4, rtol=0)
+    expected = stacked_test(paths)
+    assert set(slices.index) == set(expected.index)
+    got = slices.loc[expected.index, list(LABELS)].to_numpy()
+    np.testing.assert_allclose(got, expected.to_numpy(), atol=1e-4, rtol=0)
+    # Level 2 really moved the probabilities away from the level-1 mean (the old answer).
+    level1 = np.mean([pipeline_test(paths, m).loc[expected.index].to_numpy() for m in MODELS], axis=0)
+    assert np.abs(got - level1).max() > 1e-3  # ten times the tolerance above
+    run = json.loads((out / "run.json").read_text())
+    assert run["level"].startswith("level 2 (blend stack") and run["level2"] == "stacked"
+    assert run["threshold"]["predictions"] == "level-2 stack OOF"
     # Real predictions, not the training prior every test image once got.
     assert slices["any"].std() > 1e-4
     metadata = pd.read_parquet(paths.metadata).set_index("image_id")
@@ -144,28 +163,37 @@ def test_bad_files_are_skipped_and_listed(trained, tmp_path):
 
 def test_export_then_predict_in_a_fresh_folder(trained, tmp_path):
     data, paths = trained
-    (paths.stack / "lightgbm").mkdir(parents=True, exist_ok=True)  # level-2 files travel, its tables do not
-    (paths.stack / "lightgbm" / "booster_fold0.txt").write_text("tree\n")
-    (paths.stack / "oof.parquet").write_bytes(b"table")
     bundle = export_bundle(paths, tmp_path / "ens.tar")
-    with tarfile.open(bundle) as tar:
-        assert "stack/lightgbm/booster_fold0.txt" in tar.getnames() and "stack/oof.parquet" not in tar.getnames()
-    shutil.rmtree(paths.stack)
-    fresh = tmp_path / "fresh"
-    fresh.mkdir()
-    shutil.copy(bundle, fresh / "ens.tar")
-    run = subprocess.run([sys.executable, "-m", "prediction", "predict", "--bundle", "ens.tar", "--study",
-                          str(data / "stage_2_test"), "--device", "cpu", "--no-report"], cwd=fresh,
-                         capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    with tarfile.open(bundle) as tar:  # the fitted level 2 travels, the stack's tables do not
+        names = tar.getnames()
+    assert "stack/fitted/manifest.json" in names and "stack/fitted/lightgbm/fold1_any.txt" in names
+    assert "stack/fitted/sequence/fold0.pt" in names and "stack/oof.parquet" not in names
+    expected = stacked_test(paths)
+    shutil.move(paths.root, tmp_path / "moved")  # nothing may be read from the work folder
+    try:
+        fresh = tmp_path / "fresh"
+        fresh.mkdir()
+        shutil.copy(bundle, fresh / "ens.tar")
+        run = subprocess.run([sys.executable, "-m", "prediction", "predict", "--bundle", "ens.tar", "--study",
+                              str(data / "stage_2_test"), "--device", "cpu", "--no-report"], cwd=fresh,
+                             capture_output=True, text=True, timeout=300,
+                             env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    finally:
+        shutil.move(tmp_path / "moved", paths.root)
     assert run.returncode == 0, run.stderr[-2000:]
     out = fresh / run.stdout.strip().splitlines()[-1]
     assert out == fresh / "work" / "ens" / "predict" / "stage_2_test"
     from_bundle = pd.read_csv(out / "slices.csv").set_index("image_id")
-    expected = np.mean([pipeline_test(paths, m).to_numpy() for m in MODELS], axis=0)
-    ids = pipeline_test(paths, MODELS[0]).index
-    np.testing.assert_allclose(from_bundle.loc[ids, list(LABELS)].to_numpy(), expected, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(from_bundle.loc[expected.index, list(LABELS)].to_numpy(), expected.to_numpy(),
+                               atol=1e-4, rtol=0)
     studies = pd.read_csv(out / "studies.csv")
     assert studies["threshold"].notna().all()  # the OOF threshold travels in the bundle
+    # A bundle of one model carries no level 2 (it was fit on both) and predicts that model's level 1.
+    one = export_bundle(paths, tmp_path / "one.tar", models=["tiny_resnet"])
+    with tarfile.open(one) as tar:
+        assert "none: the stack was fit on models" in json.load(tar.extractfile("manifest.json"))["level2"]
+    single = open_bundle(one)
+    assert single.not_stacked.startswith("no fitted level 2") and not (single.root / "stack").exists()
 
 
 def _rewrite(src: Path, dst: Path, edit) -> Path:

@@ -1,0 +1,198 @@
+"""The fitted level 2, saved beside the stack's outputs, and applied to slices it has never seen.
+
+`make stack` keeps what produced its test predictions under ``stack/fitted/``: LightGBM booster k
+for each label (LightGBM's own text format), sequence model k (a weights-only state dict), each
+model's fold-k map into the shared embedding space, the blend weights and whether the `any` rule
+was kept. ``FittedStack.predict`` repeats for a new study exactly what the pipeline did for a
+test image: booster k reads the features built from fold model k's own probabilities, sequence
+model k reads fold model k's probabilities and embeddings, both are averaged over k, blended,
+and the `any` rule applied. So `make predict` on a competition test image gives the stacked
+submission's row (tests/test_prediction.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+import torch
+
+from competition.atomic import write_json
+from competition.constants import LABELS
+from features.tabular import TabularFeatureConfig, build_tabular_features
+from level2_stacking.blend import any_at_least_subtypes, blend
+from level2_stacking.embeddings import LinearMap
+from level2_stacking.sequence import SequenceSettings, SeriesModel, predict_series
+from level2_stacking.sequence_data import mapped, series_bounds, slice_inputs
+
+FITTED_DIR = "fitted"
+MANIFEST = "manifest.json"
+FORMAT = 1  # bump when a folder written before cannot be read the same way
+
+
+class FittedStackError(ValueError):
+    """The saved level 2 cannot be used as asked; the message says why and what to run."""
+
+
+@dataclass
+class FittedStack:
+    models: list[str]                      # the level-1 models stacked, in feature order
+    folds: list[int]
+    stacker: str                           # lgbm, seq or blend
+    feature_config: TabularFeatureConfig
+    feature_names: list[str]
+    boosters: dict[int, list[tuple[lgb.Booster, int]]]  # fold -> per label (booster, rounds); {} without LightGBM
+    sequence: dict[int, SeriesModel]       # fold -> model; {} without the sequence model
+    sequence_settings: SequenceSettings
+    maps: dict[str, dict[int, LinearMap]]  # model -> fold -> its map into the shared space (models with embeddings)
+    blend_weights: np.ndarray | None       # (6,) weight of LightGBM per label, blend only
+    any_rule: bool
+
+    # -- prediction -------------------------------------------------------------------------
+
+    def check_inputs(self, per_fold: Mapping[str, Mapping[int, np.ndarray]]) -> None:
+        if sorted(per_fold) != sorted(self.models):
+            raise FittedStackError(f"the stack was fit on models {self.models}, given {sorted(per_fold)}; "
+                                   f"predict with MODELS={','.join(self.models)} or run `make stack` again")
+        for m in self.models:
+            if sorted(per_fold[m]) != sorted(self.folds):
+                raise FittedStackError(f"{m}: the stack was fit on folds {self.folds}, the model has folds "
+                                       f"{sorted(per_fold[m])}; run `make stack` again")
+
+    def predict(self, per_fold: Mapping[str, Mapping[int, np.ndarray]], metadata: pd.DataFrame,
+                embeddings: Mapping[str, Mapping[int, np.ndarray]] | None = None) -> np.ndarray:
+        """(rows, 6) stacked probabilities of the slices of ``metadata`` (in its row order).
+
+        ``per_fold[model][k]``: (rows, 6) probabilities of fold model k; ``embeddings[model][k]``:
+        (rows, D) its pooled features (float16, as level 1 saves them); ``metadata`` needs
+        image_id, study_id, series_id, slice_index, n_slices."""
+        self.check_inputs(per_fold)
+        parts = {}
+        if self.boosters:
+            parts["lgbm"] = self._boosters(per_fold, metadata)
+        if self.sequence:
+            parts["seq"] = self._sequence(per_fold, metadata, embeddings or {})
+        p = (blend(parts["lgbm"], parts["seq"], self.blend_weights) if self.stacker == "blend"
+             else parts[self.stacker])
+        return any_at_least_subtypes(p) if self.any_rule else p
+
+    def _boosters(self, per_fold, metadata: pd.DataFrame) -> np.ndarray:
+        ids = metadata["image_id"].to_numpy()
+        out = np.zeros((len(ids), len(LABELS)))
+        for k in self.folds:
+            tables = {m: pd.DataFrame(per_fold[m][k], columns=list(LABELS)).assign(image_id=ids) for m in self.models}
+            features = build_tabular_features(tables, metadata, self.feature_config, row_order="input")
+            lacking = [c for c in self.feature_names if c not in features.columns]
+            if lacking:
+                raise FittedStackError(f"features {lacking[:3]} of the fitted stack were not built; "
+                                       f"this code builds them differently: run `make stack` again")
+            x = features[self.feature_names].to_numpy(np.float32)
+            for j, (booster, rounds) in enumerate(self.boosters[k]):
+                out[:, j] += booster.predict(x, num_iteration=rounds) / len(self.folds)
+        return out
+
+    def _sequence(self, per_fold, metadata: pd.DataFrame, embeddings) -> np.ndarray:
+        lacking = [m for m in self.maps if m not in embeddings]
+        if lacking:
+            raise FittedStackError(f"the sequence model reads the embeddings of {lacking}, none were given")
+        order = np.lexsort((metadata["slice_index"].to_numpy(), pd.factorize(metadata["series_id"])[0]))
+        ids = metadata["image_id"].to_numpy()[order]
+        bounds, position = series_bounds(ids, metadata)
+        settings = self.sequence_settings
+        out = np.zeros((len(ids), len(LABELS)))
+        for k in self.folds:
+            x = slice_inputs([np.asarray(per_fold[m][k])[order] for m in self.models], position,
+                             [mapped(np.asarray(embeddings[m][k])[order], self.maps[m][k]) for m in self.maps])
+            out[order] += predict_series(self.sequence[k], x, bounds, settings) / len(self.folds)
+        return out
+
+    # -- saving and loading -----------------------------------------------------------------
+
+    def save(self, stack_dir: Path) -> Path:
+        """Write ``stack_dir/fitted`` whole or not at all (a new folder swapped in at the end)."""
+        final = Path(stack_dir) / FITTED_DIR
+        tmp = Path(stack_dir) / f".{FITTED_DIR}.{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        manifest = {
+            "format": FORMAT, "models": self.models, "folds": self.folds, "stacker": self.stacker,
+            "feature_config": asdict(self.feature_config), "feature_names": self.feature_names,
+            "labels": list(LABELS), "any_rule": self.any_rule,
+            "blend_weights": None if self.blend_weights is None else self.blend_weights.tolist(),
+            "lightgbm": {}, "sequence": {}, "maps": {},
+            "sequence_settings": asdict(self.sequence_settings),
+        }
+        for k, boosters in self.boosters.items():
+            rows = []
+            for label, (booster, rounds) in zip(LABELS, boosters):
+                name = f"lightgbm/fold{k}_{label}.txt"
+                (tmp / name).parent.mkdir(exist_ok=True)
+                booster.save_model(tmp / name, num_iteration=rounds)
+                rows.append({"file": name, "rounds": int(rounds)})
+            manifest["lightgbm"][str(k)] = rows
+        for k, model in self.sequence.items():
+            name = f"sequence/fold{k}.pt"
+            (tmp / name).parent.mkdir(exist_ok=True)
+            torch.save({key: v.detach().cpu() for key, v in model.state_dict().items()}, tmp / name)
+            manifest["sequence"][str(k)] = {"file": name, "n_models": model.n_models,
+                                            "embedding_dims": model.embedding_dims}
+        for m, maps in self.maps.items():
+            manifest["maps"][m] = {}
+            for k, linear in maps.items():
+                name = f"maps/{m}_fold{k}.npz"
+                (tmp / name).parent.mkdir(exist_ok=True)
+                np.savez(tmp / name, mean=linear.mean, weight=linear.weight)
+                manifest["maps"][m][str(k)] = name
+        write_json(tmp / MANIFEST, manifest)
+        old = Path(stack_dir) / f".{FITTED_DIR}.old.{os.getpid()}"
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+        return final
+
+
+def fitted_dir(stack_dir: Path) -> Path:
+    return Path(stack_dir) / FITTED_DIR
+
+
+def load_fitted(stack_dir: Path, device: str = "cpu") -> FittedStack:
+    """The level 2 that `make stack` saved under ``stack_dir``; a clear error when absent or foreign."""
+    root = fitted_dir(stack_dir)
+    path = root / MANIFEST
+    if not path.is_file():
+        raise FittedStackError(f"no fitted level 2 in {root} (stacks fit before it was saved have none); "
+                               f"run `make stack` to fit and save it")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FittedStackError(f"{path} is unreadable ({exc}); run `make stack` again") from None
+    if manifest.get("format") != FORMAT or manifest.get("labels") != list(LABELS):
+        raise FittedStackError(f"{root} was written by another version (format {manifest.get('format')}, "
+                               f"this code reads {FORMAT}); run `make stack` again")
+    feature_config = TabularFeatureConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                             for k, v in manifest["feature_config"].items()})
+    settings = SequenceSettings(**{**manifest["sequence_settings"], "device": device})
+    boosters = {int(k): [(lgb.Booster(model_file=str(root / row["file"])), int(row["rounds"])) for row in rows]
+                for k, rows in manifest["lightgbm"].items()}
+    sequence = {}
+    for k, entry in manifest["sequence"].items():
+        model = SeriesModel(entry["n_models"], entry["embedding_dims"], settings)
+        model.load_state_dict(torch.load(root / entry["file"], map_location="cpu", weights_only=True))
+        sequence[int(k)] = model.to(device).eval()
+    maps = {}
+    for m, files in manifest["maps"].items():
+        maps[m] = {}
+        for k, name in files.items():
+            with np.load(root / name) as arrays:
+                maps[m][int(k)] = LinearMap(arrays["mean"], arrays["weight"])
+    weights = manifest["blend_weights"]
+    return FittedStack(manifest["models"], [int(k) for k in manifest["folds"]], manifest["stacker"], feature_config,
+                       manifest["feature_names"], boosters, sequence, settings, maps,
+                       None if weights is None else np.asarray(weights), bool(manifest["any_rule"]))
