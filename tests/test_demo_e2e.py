@@ -79,41 +79,72 @@ def test_stack_beats_the_constant_prior(demo):
     assert weighted_log_loss(y, pred) < weighted_log_loss(y, prior)
 
 
-def test_submission_scores_against_the_answers(demo):
-    data, work, subs, out = demo
+def scores_on_test(work: Path, data: Path, subs: Path, models) -> dict[str, float]:
+    """Test weighted log loss of each level-1 model, the stack's submission file and the prior."""
     from competition.synthetic import score_submission
 
-    score = score_submission(subs / f"{data.name}-stack.csv.gz", data / "stage_2_test_answers.csv")
-    truth = read_labels(data / "stage_2_test_answers.csv")
-    assert 0 < score["weighted_log_loss"] < 1
-    # On test, the stack beats its best level-1 input and the constant prior (train label rates).
-    y = truth.set_index("image_id")[list(LABELS)]
-    best = min(
-        weighted_log_loss(y.to_numpy(float), pd.read_parquet(work / "models" / m / "test.parquet")
-                          .set_index("image_id").loc[y.index, list(LABELS)].to_numpy(float))
-        for m in MODELS
-    )
+    y = read_labels(data / "stage_2_test_answers.csv").set_index("image_id")[list(LABELS)]
+    scores = {m: weighted_log_loss(y.to_numpy(float), pd.read_parquet(work / "models" / m / "test.parquet")
+                                   .set_index("image_id").loc[y.index, list(LABELS)].to_numpy(float))
+              for m in models}
     train = pd.read_parquet(work / "labels.parquet")[list(LABELS)].to_numpy(float)
-    prior = weighted_log_loss(y.to_numpy(float), prior_baseline(train, len(y)))
-    assert score["weighted_log_loss"] < min(best, prior), (score, best, prior)
-    assert f"{score['weighted_log_loss']:.4f}" in out
-    assert len(truth) > 0
+    scores["prior"] = weighted_log_loss(y.to_numpy(float), prior_baseline(train, len(y)))
+    submission = subs / f"{data.name}-stack.csv.gz"
+    scores["stack"] = score_submission(submission, data / "stage_2_test_answers.csv")["weighted_log_loss"]
+    return scores
 
 
-@pytest.mark.parametrize("model", MODELS)
-def test_every_model_beats_the_prior(demo, model):
-    _, work, _, _ = demo
+def test_submission_scores_against_the_answers(demo):
+    """On 4 test patients the stack's edge over its best input is noise (measured +0.003 and -0.004
+    on two versions of the same code), so here only the prior must be beaten; the full-size demo
+    below must beat the best model too."""
+    data, work, subs, out = demo
+    scores = scores_on_test(work, data, subs, MODELS)
+    assert 0 < scores["stack"] < scores["prior"], scores
+    assert f"{scores['stack']:.4f}" in out
+
+
+@pytest.mark.slow
+def test_the_full_demo_holds_every_claim_of_its_table(tmp_path):
+    """`make demo` as a newcomer runs it (110 patients, 3 CNNs, ~12 min on 2 cores): every CNN's
+    OOF loss at most 0.85 x the prior's; on test the stack beats every single model and the prior,
+    and the paired bootstrap interval of (stack - best model by OOF) lies below zero."""
+    import re
+
+    data, work, subs = tmp_path / "synthetic", tmp_path / "work", tmp_path / "subs"
+    result = subprocess.run(["make", "--no-print-directory", "demo", f"DEMO_DATA={data}", f"WORK={work}",
+                             f"SUBMISSIONS={subs}"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    models = [d.name for d in (work / "models").iterdir() if d.is_dir()]
+    assert len(models) == 3
+    for model in models:
+        assert oof_share_of_prior(work, model) <= 0.85, model
+    scores = scores_on_test(work, data, subs, models)
+    assert scores["stack"] < min(scores[m] for m in [*models, "prior"]), scores
+    interval = re.search(r"stack minus best single model by OOF .* 95% interval \[([-+.\d]+), ([-+.\d]+)\]",
+                         result.stdout)
+    assert interval is not None and float(interval.group(2)) < 0, interval
+
+
+def oof_share_of_prior(work: Path, model: str) -> float:
+    """A model's OOF weighted log loss over the prior's (each fold predicted by the others' label rates)."""
     labels = pd.read_parquet(work / "labels.parquet")
     oof = pd.read_parquet(work / "models" / model / "oof.parquet")[["image_id", *LABELS]]
     folds = pd.read_parquet(work / "folds.parquet")[["image_id", "fold"]]
     table = oof.merge(folds, on="image_id", validate="one_to_one").merge(labels, on="image_id", suffixes=("_pred", ""))
     y = table[list(LABELS)].to_numpy(float)
     prior = np.empty_like(y)
-    for fold in table["fold"].unique():  # each fold predicted by the label rates of the others
+    for fold in table["fold"].unique():
         val = (table["fold"] == fold).to_numpy()
         prior[val] = prior_baseline(y[~val], int(val.sum()))
     pred = table[[f"{c}_pred" for c in LABELS]].to_numpy(float)
-    assert weighted_log_loss(y, pred) <= LEARNS_BOUND * weighted_log_loss(y, prior)
+    return weighted_log_loss(y, pred) / weighted_log_loss(y, prior)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_beats_the_prior(demo, model):
+    _, work, _, _ = demo
+    assert oof_share_of_prior(work, model) <= LEARNS_BOUND
 
 
 def test_a_second_demo_reuses_every_finished_stage(demo):
@@ -122,6 +153,7 @@ def test_a_second_demo_reuses_every_finished_stage(demo):
     data, work, subs, _ = demo
     kept = [p for m in MODELS for p in (work / "models" / m).glob("*") if p.is_file()]
     kept += [p for p in (work / "reports").rglob("*") if p.is_file()]
+    kept += [p for p in (work / "stack").rglob("*") if p.is_file() and p.suffix in (".parquet", ".json", ".txt", ".pt")]
     before = {p: p.stat().st_mtime_ns for p in kept}
     result = run_demo(data, work, subs)
     out = result.stdout + result.stderr
@@ -129,4 +161,5 @@ def test_a_second_demo_reuses_every_finished_stage(demo):
     for model in MODELS:
         assert f"{model}: every fold finished earlier and oof.parquet / test.parquet are up to date" in out
     assert "index.html: up to date" in out and "stack minus best single model by OOF" in out
+    assert "stack: up to date (no level-1 output" in out
     assert {p: p.stat().st_mtime_ns for p in kept} == before
