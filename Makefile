@@ -1,7 +1,7 @@
 # RSNA Intracranial Hemorrhage Detection: from `kaggle competitions download` to `kaggle competitions submit`.
 # `make help` lists the targets. Variables (the users' interface, see README):
 #   DATA WORK N_FOLDS MODEL MODELS FOLDS EPOCHS IMG_SIZE BATCH LIMIT DEVICE GPUS WORKERS TUNE TRIALS STORAGE THREADS STACKER ROWS FILE MESSAGE IMAGE TOP LABEL
-#   STUDY OUT BUNDLE
+#   STUDY OUT BUNDLE STACK_OPTS
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
