@@ -147,8 +147,11 @@ def write_report(path, result, studies: pd.DataFrame, predictor, top: int = 3) -
     members = pd.DataFrame([{"model": m.name, "folds": ",".join(map(str, m.folds)), "windows": m.combination,
                              "input px": m.img_size, "cache px": m.cache_size,
                              "OOF weighted log loss": m.oof_weighted_log_loss} for m in ensemble.members])
+    combined = (f"go to {result.level}" if predictor.stack is not None
+                else f"are averaged (level 2 not applied: {ensemble.not_stacked})")
     parts += ["<h2>Models</h2>", _table(members), f"<p>From {html.escape(ensemble.source)}; device "
-              f"{html.escape(str(predictor.device))}; hflip test-time augmentation; mean over folds.</p>"]
+              f"{html.escape(str(predictor.device))}; hflip test-time augmentation; the fold models' "
+              f"probabilities {html.escape(combined)}.</p>"]
     if len(result.study.skipped):
         parts += [f"<h2>Skipped files ({len(result.study.skipped)})</h2>", _table(result.study.skipped)]
     style = ("body{font-family:sans-serif;max-width:1100px;margin:1em auto;color:#222}"
