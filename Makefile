@@ -130,7 +130,7 @@ oof: $(STAMP) ## K-fold level-1 training of MODEL -> OOF + test predictions (FOL
 	  $(call opt,--limit,$(LIMIT)) $(call opt,--device,$(DEVICE)) $(call opt,--workers,$(WORKERS)) $(sets)
 	$(PY) -m reports.plots --data $(DATA) $(work_opt) --model $(MODEL) --skip-missing
 
-stack: $(STAMP) ## level 2 over every level-1 folder (or MODELS=a,b): LightGBM + sequence model, blended (STACKER THREADS DEVICE TUNE=1 TRIALS STORAGE) -> submission
+stack: $(STAMP) ## level 2 over every level-1 folder (or MODELS=a,b): LightGBM + sequence model, blended (STACKER THREADS DEVICE TUNE=1 TRIALS STORAGE STACK_OPTS); reused when nothing changed -> submission
 	$(PY) -m level2_stacking --data $(DATA) $(work_opt) $(call opt,--models,$(MODELS)) $(if $(call yes,$(TUNE)),--tune) \
 	  $(call opt,--trials,$(TRIALS)) $(call opt,--storage,$(STORAGE)) $(call opt,--threads,$(THREADS)) \
 	  $(call opt,--stacker,$(STACKER)) $(call opt,--seq-device,$(DEVICE)) $(STACK_OPTS)
@@ -159,7 +159,7 @@ predict: $(STAMP) ## per-slice and per-study calls for the DICOM series under ST
 	$(PY) -m prediction predict --study $(STUDY) $(if $(BUNDLE),--bundle $(BUNDLE),--data $(DATA) $(work_opt)) \
 	  $(call opt,--models,$(MODELS)) $(call opt,--out,$(OUT)) $(call opt,--device,$(DEVICE)) $(call opt,--top,$(TOP))
 
-export: $(STAMP) ## one archive of the trained ensemble of DATA (MODELS; OUT=file): checkpoints, configs, threshold, hashes
+export: $(STAMP) ## one archive of the trained ensemble of DATA (MODELS; OUT=file): checkpoints, configs, fitted level 2, threshold, hashes
 	$(PY) -m prediction export --data $(DATA) $(work_opt) $(call opt,--models,$(MODELS)) $(call opt,--out,$(OUT))
 
 bench-metadata: $(STAMP) ## header-pass rate (headers/s per core) on up to N files of DATA
