@@ -21,7 +21,7 @@ from features.cache import available_sizes, size_dir
 from level1_models.config import TrainConfig, read_config
 from level1_models.data import pick_cache_size
 from level1_models.folder import ModelFolder
-from prediction.level2 import stack_dir, why_not_stacked
+from prediction.level2 import why_not_stacked
 
 
 class EnsembleError(ValueError):
@@ -50,7 +50,7 @@ class Ensemble:
     not_stacked: str | None = None  # None: level 2 applies to these members; else why not (prediction.level2)
 
     def model_folder(self, name: str) -> ModelFolder:
-        return ModelFolder(self.root / "models" / name)
+        return ModelFolder(WorkPaths(self.root).model_dir(name))
 
     def config(self, name: str) -> TrainConfig:
         return read_config(self.model_folder(name).config)
@@ -142,7 +142,7 @@ def level1_oof_mean(paths: WorkPaths, names: Sequence[str]) -> pd.DataFrame | No
 
 
 def stack_oof(paths: WorkPaths) -> pd.DataFrame | None:
-    path = stack_dir(paths.root) / "oof.parquet"
+    path = paths.stack / "oof.parquet"
     return pd.read_parquet(path).drop(columns="fold", errors="ignore") if path.is_file() else None
 
 

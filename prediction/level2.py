@@ -7,18 +7,14 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from level2_stacking.fitted import MANIFEST, FittedStack, fitted_dir, load_fitted
-
-
-def stack_dir(root: Path) -> Path:
-    """Where a work folder, or an unpacked bundle, keeps the stack."""
-    return Path(root) / "stack"
+from competition.paths import WorkPaths
+from level2_stacking.fitted import MANIFEST, fitted_dir
 
 
 def why_not_stacked(root: Path, members: Sequence) -> str | None:
     """None when the saved level 2 under ``root`` fits ``members`` (same models, same folds), else
     one line saying why it is not applied and how to get it."""
-    path = fitted_dir(stack_dir(root)) / MANIFEST
+    path = fitted_dir(WorkPaths(Path(root)).stack) / MANIFEST  # a work folder or an unpacked bundle
     if not path.is_file():
         return f"no fitted level 2 in {path.parent} (run `make stack` to fit and save it)"
     try:
@@ -35,9 +31,3 @@ def why_not_stacked(root: Path, members: Sequence) -> str | None:
         return f"the stack was fit on folds {folds}; {', '.join(lacking)} have other finished folds: run `make stack` again"
     return None
 
-
-def load_stack(root: Path, members: Sequence) -> FittedStack | None:
-    """The fitted level 2 for ``members``, or None when it does not apply (see ``why_not_stacked``)."""
-    if why_not_stacked(root, members) is not None:
-        return None
-    return load_fitted(stack_dir(root))

@@ -18,12 +18,13 @@ import pandas as pd
 import torch
 
 from competition.constants import LABELS
+from competition.paths import WorkPaths
 from features.dataset import SliceDataset
 from level1_models.config import TrainConfig, resolve
 from features.windows import n_channels
 from level1_models.predict import embedding_width, load_fold_model, predict_probabilities
+from level2_stacking.fitted import load_fitted
 from prediction.ensemble import Ensemble
-from prediction.level2 import load_stack
 from prediction.preprocess import MemoryCache
 from prediction.study import Study
 
@@ -69,7 +70,8 @@ class Predictor:
             # The pipeline's automatic choices on this device (mixed precision on a GPU, none on CPU).
             self.configs[member.name] = resolve(dataclasses.replace(cfg, device=self.device.type, workers=0),
                                                 cuda_available=cuda, bf16_supported=cuda and torch.cuda.is_bf16_supported())
-        self.stack = load_stack(ensemble.root, ensemble.members)
+        # Level 2 where the ensemble found it fit on exactly these members (prediction.level2).
+        self.stack = load_fitted(WorkPaths(ensemble.root).stack) if ensemble.not_stacked is None else None
         if self.stack is None:
             print(f"note: level 2 not applied: {ensemble.not_stacked}; slices get the level-1 mean", file=sys.stderr)
         return self
