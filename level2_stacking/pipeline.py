@@ -31,7 +31,7 @@ from level2_stacking.fitted import FittedStack, fitted_dir
 from level2_stacking.blend import any_at_least_subtypes, any_rule_gain, blend, fit_blend_weights
 from level2_stacking.frame import (
     EMBEDDINGS_OOF_FILE, EMBEDDINGS_TEST_FILE, OOF_FILE, TEST_FILE, StackFrame, StackFrameError, align_exact,
-    build_stack_frame, resolve_models,
+    build_stack_frame, fold_dir, resolve_models,
 )
 from level2_stacking.lgbm import DEFAULT_PARAMS, EARLY_STOPPING_ROUNDS, NUM_BOOST_ROUND, cross_validate, default_threads
 from level2_stacking.report import STACK_ROW, format_table, oof_sources, score_table, study_table
@@ -205,7 +205,7 @@ def stack_inputs(paths: WorkPaths, models: Sequence[str]) -> list[Path]:
         folder = paths.model_dir(m)
         files += [folder / OOF_FILE, folder / TEST_FILE]
         for k in fold_ids:
-            files += [folder / f"fold{k}" / name for name in (OOF_FILE, TEST_FILE, EMBEDDINGS_OOF_FILE, EMBEDDINGS_TEST_FILE)]
+            files += [fold_dir(folder, k) / name for name in (OOF_FILE, TEST_FILE, EMBEDDINGS_OOF_FILE, EMBEDDINGS_TEST_FILE)]
     code = Path(__file__).parent
     return files + sorted(code.glob("*.py")) + [Path(tabular_module.__file__)]
 
