@@ -22,7 +22,6 @@ from level1_models.registry import ModelSpec, get_spec
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 DEVICES = ("auto", "cpu", "cuda")
-LR_SCALES = ("auto", "linear", "sqrt", "none")
 
 # Fields that decide what a checkpoint *is*: a model folder trained with other values cannot be
 # resumed or mixed with this run.
@@ -50,10 +49,6 @@ class TrainConfig(ModelSpec):
     require_pretrained: bool = False  # missing weights are an error instead of training from scratch
     eval_batch_size: int | None = None  # None: 2 x batch_size
     accumulate: int = 1  # micro-batches per optimiser step (gradient accumulation)
-    # The spec's lr is for one process at batch_size. With W processes and k accumulation steps the
-    # global batch is W * k * batch_size and lr is multiplied by W * k (linear) or its square root
-    # (sqrt); auto = timm's rule: sqrt for the Adam family, linear for SGD.
-    lr_scale: str = "auto"
     checkpoint_minutes: float = 15.0  # also save the resume state every N minutes within an epoch (0: off)
     save_embeddings: bool = True  # pooled features (float16) of the OOF and test images, for level 2
 
@@ -69,8 +64,6 @@ class TrainConfig(ModelSpec):
             raise ConfigError(f"workers must be >= 0, got {self.workers}")
         if self.accumulate < 1:
             raise ConfigError(f"accumulate must be >= 1 micro-batches per step, got {self.accumulate}")
-        if self.lr_scale not in LR_SCALES:
-            raise ConfigError(f"lr_scale must be one of {', '.join(LR_SCALES)}, got {self.lr_scale!r}")
         if self.prefetch < 1:
             raise ConfigError(f"prefetch must be >= 1, got {self.prefetch}")
         if self.threads is not None and self.threads < 1:
@@ -80,13 +73,29 @@ class TrainConfig(ModelSpec):
     def eval_batch(self) -> int:
         return self.eval_batch_size or 2 * self.batch_size
 
+    def global_batch(self, world_size: int) -> int:
+        return self.batch_size * world_size * self.accumulate
+
+    @property
+    def lr_rule(self) -> str:
+        if self.lr_scale == "auto":
+            return "linear" if self.optimizer == "sgd" else "sqrt"
+        return self.lr_scale
+
     def lr_factor(self, world_size: int) -> float:
-        """How much the spec's lr grows with the global batch (see ``lr_scale``)."""
-        growth = world_size * self.accumulate
-        rule = self.lr_scale
-        if rule == "auto":
-            rule = "linear" if self.optimizer == "sgd" else "sqrt"
-        return {"linear": float(growth), "sqrt": math.sqrt(growth), "none": 1.0}[rule]
+        """How much the spec's lr moves from its ``lr_batch`` to this run's global batch (``lr_scale``)."""
+        ratio = self.global_batch(world_size) / (self.lr_batch or self.batch_size)
+        return {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[self.lr_rule]
+
+    def lr_note(self, world_size: int) -> str:
+        """One line for the start of a run: the lr it trains at and the rule that made it."""
+        base = self.lr_batch or self.batch_size
+        layout = f"{world_size} process{'es' if world_size > 1 else ''} x batch {self.batch_size}"
+        layout += f" x accumulate {self.accumulate}" if self.accumulate > 1 else ""
+        return (f"{self.name}: lr {self.lr * self.lr_factor(world_size):.3g} at global batch "
+                f"{self.global_batch(world_size)} ({layout}): the spec's {self.lr:.3g} at batch {base}, "
+                f"x{self.lr_factor(world_size):.3g} by the {self.lr_rule} rule (lr_scale={self.lr_scale}; "
+                f'SET="lr_scale=none" keeps the spec\'s lr)')
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (tuples become lists)."""
@@ -96,8 +105,9 @@ class TrainConfig(ModelSpec):
     def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in values.items() if k in known}
-        if kwargs.get("folds") is not None:
-            kwargs["folds"] = tuple(int(f) for f in kwargs["folds"])
+        for name in _TUPLE_FIELDS:  # JSON keeps tuples as lists
+            if isinstance(kwargs.get(name), list):
+                kwargs[name] = tuple(kwargs[name])
         return cls(**kwargs)
 
     def identity(self) -> dict[str, Any]:
@@ -106,6 +116,8 @@ class TrainConfig(ModelSpec):
 
 _TYPES = typing.get_type_hints(TrainConfig)
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
+_TUPLE_FIELDS = tuple(name for name, kind in _TYPES.items()
+                      if typing.get_origin(kind) is tuple or any(typing.get_origin(a) is tuple for a in typing.get_args(kind)))
 
 
 def _parse_bool(name: str, text: str) -> bool:
@@ -161,6 +173,8 @@ def build_config(name: str, overrides: Mapping[str, Any] | None = None) -> Train
     """The named spec with overrides applied (None values mean "not given")."""
     spec = get_spec(name)
     values = dataclasses.asdict(spec)
+    # The spec's lr belongs to the spec's batch: BATCH= then moves lr by the spec's rule.
+    values["lr_batch"] = spec.lr_batch or spec.batch_size
     for key, value in (overrides or {}).items():
         if key not in FIELD_NAMES:
             parse_field(key, "")  # raises the unknown-field error with close matches
