@@ -8,19 +8,22 @@ The rule, in one place (``make prepare`` / ``make cache MODELS=...``, ``CacheDat
 - The caches to build for some specs: the largest size always; a smaller size shares a larger
   cache built anyway when shrinking on the fly costs a loader worker at most 2x and 16 workers
   still feed a GPU at that size (``shares``), else it gets its own. For the zoo: 380-512 px share
-  the 512 px cache; 224-300 px get their own (3.3x slower at 256 from 512). Each cache is
-  50 to 240 GB at the real size.
+  the 512 px cache; 224-300 px get their own (3.3x slower at 256 from 512). Each cache is 54
+  to 277 GB at the real size by the cache build's own estimate (``cache_bytes``; the 512 px one
+  measured 213 GB).
 
 The figures behind it (``python -m features.bench --only cache-sizes``, 2026-12-05, the 2-core
 development machine, no GPU, other helpers' tests running beside it): one loader process, ``brain3``
-(previous, current and next slice), augmented, uint8 out, items per CPU-second. From a cache of the
-input's own size: 629/s at 256 px, 189/s at 384, 105/s at 480, 93/s at 512. From the 512 px cache:
-189/s at 256 (3.3x slower), 99/s at 384 (2.0x), 58/s at 480 (1.8x): shrinking three 512 px slices
+(previous, current and next slice), augmented, uint8 out, items per CPU-second, 173 slices of a
+tiny synthetic competition at 512x512, medians of 7 runs (a second run of 9 agreed within 10%).
+From a cache of the input's own size: 629/s at 256 px, 189/s at 384, 105/s at 480, 93/s at 512.
+From the 512 px cache: 189/s at 256 (3.3x slower), 99/s at 384 (2.0x), 58/s at 480 (1.8x): shrinking three 512 px slices
 (area averaging) costs 3.7 to 7.7 ms an item, most at ratios close to 1. A GPU takes about 3,000
 images/s of resnet50 at 256 px from 16 loader workers (README, ``make gpu-check`` on an H100), so
 about 3,000 x (256 / size)^2 at other sizes for so light a backbone (the winners' 480-512 px
 EfficientNets take 300-600/s); 16 workers reading 256 px from the 512 px cache make 3,000/s, no
-headroom, while 480 from 512 make 930/s, more than such a GPU takes, for 187 GB less disk.
+headroom, while 480 from 512 make 930/s, more than such a GPU takes, for ~190 GB less disk
+(213 GB x (480/512)^2).
 """
 from __future__ import annotations
 
