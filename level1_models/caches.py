@@ -17,8 +17,9 @@ development machine, no GPU, other helpers' tests running beside it): one loader
 (previous, current and next slice), augmented, uint8 out, items per CPU-second, 173 slices of a
 tiny synthetic competition at 512x512, medians of 7 runs (a second run of 9 agreed within 10%).
 From a cache of the input's own size: 629/s at 256 px, 189/s at 384, 105/s at 480, 93/s at 512.
-From the 512 px cache: 189/s at 256 (3.3x slower), 99/s at 384 (2.0x), 58/s at 480 (1.8x): shrinking three 512 px slices
-(area averaging) costs 3.7 to 7.7 ms an item, most at ratios close to 1. A GPU takes about 3,000
+From the 512 px cache: 189/s at 256 (3.3x slower), 99/s at 384 (2.0x), 58/s at 480 (1.8x):
+shrinking three 512 px slices (area averaging) costs 3.7 to 7.7 ms an item, most at ratios close
+to 1. A GPU takes about 3,000
 images/s of resnet50 at 256 px from 16 loader workers (README, ``make gpu-check`` on an H100), so
 about 3,000 x (256 / size)^2 at other sizes for so light a backbone (the winners' 480-512 px
 EfficientNets take 300-600/s); 16 workers reading 256 px from the 512 px cache make 3,000/s, no
