@@ -1,4 +1,5 @@
-"""``python -m level1_models <command>``: oof (K-fold training), list (the zoo), bench (images/s).
+"""``python -m level1_models <command>``: oof (K-fold training), list (the zoo), bench (images/s),
+cache-sizes (the image caches some specs read: ``make prepare`` / ``make cache MODELS=...``).
 
 Under ``torchrun --nproc_per_node=N -m level1_models oof ...`` each process trains its share of
 every batch (DDP); only rank 0 writes files.
@@ -89,6 +90,19 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print_bench(cfg, rt, run_bench(cfg, rt, inputs, steps=args.steps, warmup=args.warmup))
 
 
+def cmd_cache_sizes(args: argparse.Namespace) -> None:
+    from level1_models.caches import REAL_SLICES, cache_bytes, needed_cache_sizes
+
+    names = [n for word in args.models for n in word.split(",") if n]
+    if not names:
+        raise ValueError("name at least one model (python -m level1_models list)")
+    needed = needed_cache_sizes(names)  # an unknown name fails here, with the close names
+    for size, models in sorted(needed.items()):
+        print(f"cache {size} px (about {cache_bytes(size) / 1e9:.0f} GB for the real {REAL_SLICES:,} slices): "
+              f"{', '.join(models)}", file=sys.stderr)
+    print(" ".join(str(size) for size in sorted(needed)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m level1_models", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="timed steps per figure")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("cache-sizes", help="the image cache sizes (px) that MODELS read, one line on stdout; "
+                                           "which models read each, on stderr")
+    p.add_argument("models", nargs="+", help="zoo names, separated by spaces or commas")
+    p.set_defaults(func=cmd_cache_sizes)
     return parser
 
 

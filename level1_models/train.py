@@ -610,7 +610,10 @@ def run_model(
 
     cfg, rt = setup_runtime(build_config(name, overrides))
     paths = WorkPaths.for_data(data_dir, work_dir)
-    inputs = load_inputs(data_dir, paths, cfg.combination, cfg.img_size)
+    inputs = load_inputs(data_dir, paths, cfg.combination, cfg.img_size, model=cfg.name)
+    note = getattr(inputs.datasets, "note", None)
+    if note:  # reading a larger cache: say once what it costs and how to build the exact one
+        rt.log(note)
     metrics = run_oof(cfg, inputs, paths.model_dir(name), rt, on_epoch_end)
     if metrics is not None and metrics["complete"]:
         mark_assembled(cfg, data_dir, work_dir)  # a rerun with nothing changed skips all of this
