@@ -72,7 +72,7 @@ def cmd_list(args: argparse.Namespace) -> None:
         spec = get_spec(name)
         if args.cpu and not spec.cpu_friendly:
             continue
-        print(f"{name:<18} {spec.arch:<30} {spec.combination:<12} {spec.img_size:>4} px  batch {spec.batch_size:<3} "
+        print(f"{name:<22} {spec.arch:<36} {spec.combination:<10} {spec.img_size:>4} px  batch {spec.batch_size:<3} "
               f"{spec.epochs} ep  {spec.description}")
 
 
