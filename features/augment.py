@@ -6,37 +6,23 @@
 - Photometric (brightness/contrast, CoarseDropout random erasing) runs on the windowed [0, 1]
   channels.
 
+Which transforms run and how strongly is an :class:`AugmentConfig` (``features.augment_config``,
+re-exported here), one per model spec (``ModelSpec.aug``, ``--set aug.rotate=30``).
+
 Both are off at validation (the dataset does not call them). The random state is per process and
 seeded from ``torch.initial_seed()``, which PyTorch sets differently in each DataLoader worker and
 epoch, so workers do not repeat each other's augmentations and a seeded run is reproducible.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import albumentations as A
 import cv2
 import numpy as np
 
+from features.augment_config import AugmentConfig
 from features.cache import HU_MIN
 
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    hflip: float = 0.5
-    vflip: float = 0.1
-    crop: float = 0.3  # probability of a random resized crop (zoom into part of the head)
-    crop_scale: tuple[float, float] = (0.7, 1.0)
-    affine: float = 0.7  # probability of shift-scale-rotate
-    shift: float = 0.0625  # fraction of the side
-    scale: tuple[float, float] = (0.9, 1.1)
-    rotate: float = 15.0  # degrees, both ways
-    brightness_contrast: float = 0.5
-    brightness: float = 0.1
-    contrast: float = 0.1
-    erase: float = 0.3  # probability of CoarseDropout
-    erase_holes: tuple[int, int] = (1, 4)
-    erase_size: tuple[float, float] = (0.05, 0.15)  # hole side as a fraction of the image side
+__all__ = ["Affine", "AugmentConfig", "Augmenter", "BrightnessContrast", "geometric_transform", "photometric_transform"]
 
 
 class BrightnessContrast(A.RandomBrightnessContrast):

@@ -594,7 +594,7 @@ def run_model(
 
     cfg, rt = setup_runtime(build_config(name, overrides))
     paths = WorkPaths.for_data(data_dir, work_dir)
-    inputs = load_inputs(data_dir, paths, cfg.combination, cfg.img_size)
+    inputs = load_inputs(data_dir, paths, cfg.combination, cfg.img_size, cfg.aug)
     metrics = run_oof(cfg, inputs, paths.model_dir(name), rt, on_epoch_end)
     if metrics is not None and metrics["complete"]:
         mark_assembled(cfg, data_dir, work_dir)  # a rerun with nothing changed skips all of this
