@@ -3,7 +3,8 @@
 Kept apart from ``features.augment`` (albumentations, OpenCV) so that the model registry, ``make
 list-models`` and the config checks stay light: this module imports nothing heavy. Each field can
 be overridden from the command line as ``--set aug.<field>=<value>`` (``SET="aug.rotate=30"``).
-Every probability defaults to what the specs trained with before a spec could choose.
+Every probability defaults to what the specs trained with before a spec could choose; the 2019
+winners' extra transforms (``distort``, ``channel_swap``) default to 0 (off).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-PROBABILITIES = ("hflip", "vflip", "crop", "affine", "brightness_contrast", "erase")
+PROBABILITIES = ("hflip", "vflip", "crop", "affine", "brightness_contrast", "erase", "distort", "channel_swap")
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,13 @@ class AugmentConfig:
     shift: float = 0.0625  # fraction of the side
     scale: tuple[float, float] = (0.9, 1.1)
     rotate: float = 15.0  # degrees, both ways
+    # Probability of one of elastic / grid / optical distortion (3rd place, 2019: a OneOf at p 0.5),
+    # on the HU slices with the border filled with air; every slice of a 2.5D stack gets the same warp.
+    distort: float = 0.0
+    # Probability of reversing a 2.5D stack's slices (previous <-> next: the stack seen flipped in z;
+    # 1st place, 2019: channel-order swap). The slices are reversed, not the windowed channels, so a
+    # multi-window stack such as bsb3 keeps its window order. A one-slice combination ignores it.
+    channel_swap: float = 0.0
     brightness_contrast: float = 0.5
     brightness: float = 0.1
     contrast: float = 0.1
