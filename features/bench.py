@@ -9,6 +9,8 @@
   naive loader that reads the DICOM and builds `bsb` in float64 per call, then applies the same
   augmentations with stock albumentations;
 - 2.5D: cache reads per item and loader rate for `brain3` and the 9-channel `bsb3`;
+- distortion: the loader rate of `brain3` with `distort` 0.5 (one of elastic / grid / optical
+  distortion on half the items) against `distort` 0, the rest of the augmentations as the default;
 - formats: bytes per slice (stored, and on disk) and the loader rate of the head-cropped cache
   with each codec (lz4, zstd) against the format before them (raw int16 of the whole slice, the v1
   memory map's bytes, read through today's reader), in the same run, alternated;
@@ -227,6 +229,27 @@ def cache_size_figures(data: Path, sample: pd.DataFrame, tmp: Path, args: argpar
             print(f"loader_{combination}_{size}_exact_vs_{LARGE_CACHE}: {ratio:.2f} x")
 
 
+def compare_distort(cache: ImageCache, ids: list[str], sample: pd.DataFrame, size: int, repeats: int,
+                    loader_n: int, combination: str = "brain3", p: float = 0.5) -> tuple[Rate, Rate, float]:
+    """Augmented loader rates with ``distort`` p against 0 (one process, alternated); prints them
+    and returns (with, without, median ratio with / without per CPU-second)."""
+    def dataset(distort: float) -> SliceDataset:
+        ds = SliceDataset(ids, sample, cache, combination, size, augment=True,
+                          augment_config=AugmentConfig(distort=distort))
+        ds.reseed(0)
+        return ds
+
+    on, off = dataset(p), dataset(0.0)
+    on[0], off[0]
+    rate_on, rate_off, ratio = paired_rates(lambda: dataset_pass(on, loader_n), lambda: dataset_pass(off, loader_n),
+                                            repeats)
+    show(f"loader_{combination}_distort{p:g}_per_worker", rate_on, "tensors/s")
+    show(f"loader_{combination}_distort0_per_worker", rate_off, "tensors/s")
+    print(f"loader_{combination}_distort{p:g}_vs_distort0: {ratio:.2f} x "
+          f"({1e3 / rate_on.cpu - 1e3 / rate_off.cpu:.2f} ms more CPU per item)")
+    return rate_on, rate_off, ratio
+
+
 def run_bench(args: argparse.Namespace) -> None:
     cv2.setNumThreads(1)  # one process = one core, as in a DataLoader worker
     torch.set_num_threads(1)
@@ -307,6 +330,7 @@ def run_bench(args: argparse.Namespace) -> None:
         show("baseline_loader_bsb_noaug_per_worker", base[False], "tensors/s")
         print(f"loader_vs_baseline_aug: {ratio[True]:.1f} x")
         print(f"loader_vs_baseline_noaug: {ratio[False]:.1f} x")
+        compare_distort(cache, ids, sample, size, args.repeats, args.loader_n)
         formats = {"before": ("raw", False, "raw int16 of the whole slice (the v1 format's bytes)")}
         formats |= {codec: (codec, True, f"{codec}, head crop") for codec in ("lz4", "zstd")}
         for name, (codec, crop, _) in formats.items():

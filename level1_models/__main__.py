@@ -32,7 +32,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="auto, cpu or cuda")
     p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any spec or run field, e.g. --set lr=3e-4 --set compile=true (repeatable)")
+                   help="override any spec or run field, e.g. --set lr=3e-4 --set compile=true, or one augmentation "
+                        "field: --set aug.rotate=30 (repeatable)")
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
@@ -86,7 +87,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     cfg, rt = setup_runtime(build_config(args.model, overrides_from(args)))
     inputs = None
     if args.data is not None:
-        inputs = load_inputs(args.data, WorkPaths.for_data(args.data, args.work), cfg.combination, cfg.img_size)
+        inputs = load_inputs(args.data, WorkPaths.for_data(args.data, args.work), cfg.combination, cfg.img_size,
+                             model=cfg.name, augment_config=cfg.aug)
     print_bench(cfg, rt, run_bench(cfg, rt, inputs, steps=args.steps, warmup=args.warmup))
 
 

@@ -1,7 +1,8 @@
 """The registry of named level-1 model specs (timm's ``register_model`` habit, one level up).
 
 A spec names a timm architecture *and* how it is trained here: the window combination it sees,
-its input size, batch size, optimiser, schedule and epochs. ``make oof MODEL=<name>`` looks a spec
+its input size, batch size, optimiser, schedule, epochs and augmentations (``aug``, a
+``features.augment_config.AugmentConfig``). ``make oof MODEL=<name>`` looks a spec
 up here; an unknown name fails listing the known ones and the close matches.
 """
 from __future__ import annotations
@@ -11,6 +12,8 @@ import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
+
+from features.augment_config import AugmentConfig  # light: no albumentations, cv2 or torch
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("cosine", "constant", "step", "cosine_restarts")
@@ -56,7 +59,8 @@ class ModelSpec:
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     output_stride: int = 32  # < 32 dilates the last stages (timm's output_stride)
-    augment: bool = True
+    augment: bool = True  # false: no training augmentation at all, whatever ``aug`` says
+    aug: AugmentConfig = AugmentConfig()  # which augmentations and how strong (--set aug.rotate=30)
     tta: str = "hflip"  # test-time augmentation of the final OOF and test predictions (and make predict)
     val_tta: str = "none"  # test-time augmentation of the validation pass after every epoch
     grad_clip: float = 0.0  # max gradient norm; 0 = off

@@ -610,7 +610,7 @@ def run_model(
 
     cfg, rt = setup_runtime(build_config(name, overrides))
     paths = WorkPaths.for_data(data_dir, work_dir)
-    inputs = load_inputs(data_dir, paths, cfg.combination, cfg.img_size, model=cfg.name)
+    inputs = load_inputs(data_dir, paths, cfg.combination, cfg.img_size, model=cfg.name, augment_config=cfg.aug)
     note = getattr(inputs.datasets, "note", None)
     if note:  # reading a larger cache: say once what it costs and how to build the exact one
         rt.log(note)
