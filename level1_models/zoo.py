@@ -21,6 +21,7 @@ Adding a model is one decorated function here.
 """
 from __future__ import annotations
 
+from features.augment_config import AugmentConfig
 from level1_models.registry import ModelSpec, register_model
 
 # --- full-size models (GPU) -------------------------------------------------------------------
@@ -149,6 +150,10 @@ def _first_place(name: str, arch: str, batch: int, what: str) -> ModelSpec:
         name=name, arch=arch, combination="meta3", img_size=256, batch_size=batch, epochs=80, epoch_fraction=0.12,
         patience=80, optimizer="adam", lr=5e-4, weight_decay=2e-5, scheduler="cosine_restarts", restart_epochs=5,
         min_lr_ratio=0.02, loss="bce",
+        # hflip; shift-scale-rotate 30 (p 0.5); random erasing p 0.5; a random crop of 0.6-0.99 of
+        # the side (0.36-0.98 of the area); the 3 slices' order swapped (p 0.5 assumed).
+        aug=AugmentConfig(hflip=0.5, vflip=0.0, crop=1.0, crop_scale=(0.36, 0.98), affine=0.5, rotate=30.0,
+                          brightness_contrast=0.0, erase=0.5, channel_swap=0.5),
         description=f"1st place 2019 (SeuTao/RSNA2019_Intracranial-Hemorrhage-Detection, 2DNet/src/train.py): "
                     f"{what} at 256 px on the header windows of 3 neighbouring slices (2.5D)",
     )
@@ -178,6 +183,7 @@ def rsna2nd_resnext101_wsl() -> ModelSpec:
         name="rsna2nd_resnext101_wsl", arch="resnext101_32x8d.fb_wsl_ig1b_ft_in1k", combination="bss", img_size=480,
         batch_size=32, epochs=6, patience=6, optimizer="adam", lr=2e-5, weight_decay=0.0, scheduler="constant",
         loss="metric",
+        aug=AugmentConfig(hflip=0.5, vflip=0.0, crop=0.0, affine=0.3, rotate=20.0, brightness_contrast=0.0, erase=0.0),
         description="2nd place 2019 (darraghdog/rsna, scripts/resnext101v12/trainorig.py): ResNeXt-101 32x8d WSL "
                     "at 480 px on brain/subdural/soft-tissue windows",
     )
@@ -194,6 +200,9 @@ def rsna3rd_seresnext50() -> ModelSpec:
         name="rsna3rd_seresnext50", arch="legacy_seresnext50_32x4d.in1k", combination="subdural3", img_size=512,
         batch_size=32, epochs=5, patience=5, optimizer="adam", lr=1e-4, weight_decay=0.0, scheduler="step",
         lr_milestones=(4,), lr_gamma=0.1, loss="metric",
+        # hflip; one of elastic / grid / optical distortion (p 0.5); rotate 30 (p 0.7).
+        aug=AugmentConfig(hflip=0.5, vflip=0.0, crop=0.0, affine=0.7, shift=0.0, scale=(1.0, 1.0), rotate=30.0,
+                          distort=0.5, brightness_contrast=0.0, erase=0.0),
         description="3rd place 2019 (okotaku/kaggle_rsna2019_3rd_solution, exp/exp16_seres_concat.py): "
                     "SE-ResNeXt50 at 512 px on the subdural window of 3 neighbouring slices (2.5D)",
     )
@@ -210,6 +219,10 @@ def rsna11th_seresnext50() -> ModelSpec:
         name="rsna11th_seresnext50", arch="legacy_seresnext50_32x4d.in1k", combination="bss", img_size=512,
         batch_size=28, epochs=4, patience=4, optimizer="adam", lr=1.4e-4, weight_decay=0.0, scheduler="step",
         lr_milestones=(1, 2, 3), lr_gamma=3 / 7, loss="bce",
+        # random resized crop 0.7-1 (always), h- and vflip, brightness/contrast 0.08 (p 0.5), rotate 30 (p 0.7).
+        aug=AugmentConfig(hflip=0.5, vflip=0.5, crop=1.0, crop_scale=(0.7, 1.0), affine=0.7, shift=0.0,
+                          scale=(1.0, 1.0), rotate=30.0, brightness_contrast=0.5, brightness=0.08, contrast=0.08,
+                          erase=0.0),
         description="11th place 2019 (appian42/kaggle-rsna-intracranial-hemorrhage, conf/model100.py): "
                     "SE-ResNeXt50 at 512 px on brain/subdural/soft-tissue windows",
     )

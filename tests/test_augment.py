@@ -2,8 +2,8 @@
 the spec's AugmentConfig reaching the training dataset, and the distortion and channel swap."""
 from __future__ import annotations
 
-import types
 import json
+import types
 
 import albumentations as A
 import numpy as np

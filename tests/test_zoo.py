@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -190,6 +191,8 @@ def test_the_winners_recipes_are_in_the_zoo_with_their_sources():
         assert "2019" in spec.description and ".py" in spec.description  # repo and file named
         assert spec.optimizer == "adam" and 2e-5 <= spec.lr <= 5e-4 and spec.img_size in (256, 480, 512)
         assert spec.patience >= spec.epochs  # no early stopping, as they trained
+        assert spec.aug.rotate >= 20 and spec.aug.hflip == 0.5  # their rotations of 20-30 degrees
+    assert get_spec("rsna3rd_seresnext50").aug.distort == 0.5 and get_spec("rsna1st_densenet121").aug.channel_swap > 0
 
 
 @pytest.mark.parametrize("name", WINNERS)
@@ -219,3 +222,8 @@ def test_winner_spec_trains_a_few_steps_on_cpu_at_a_tiny_size_through_set(name):
         assert torch.isfinite(loss)
     changed = sum(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert changed > len(before) // 2  # the optimiser moved the weights
+    from features.augment import Augmenter  # and the spec's own augmentations run on a 2.5D HU stack
+
+    stack = np.random.default_rng(0).uniform(-1024, 100, (64, 64, 3)).astype(np.float32)
+    out = Augmenter(64, cfg.aug, seed=0).geometric(stack)
+    assert out.shape == (64, 64, 3) and np.isfinite(out).all()
