@@ -181,8 +181,8 @@ bench-train: $(STAMP) ## training and inference images/s of MODEL, and the share
 	$(PY) -m level1_models bench --model $(MODEL) --data $(DATA) $(work_opt) $(call opt,--img-size,$(IMG_SIZE)) \
 	  $(call opt,--batch,$(BATCH)) $(call opt,--device,$(DEVICE)) $(sets)
 
-gpu-check: $(STAMP) ## on a CUDA machine: resnet50 + efficientnet_b0 at 256 px from the real loader vs random tensors, DDP with 2+ GPUs
-	$(PY) -m level1_models.gpu_check $(call opt,--batch,$(BATCH)) $(call opt,--workers,$(WORKERS))
+gpu-check: $(STAMP) ## on a CUDA machine: resnet50 + efficientnet_b0 at 256 px from the real loader vs random tensors (MODELS="a b": those specs at their own size and batch, with peak memory), DDP with 2+ GPUs
+	$(PY) -m level1_models.gpu_check $(call opt,--batch,$(BATCH)) $(call opt,--workers,$(WORKERS)) $(if $(strip $(MODELS)),--models "$(MODELS)")
 
 bench-stack: $(STAMP) ## level 2 at the real size (752k rows, 5 models, 256-dim embeddings; ROWS=n smaller): features, memory, LightGBM per thread count, sequence epoch, blend
 	$(PY) -m level2_stacking.bench $(call opt,--rows,$(ROWS)) $(call opt,--threads,$(THREADS))

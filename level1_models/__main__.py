@@ -27,7 +27,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folds", default=None, help="folds to run, e.g. 0,1 (default: every fold)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--batch", type=int, default=None, help="global batch size")
+    p.add_argument("--batch", type=int, default=None,
+                   help="batch per GPU (process); the lr follows the spec's rule from the batch it was set for")
     p.add_argument("--limit", type=int, default=None, help="at most N training images per fold")
     p.add_argument("--device", default=None, help="auto, cpu or cuda")
     p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes")

@@ -82,8 +82,12 @@ def run_bench(cfg: TrainConfig, rt: Runtime, inputs: RunInputs | None, steps: in
 
     out: dict[str, float] = {}
     model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     seconds, _, images = _timed_loop(random_batches(cfg.batch_size), train_step, steps, warmup, device)
     out["train_random_tensors"] = images / seconds
+    if device.type == "cuda":  # what this batch needs on the GPU: weights, optimiser state, activations
+        out["train_peak_memory"] = torch.cuda.max_memory_allocated(device) / 2**20
     model.eval()
     seconds, _, images = _timed_loop(random_batches(cfg.eval_batch), infer_step, steps, warmup, device)
     out["infer_random_tensors"] = images / seconds
@@ -118,5 +122,5 @@ def print_bench(cfg: TrainConfig, rt: Runtime, figures: dict[str, float]) -> Non
     print(f"bench_model: {cfg.name} ({cfg.arch}, {n_channels(cfg.combination)} ch, {cfg.img_size} px, "
           f"batch {cfg.batch_size}, {rt.device}, amp {rt.amp}, workers {cfg.workers})")
     for name, value in figures.items():
-        unit = "%" if name.endswith("_wait") else "images/s"
+        unit = "%" if name.endswith("_wait") else "MiB" if name.endswith("_memory") else "images/s"
         print(f"{name}: {value:.1f} {unit}")

@@ -5,8 +5,9 @@ its 256 px cache, then trains resnet50 and efficientnet_b0 at 256 px, bf16 and c
 a few hundred steps, fed once from random tensors on the GPU (the ceiling) and once from the real
 loader (cache reads, windows, augmentations in worker processes). It prints images/s of each, the
 loader's share of the random-tensor rate and the share of time spent waiting for data; the target
-is the loader within 20% of random tensors. With two or more GPUs it also trains one short fold
-under torchrun (DDP over NCCL). On a machine without a CUDA GPU it says so and exits 0.
+is the loader within 20% of random tensors. ``--models a,b`` (``make gpu-check MODELS="a b"``)
+measures those specs instead, each at its own size and batch, with the peak GPU memory of its
+training step. With two or more GPUs it also trains one short fold under torchrun (DDP over NCCL). On a machine without a CUDA GPU it says so and exits 0.
 """
 from __future__ import annotations
 
@@ -25,32 +26,39 @@ def _run(args: list[str]) -> None:
     subprocess.run(args, check=True)
 
 
-def prepare_dataset(root: Path, patients: int, workers: int) -> tuple[Path, Path]:
-    """A synthetic competition with its tables and 256 px cache (each step reuses what exists)."""
+def prepare_dataset(root: Path, patients: int, workers: int, sizes: list[int]) -> tuple[Path, Path]:
+    """A synthetic competition with its tables and caches of ``sizes`` px (each step reuses what exists)."""
     data, work = root / "data", root / "work"
     py = sys.executable
     _run([py, "-m", "competition.synthetic", "generate", "--out", str(data), "--preset", "demo",
           "--patients", str(patients), "--workers", str(workers), "--quiet"])
     _run([py, "-m", "competition", "prepare", "--data", str(data), "--work", str(work), "--workers", str(workers)])
-    _run([py, "-m", "features", "cache", "--data", str(data), "--work", str(work), "--size", "256",
-          "--workers", str(workers)])
+    for size in sizes:
+        _run([py, "-m", "features", "cache", "--data", str(data), "--work", str(work), "--size", str(size),
+              "--workers", str(workers)])
     return data, work
 
 
-def bench_models(data: Path, work: Path, batch: int, steps: int, workers: int | None, compile_: bool) -> None:
+def bench_models(data: Path, work: Path, models: list[str], batch: int | None, steps: int, workers: int | None,
+                 compile_: bool, warmup: int | None = None) -> None:
+    """Each model at 256 px and ``batch`` (the calibration), or with ``batch`` None at its spec's own
+    size and batch (what a run of that spec takes: images/s and peak memory)."""
     from competition.paths import WorkPaths
     from level1_models.bench import print_bench, run_bench
     from level1_models.config import build_config
     from level1_models.data import load_inputs
     from level1_models.train import setup_runtime
 
-    for name in MODELS:
-        overrides = {"img_size": 256, "batch_size": batch, "amp": "bf16", "channels_last": True, "compile": compile_}
+    for name in models:
+        overrides = {"amp": "bf16", "channels_last": True, "compile": compile_}
+        if batch is not None:
+            overrides.update(img_size=256, batch_size=batch)
         if workers is not None:
             overrides["workers"] = workers
         cfg, rt = setup_runtime(build_config(name, overrides))
-        inputs = load_inputs(data, WorkPaths.for_data(data, work), cfg.combination, cfg.img_size, augment_config=cfg.aug)
-        figures = run_bench(cfg, rt, inputs, steps=steps, warmup=max(10, steps // 10))
+        inputs = load_inputs(data, WorkPaths.for_data(data, work), cfg.combination, cfg.img_size, model=cfg.name,
+                             augment_config=cfg.aug)
+        figures = run_bench(cfg, rt, inputs, steps=steps, warmup=max(10, steps // 10) if warmup is None else warmup)
         print_bench(cfg, rt, figures)
         for what in ("train", "infer"):
             share = 100.0 * figures[f"{what}_data_loader"] / figures[f"{what}_random_tensors"]
@@ -72,11 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", type=Path, default=None,
                    help="where the synthetic competition goes (default: a temporary folder, removed after)")
     p.add_argument("--patients", type=int, default=40)
-    p.add_argument("--batch", type=int, default=128, help="batch per GPU")
+    p.add_argument("--models", default="", help="zoo names (spaces or commas): each at its spec's own size and "
+                   "batch; default: resnet50 and efficientnet_b0 at 256 px and --batch (the calibration)")
+    p.add_argument("--batch", type=int, default=128, help="batch per GPU of the calibration run")
     p.add_argument("--steps", type=int, default=200, help="timed steps per figure")
     p.add_argument("--workers", type=int, default=None, help="loader workers (default: cores / GPUs)")
     p.add_argument("--compile", action="store_true", help="torch.compile the models too")
     args = p.parse_args(argv)
+    models = [m for m in args.models.replace(",", " ").split() if m]
+    from level1_models.caches import needed_cache_sizes
+
+    sizes = sorted(needed_cache_sizes(models)) if models else [256]  # an unknown name stops here
 
     import torch
 
@@ -88,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.cpu_count()} CPU cores", flush=True)
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         root = args.dir or Path(tmp)
-        data, work = prepare_dataset(root, args.patients, os.cpu_count() or 1)
-        bench_models(data, work, args.batch, args.steps, args.workers, args.compile)
+        data, work = prepare_dataset(root, args.patients, os.cpu_count() or 1, sizes)
+        bench_models(data, work, models or list(MODELS), None if models else args.batch, args.steps, args.workers,
+                     args.compile)
         if gpus >= 2:
             ddp_check(data, work, gpus)
     return 0

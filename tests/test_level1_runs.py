@@ -154,6 +154,20 @@ def test_gpu_check_on_a_machine_without_a_gpu_says_so_and_passes(capsys, monkeyp
     assert "no CUDA GPU" in capsys.readouterr().out
 
 
+def test_gpu_check_models_run_at_their_spec_size_and_batch(tmp_path, capsys):
+    """The path `make gpu-check MODELS=...` takes on a GPU, run on the CPU: each spec at its own
+    size and batch from the real loader (the peak-memory line needs CUDA)."""
+    from conftest import prepare_tiny_competition
+    from level1_models import gpu_check
+
+    data, paths = prepare_tiny_competition(tmp_path, cache_size=64)
+    gpu_check.bench_models(data, paths.root, ["tiny_resnet"], None, steps=2, workers=0, compile_=False, warmup=1)
+    out = capsys.readouterr().out
+    assert "bench_model: tiny_resnet (test_resnet, 3 ch, 64 px, batch 32" in out
+    for name in ("train_random_tensors", "train_data_loader", "tiny_resnet_train_loader_share"):
+        assert f"{name}: " in out
+
+
 def test_a_cache_without_the_test_images_is_an_error(tmp_path):
     inputs = make_inputs(n_train=16, n_test=4)
     inputs.trainable = set(inputs.folds["image_id"])  # the train images only
