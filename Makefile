@@ -123,8 +123,10 @@ cache: $(STAMP) ## only the image cache (int16 HU at CACHE_SIZE px) for DATA
 list-models: $(STAMP) ## the model zoo (names for MODEL=)
 	$(PY) -m level1_models list
 
+# The real competition's counts, or those of DATA's work folder when DATA is given on the command line.
 plan: $(STAMP) ## before a GPU run: caches, FLOPs/image, GPU-hours per fold and in all, embeddings, wall time on GPUS (MODELS N_FOLDS EPOCHS IMG_SIZE BATCH LIMIT SET)
 	$(PY) -m level1_models plan $(if $(MODELS),--models "$(MODELS)") $(call opt,--gpus,$(GPUS)) $(call opt,--n-folds,$(N_FOLDS)) \
+	  $(if $(filter command line environment,$(origin DATA)),--data $(DATA) $(work_opt)) \
 	  $(call opt,--epochs,$(EPOCHS)) $(call opt,--img-size,$(IMG_SIZE)) $(call opt,--batch,$(BATCH)) \
 	  $(call opt,--limit,$(LIMIT)) $(sets)
 

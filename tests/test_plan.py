@@ -99,3 +99,22 @@ def test_cli_prints_a_row_per_model(capsys, tmp_path):
     saved = json.loads(out_json.read_text())
     assert [r["name"] for r in saved["rows"]] == ["tiny_resnet", "tiny_efficientnet", "resnet50"]
     assert saved["counts"] == {"train_images": 752_803, "test_images": 121_232, "n_folds": 5}
+
+
+def test_counts_from_a_prepared_work_folder(tmp_path, capsys):
+    import pandas as pd
+
+    from level1_models.plan import counts_from_work
+
+    work = tmp_path / "work"
+    work.mkdir()
+    pd.DataFrame({"image_id": [f"ID_{i}" for i in range(12)], "fold": [i % 3 for i in range(12)]}).to_parquet(
+        work / "folds.parquet")
+    pd.DataFrame({"split": ["train"] * 12 + ["test"] * 4}).to_parquet(work / "metadata.parquet")
+    assert counts_from_work(tmp_path / "data", work) == Counts(train_images=12, test_images=4, n_folds=3)
+    argv = ["plan", "--models", "tiny_resnet", "--data", str(tmp_path / "data"), "--work", str(work), "--n-folds", "5"]
+    assert run_main(main, argv, prog="level1_models") == 2
+    assert "prepared with 3 folds, not N_FOLDS=5" in capsys.readouterr().err
+    assert run_main(main, ["plan", "--models", "tiny_resnet", "--data", str(tmp_path / "nowhere")],
+                    prog="level1_models") == 2
+    assert "run make prepare" in capsys.readouterr().err
