@@ -17,6 +17,8 @@ reference's rate x the reference's FLOPs per image / the spec's (the reference c
 way at the measured size): efficientnet_b0 for the depthwise-convolution families (efficientnet,
 mobilenet: memory-bound, so FLOPs understate their time), resnet50 for every other net. This is
 rough, +-2x; more where the batch is far from the measured 128 (small batches use a GPU less well).
+No estimate exceeds the fastest rate measured from the real loader (nothing faster was seen: a
+small net would wait for its data), so the tiny nets are capped rather than priced by their FLOPs.
 
 Time per fold: epochs x (the fold's training images / training rate + its validation images x
 TTA views / inference rate), then the OOF and test prediction with the best checkpoint (x TTA
@@ -165,6 +167,7 @@ class Row:
     images_per_epoch: int
     gflops: float  # forward, per image
     reference: str
+    capped: bool  # the FLOP scaling was faster than any loader rate measured: held at that rate
     train_rate: float  # estimated images/s on one GPU
     infer_rate: float
     fold_hours: float
@@ -204,6 +207,7 @@ def make_plan(names: Sequence[str], overrides: Mapping[str, Any] | None = None, 
     slices = counts.train_images + counts.test_images
     caches = {size: _cache_bytes(size, slices) for size in _needed_cache_sizes(cfgs)}
     val_images = round(counts.train_images / counts.n_folds)
+    ceiling = {k: max(m[k] for m in calibration.references.values()) for k in ("train_loader", "infer_loader")}
     rows, jobs = [], []
     for cfg in cfgs:
         net = count_network(cfg)
@@ -211,6 +215,8 @@ def make_plan(names: Sequence[str], overrides: Mapping[str, Any] | None = None, 
         measured = calibration.references[ref]
         scale = ref_flops[ref] / net.flops
         train_rate, infer_rate = measured["train_loader"] * scale, measured["infer_loader"] * scale
+        capped = train_rate > ceiling["train_loader"] or infer_rate > ceiling["infer_loader"]
+        train_rate, infer_rate = min(train_rate, ceiling["train_loader"]), min(infer_rate, ceiling["infer_loader"])
         per_epoch = counts.train_images - val_images
         if cfg.limit is not None:
             per_epoch = min(per_epoch, cfg.limit)
@@ -222,7 +228,7 @@ def make_plan(names: Sequence[str], overrides: Mapping[str, Any] | None = None, 
         rows.append(Row(name=cfg.name, arch=cfg.arch, img_size=cfg.img_size, channels=n_channels(cfg.combination),
                         batch=cfg.batch_size, epochs=cfg.epochs, tta=cfg.tta, cache_size=cfg.img_size,
                         cache_bytes=caches[cfg.img_size], images_per_epoch=per_epoch, gflops=net.flops / 1e9,
-                        reference=ref, train_rate=train_rate, infer_rate=infer_rate, fold_hours=fold_h,
+                        reference=ref, capped=capped, train_rate=train_rate, infer_rate=infer_rate, fold_hours=fold_h,
                         hours=fold_h * counts.n_folds,
                         embedding_bytes=embedding_bytes(net.width, counts) if cfg.save_embeddings else 0,
                         wall_hours=wall_hours(model_jobs, gpus)))
@@ -241,7 +247,7 @@ def format_plan(plan: Plan) -> str:
               "from", "GPU-h/fold", "GPU-h", "embeddings", f"wall, {plan.gpus} GPU{'s' * (plan.gpus > 1)}")
     lines = [[r.name, r.arch, str(r.img_size), str(r.channels), str(r.batch), str(r.epochs),
               f"{r.cache_size} px", f"{r.images_per_epoch:,}", f"{r.gflops:.2f}", f"{r.train_rate:,.0f}",
-              r.reference, f"{r.fold_hours:.2f}", f"{r.hours:.1f}", f"{r.embedding_bytes / GB:.1f} GB",
+              r.reference + " (cap)" * r.capped, f"{r.fold_hours:.2f}", f"{r.hours:.1f}", f"{r.embedding_bytes / GB:.1f} GB",
               _hours(r.wall_hours)] for r in plan.rows]
     cache_total = sum(plan.caches.values())
     lines.append([f"total ({len(plan.rows)})", "", "", "", "", "", f"{cache_total / GB:.0f} GB", "", "", "", "", "",
@@ -263,7 +269,8 @@ def format_plan(plan: Plan) -> str:
         f"FLOPs: torch FlopCounterMode, one forward at batch 1, 2 FLOPs per multiply-add; training ~ "
         f"{TRAIN_FORWARDS} x forward.",
         f"train img/s per GPU: estimate from the reference in 'from' measured by make gpu-check {cal.date} on "
-        f"{cal.gpu} ({cal.setup}), scaled by FLOPs per image: rough, +-2x, worse at batches far from {cal.batch}.",
+        f"{cal.gpu} ({cal.setup}), scaled by FLOPs per image: rough, +-2x, worse at batches far from {cal.batch}."
+        + (" (cap): held at the fastest rate measured from the real loader." if any(r.capped for r in plan.rows) else ""),
         f"Wall: each fold is an independent one-GPU job (make oof MODEL=m FOLDS=k); {plan.gpus} GPU(s) take the "
         f"jobs longest first.",
     ]

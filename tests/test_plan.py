@@ -68,6 +68,9 @@ def test_plan_arithmetic_by_hand():
     assert limited.images_per_epoch == 500
     assert limited.fold_hours * 3600 == pytest.approx(2 * (5 + 0.5) + 1)
 
+    tiny = make_plan(["tiny_resnet"], {}, counts, calibration=cal).rows[0]  # far fewer FLOPs than resnet50
+    assert tiny.capped and tiny.train_rate == 100.0 and tiny.infer_rate == 400.0  # never above a measured rate
+
 
 def test_wall_time_packs_folds_onto_gpus():
     assert wall_hours([1.0] * 5, 8) == 1.0
@@ -91,9 +94,10 @@ def test_cli_prints_a_row_per_model(capsys, tmp_path):
     argv = ["plan", "--models", "tiny_resnet tiny_efficientnet,resnet50", "--gpus", "8", "--json", str(out_json)]
     assert run_main(main, argv, prog="level1_models") == 0
     lines = capsys.readouterr().out.splitlines()
-    for name, ref in (("tiny_resnet", "resnet50"), ("tiny_efficientnet", "efficientnet_b0"), ("resnet50", "resnet50")):
+    for name, ref in (("tiny_resnet", "resnet50 (cap)"), ("tiny_efficientnet", "efficientnet_b0 (cap)"),
+                      ("resnet50", "resnet50 ")):
         (row,) = [line for line in lines if line.startswith(name + " ")]
-        assert f" {ref} " in row
+        assert f" {ref}" in row
     assert any(line.startswith("total (3)") for line in lines)
     assert "+-2x" in "\n".join(lines)
     saved = json.loads(out_json.read_text())
