@@ -44,6 +44,7 @@ from typing import Any
 from features.cache import expected_cache_bytes
 from features.windows import n_channels
 from level1_models.config import TrainConfig, build_config
+from level1_models.registry import get_spec
 
 # The README's recommended real-data set; `make plan` without MODELS prices these.
 RECOMMENDED = ("resnet50", "efficientnet_b3", "inceptionv3", "dilated_resnet50", "vgg16")
@@ -141,11 +142,11 @@ def wall_hours(jobs: Iterable[float], gpus: int) -> float:
     return max(free)
 
 
-def _needed_cache_sizes(cfgs: Sequence[TrainConfig]) -> dict[int, list[str]]:
-    """Cache size -> the models reading it (a model is assumed to read the cache of its own size)."""
+def _needed_cache_sizes(model_names: Sequence[str]) -> dict[int, list[str]]:
+    """Cache size -> the zoo specs reading it (a spec is assumed to read the cache of its own size)."""
     sizes: dict[int, list[str]] = {}
-    for cfg in cfgs:
-        sizes.setdefault(cfg.img_size, []).append(cfg.name)
+    for name in dict.fromkeys(model_names):
+        sizes.setdefault(get_spec(name).img_size, []).append(name)
     return dict(sorted(sizes.items()))
 
 
@@ -205,7 +206,11 @@ def make_plan(names: Sequence[str], overrides: Mapping[str, Any] | None = None, 
     cfgs = [build_config(name, {**(overrides or {}), "pretrained": False}) for name in names]
     ref_flops = {ref: count_network(calibration.reference_config(ref)).flops for ref in calibration.references}
     slices = counts.train_images + counts.test_images
-    caches = {size: _cache_bytes(size, slices) for size in _needed_cache_sizes(cfgs)}
+    # IMG_SIZE= puts every model at one size: they all read that one cache.
+    needed = ({cfgs[0].img_size: list(names)} if overrides and "img_size" in overrides
+              else _needed_cache_sizes(names))
+    caches = {size: _cache_bytes(size, slices) for size in sorted(needed)}
+    reads = {name: size for size, readers in needed.items() for name in readers}
     val_images = round(counts.train_images / counts.n_folds)
     ceiling = {k: max(m[k] for m in calibration.references.values()) for k in ("train_loader", "infer_loader")}
     rows, jobs = [], []
@@ -226,8 +231,8 @@ def make_plan(names: Sequence[str], overrides: Mapping[str, Any] | None = None, 
         model_jobs = [fold_h] * counts.n_folds
         jobs += model_jobs
         rows.append(Row(name=cfg.name, arch=cfg.arch, img_size=cfg.img_size, channels=n_channels(cfg.combination),
-                        batch=cfg.batch_size, epochs=cfg.epochs, tta=cfg.tta, cache_size=cfg.img_size,
-                        cache_bytes=caches[cfg.img_size], images_per_epoch=per_epoch, gflops=net.flops / 1e9,
+                        batch=cfg.batch_size, epochs=cfg.epochs, tta=cfg.tta, cache_size=reads[cfg.name],
+                        cache_bytes=caches[reads[cfg.name]], images_per_epoch=per_epoch, gflops=net.flops / 1e9,
                         reference=ref, capped=capped, train_rate=train_rate, infer_rate=infer_rate, fold_hours=fold_h,
                         hours=fold_h * counts.n_folds,
                         embedding_bytes=embedding_bytes(net.width, counts) if cfg.save_embeddings else 0,
@@ -281,7 +286,7 @@ def format_plan(plan: Plan) -> str:
 def split_names(text: str | None) -> list[str]:
     """``"a b,c"`` -> ``["a", "b", "c"]``; None or blank -> the recommended set."""
     names = [n for n in re.split(r"[,\s]+", text or "") if n]
-    return names or list(RECOMMENDED)
+    return list(dict.fromkeys(names)) or list(RECOMMENDED)
 
 
 def counts_from_work(data: Path, work: Path | None) -> Counts:

@@ -79,7 +79,7 @@ def test_wall_time_packs_folds_onto_gpus():
 
 
 def test_model_names_split_on_commas_and_spaces():
-    assert split_names("a b,c ,, d") == ["a", "b", "c", "d"]
+    assert split_names("a b,c ,, d a") == ["a", "b", "c", "d"]
     assert split_names(None) == split_names("  ") and len(split_names(None)) >= 3
 
 
