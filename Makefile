@@ -49,9 +49,16 @@ OUT      ?=
 BUNDLE   ?=
 SET      ?=
 STACK_OPTS ?=
-# 512 serves every spec of the zoo (none reads more); the demo's tiny models need no more than 256.
+# 512 serves every spec of the zoo (none reads more; MODELS= builds just what those read, see
+# level1_models/caches.py); the demo's tiny models need no more than 256.
 CACHE_SIZE ?= 512
 DEMO_CACHE_SIZE ?= 256
+
+# make prepare / cache MODELS="a b c" (or a,b,c): the cache sizes those specs read (an unknown name
+# stops before any work), each one resumable pass; without MODELS, CACHE_SIZE.
+comma := ,
+cache_sizes = $(if $(strip $(MODELS)),$$($(PY) -m level1_models cache-sizes $(subst $(comma), ,$(MODELS))),$(CACHE_SIZE))
+cache_pass = for size in $$sizes; do $(PY) -m features cache --data $(DATA) $(work_opt) --size $$size $(call opt,--workers,$(WORKERS)); done
 
 # Options passed on only when set, so the Python defaults stay the single source of truth.
 work_opt = $(if $(WORK),--work $(WORK))
@@ -113,12 +120,13 @@ synthetic: $(STAMP) ## write the synthetic competition into DATA if given, else 
 data: $(STAMP) ## kaggle competitions download + safe unzip into DATA (needs Kaggle credentials)
 	$(PY) -m competition download --data $(DATA)
 
-prepare: $(STAMP) ## metadata, labels, folds (N_FOLDS, default 5) and the image cache for DATA
-	$(PY) -m competition prepare --data $(DATA) $(work_opt) $(call opt,--workers,$(WORKERS)) $(call opt,--n-folds,$(N_FOLDS))
-	$(PY) -m features cache --data $(DATA) $(work_opt) --size $(CACHE_SIZE) $(call opt,--workers,$(WORKERS))
+prepare: $(STAMP) ## metadata, labels, folds (N_FOLDS, default 5) and the image cache for DATA (the sizes MODELS="a b" read, else CACHE_SIZE)
+	sizes="$(cache_sizes)"; \
+	$(PY) -m competition prepare --data $(DATA) $(work_opt) $(call opt,--workers,$(WORKERS)) $(call opt,--n-folds,$(N_FOLDS)); \
+	$(cache_pass)
 
-cache: $(STAMP) ## only the image cache (int16 HU at CACHE_SIZE px) for DATA
-	$(PY) -m features cache --data $(DATA) $(work_opt) --size $(CACHE_SIZE) $(call opt,--workers,$(WORKERS))
+cache: $(STAMP) ## only the image cache (int16 HU) for DATA: the sizes MODELS="a b" read (python -m level1_models cache-sizes), else CACHE_SIZE px
+	sizes="$(cache_sizes)"; $(cache_pass)
 
 list-models: $(STAMP) ## the model zoo (names for MODEL=)
 	$(PY) -m level1_models list

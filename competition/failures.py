@@ -155,10 +155,20 @@ def describe_os_error(exc: OSError, fallback: str | None = None) -> str:
     return f"{file}: {exc.strerror or first_line(exc)} ({name}); fix that, then {RERUN}"
 
 
+def raised_with_own_message(exc: BaseException) -> bool:
+    """An error type of this project raised with its own message (not wrapping an OS error code):
+    that message names the cause and the ways out, and no generic line may replace it, even when
+    the text quotes an OS error such as ``[Errno 111]`` from a failed download."""
+    ours = type(exc).__module__.split(".")[0] in PACKAGES
+    return ours and bool(str(exc)) and not (isinstance(exc, OSError) and exc.errno is not None)
+
+
 def describe(exc: BaseException, expected: tuple[type[BaseException], ...] = (), fallback: str | None = None) -> str | None:
     """One line for a known failure (``expected``: the project's own error types), else None."""
     if isinstance(exc, FixableError):
         return str(exc)
+    if raised_with_own_message(exc) and checkpoint_file(exc) is None:
+        return first_line(exc, 1000)
     checkpoint = checkpoint_file(exc)
     if checkpoint is not None and isinstance(exc, (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile,
                                                    EOFError, ValueError, OSError)):

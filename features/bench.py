@@ -9,9 +9,16 @@
   naive loader that reads the DICOM and builds `bsb` in float64 per call, then applies the same
   augmentations with stock albumentations;
 - 2.5D: cache reads per item and loader rate for `brain3` and the 9-channel `bsb3`;
+- distortion: the loader rate of `brain3` with `distort` 0.5 (one of elastic / grid / optical
+  distortion on half the items) against `distort` 0, the rest of the augmentations as the default;
 - formats: bytes per slice (stored, and on disk) and the loader rate of the head-cropped cache
   with each codec (lz4, zstd) against the format before them (raw int16 of the whole slice, the v1
-  memory map's bytes, read through today's reader), in the same run, alternated.
+  memory map's bytes, read through today's reader), in the same run, alternated;
+- cache sizes (``--only cache-sizes`` runs just these): the augmented uint8 loader rate of the
+  2.5D stacks (``brain3``, ``bsb3``) at 256, 384 and 480 px read from a cache of exactly that size
+  against the 512 px cache shrunk on the fly, alternated, with 512 from 512 as the reference; the
+  ratio exact / larger is what reading a larger cache costs (level1_models.caches turns it into
+  the rule of which cache a model reads).
 Each rate is the median of ``--repeats`` runs. One-process rates are given per CPU-second of the
 process (``name``: what one core does, however many other jobs share the machine) and per
 wall-clock second (``name_wall``). Our runs and the baseline's alternate so that both see the same
@@ -47,6 +54,10 @@ from features.slice_codec import DEFAULT_CODEC
 TARGET_BUILD_PER_CORE = 250.0
 TARGET_LOADER_PER_WORKER = 600.0
 TARGET_LOADER_RATIO = 5.0
+# The cache-sizes figure set: model input sizes read from their own cache vs from LARGE_CACHE.
+CACHE_SIZE_TARGETS = (256, 384, 480)
+LARGE_CACHE = 512
+STACKS = ("brain3", "bsb3")  # the winners' 2.5D inputs: 3 slices, 3 and 9 channels
 
 
 @dataclass
@@ -188,6 +199,57 @@ def compare_formats(caches: dict[str, tuple[ImageCache, str]], ids: list[str], s
             print(f"loader_{combination}_{name}_vs_{first}: {1 / ratio:.2f} x")
 
 
+def cache_size_figures(data: Path, sample: pd.DataFrame, tmp: Path, args: argparse.Namespace) -> None:
+    """Loader rate (augmented, uint8 out, as training reads) of each 2.5D stack at each target
+    size from a cache of that size vs from the LARGE_CACHE one (shrunk per slice on the fly)."""
+    ids = sample["image_id"].tolist()
+    sizes = (*CACHE_SIZE_TARGETS, LARGE_CACHE)
+    for size in sizes:
+        build_cache(data, sample, tmp / "sizes", size=size, workers=args.workers, progress=False,
+                    bad_files_csv=tmp / "bad_files.csv")
+    caches = {size: ImageCache(tmp / "sizes", size) for size in sizes}
+    print(f"cache_sizes: {', '.join(map(str, CACHE_SIZE_TARGETS))} px, each from its own cache and from the "
+          f"{LARGE_CACHE} px one (augmented, uint8 out, one process)")
+
+    def loader(combination: str, cache_size: int, size: int) -> SliceDataset:
+        ds = SliceDataset(ids, sample, caches[cache_size], combination, size, augment=True, as_uint8=True)
+        ds[0]  # the augmenter and the memory map, outside the timed runs
+        return ds
+
+    for combination in STACKS:
+        reference = loader(combination, LARGE_CACHE, LARGE_CACHE)
+        show(f"loader_{combination}_{LARGE_CACHE}_from_{LARGE_CACHE}",
+             median_rate(lambda: dataset_pass(reference, args.loader_n), args.repeats), "tensors/s", "reference")
+        for size in CACHE_SIZE_TARGETS:
+            exact, larger = loader(combination, size, size), loader(combination, LARGE_CACHE, size)
+            rate_exact, rate_larger, ratio = paired_rates(lambda: dataset_pass(exact, args.loader_n),
+                                                          lambda: dataset_pass(larger, args.loader_n), args.repeats)
+            show(f"loader_{combination}_{size}_from_{size}", rate_exact, "tensors/s")
+            show(f"loader_{combination}_{size}_from_{LARGE_CACHE}", rate_larger, "tensors/s")
+            print(f"loader_{combination}_{size}_exact_vs_{LARGE_CACHE}: {ratio:.2f} x")
+
+
+def compare_distort(cache: ImageCache, ids: list[str], sample: pd.DataFrame, size: int, repeats: int,
+                    loader_n: int, combination: str = "brain3", p: float = 0.5) -> tuple[Rate, Rate, float]:
+    """Augmented loader rates with ``distort`` p against 0 (one process, alternated); prints them
+    and returns (with, without, median ratio with / without per CPU-second)."""
+    def dataset(distort: float) -> SliceDataset:
+        ds = SliceDataset(ids, sample, cache, combination, size, augment=True,
+                          augment_config=AugmentConfig(distort=distort))
+        ds.reseed(0)
+        return ds
+
+    on, off = dataset(p), dataset(0.0)
+    on[0], off[0]
+    rate_on, rate_off, ratio = paired_rates(lambda: dataset_pass(on, loader_n), lambda: dataset_pass(off, loader_n),
+                                            repeats)
+    show(f"loader_{combination}_distort{p:g}_per_worker", rate_on, "tensors/s")
+    show(f"loader_{combination}_distort0_per_worker", rate_off, "tensors/s")
+    print(f"loader_{combination}_distort{p:g}_vs_distort0: {ratio:.2f} x "
+          f"({1e3 / rate_on.cpu - 1e3 / rate_off.cpu:.2f} ms more CPU per item)")
+    return rate_on, rate_off, ratio
+
+
 def run_bench(args: argparse.Namespace) -> None:
     cv2.setNumThreads(1)  # one process = one core, as in a DataLoader worker
     torch.set_num_threads(1)
@@ -215,6 +277,9 @@ def run_bench(args: argparse.Namespace) -> None:
 
     with tempfile.TemporaryDirectory(dir=paths.root, prefix="bench-") as tmp:
         tmp = Path(tmp)
+        if args.only == "cache-sizes":
+            cache_size_figures(args.data, sample, tmp, args)
+            return
         runs = iter(range(10**6))
 
         def build(workers: int, codec: str = DEFAULT_CODEC, crop: bool = True, name: str = "") -> int:
@@ -265,12 +330,14 @@ def run_bench(args: argparse.Namespace) -> None:
         show("baseline_loader_bsb_noaug_per_worker", base[False], "tensors/s")
         print(f"loader_vs_baseline_aug: {ratio[True]:.1f} x")
         print(f"loader_vs_baseline_noaug: {ratio[False]:.1f} x")
+        compare_distort(cache, ids, sample, size, args.repeats, args.loader_n)
         formats = {"before": ("raw", False, "raw int16 of the whole slice (the v1 format's bytes)")}
         formats |= {codec: (codec, True, f"{codec}, head crop") for codec in ("lz4", "zstd")}
         for name, (codec, crop, _) in formats.items():
             build(1, codec, crop, name)
         compare_formats({name: (ImageCache(tmp / name), label) for name, (_, _, label) in formats.items()},
                         ids, sample, size, cfg, args)
+        cache_size_figures(args.data, sample, tmp, args)
 
     met = {
         f"build >= {TARGET_BUILD_PER_CORE:.0f}/s/core": build_1.cpu >= TARGET_BUILD_PER_CORE,
@@ -290,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-n", type=int, default=100, help="items per timed naive-loader pass")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--only", choices=("cache-sizes",), default=None,
+                        help="just one figure set (cache-sizes: loader rate from an exact vs a larger cache)")
     run_bench(parser.parse_args(argv))
     return 0
 

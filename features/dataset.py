@@ -70,7 +70,11 @@ class SliceDataset(Dataset):
     ``image_ids`` fixes the order; ``metadata`` gives each image's series and z order (and header
     windows); ``labels`` (image_id + LABELS columns) may be None for test images (zeros are
     returned). ``augment`` turns the training augmentations on; leave it off for validation, OOF
-    and test prediction. A cache of another size than ``size`` is resized on the fly.
+    and test prediction. ``augment_config`` says which and how strongly (the model spec's ``aug``;
+    see ``features.augment``); its ``channel_swap`` reverses the K slices (in ``combination.offsets``
+    order, with their header windows) before windowing, which for the symmetric stacks here
+    (offsets -1, 0, +1) swaps the previous and next slice. A cache of another size than ``size`` is
+    resized on the fly.
     """
 
     def __init__(
@@ -180,6 +184,9 @@ class SliceDataset(Dataset):
         header = self._header[i] if self._header is not None else None
         if self.augment:
             aug = self._get_augmenter()
+            if aug.swap_slices(len(hu)):  # channel_swap: the stack flipped in z, each slice with its own header
+                hu = hu[::-1]
+                header = None if header is None else header[::-1]
             if len(hu) == 1:  # one slice: warp it as a plain H x W image
                 hu = aug.geometric(hu[0])[None]
             else:

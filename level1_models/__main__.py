@@ -1,5 +1,6 @@
 """``python -m level1_models <command>``: oof (K-fold training), list (the zoo), bench (images/s),
-plan (what a run of several models costs, before it starts).
+cache-sizes (the image caches some specs read: ``make prepare`` / ``make cache MODELS=...``), plan (what
+a run of several models costs, before it starts).
 
 Under ``torchrun --nproc_per_node=N -m level1_models oof ...`` each process trains its share of
 every batch (DDP); only rank 0 writes files.
@@ -33,7 +34,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="auto, cpu or cuda")
     p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any spec or run field, e.g. --set lr=3e-4 --set compile=true (repeatable)")
+                   help="override any spec or run field, e.g. --set lr=3e-4 --set compile=true, or one augmentation "
+                        "field: --set aug.rotate=30 (repeatable)")
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
@@ -73,7 +75,7 @@ def cmd_list(args: argparse.Namespace) -> None:
         spec = get_spec(name)
         if args.cpu and not spec.cpu_friendly:
             continue
-        print(f"{name:<18} {spec.arch:<30} {spec.combination:<12} {spec.img_size:>4} px  batch {spec.batch_size:<3} "
+        print(f"{name:<22} {spec.arch:<36} {spec.combination:<10} {spec.img_size:>4} px  batch {spec.batch_size:<3} "
               f"{spec.epochs} ep  {spec.description}")
 
 
@@ -87,8 +89,22 @@ def cmd_bench(args: argparse.Namespace) -> None:
     cfg, rt = setup_runtime(build_config(args.model, overrides_from(args)))
     inputs = None
     if args.data is not None:
-        inputs = load_inputs(args.data, WorkPaths.for_data(args.data, args.work), cfg.combination, cfg.img_size)
+        inputs = load_inputs(args.data, WorkPaths.for_data(args.data, args.work), cfg.combination, cfg.img_size,
+                             model=cfg.name, augment_config=cfg.aug)
     print_bench(cfg, rt, run_bench(cfg, rt, inputs, steps=args.steps, warmup=args.warmup))
+
+
+def cmd_cache_sizes(args: argparse.Namespace) -> None:
+    from level1_models.caches import REAL_SLICES, cache_bytes, needed_cache_sizes
+
+    names = [n for word in args.models for n in word.split(",") if n]
+    if not names:
+        raise ValueError("name at least one model (python -m level1_models list)")
+    needed = needed_cache_sizes(names)  # an unknown name fails here, with the close names
+    for size, models in sorted(needed.items()):
+        print(f"cache {size} px (about {cache_bytes(size) / 1e9:.0f} GB for the real {REAL_SLICES:,} slices): "
+              f"{', '.join(models)}", file=sys.stderr)
+    print(" ".join(str(size) for size in sorted(needed)))
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -121,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="timed steps per figure")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("cache-sizes", help="the image cache sizes (px) that MODELS read, one line on stdout; "
+                                           "which models read each, on stderr")
+    p.add_argument("models", nargs="+", help="zoo names, separated by spaces or commas")
+    p.set_defaults(func=cmd_cache_sizes)
 
     from level1_models.plan import RECOMMENDED, TEST_IMAGES, TRAIN_IMAGES
 

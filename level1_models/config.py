@@ -1,7 +1,8 @@
 """A run's configuration: the named spec, the run options, and command-line overrides.
 
 ``TrainConfig`` is one flat record (spec fields + run fields) so that ``--set key=value`` can
-override any of them; ``resolve`` fixes the automatic choices (device, mixed precision,
+override any of them; the one nested record, the spec's augmentations ``aug``, is overridden a
+field at a time (``--set aug.rotate=30``); ``resolve`` fixes the automatic choices (device, mixed precision,
 channels-last) so the saved ``config.json`` says exactly what ran.
 """
 from __future__ import annotations
@@ -18,11 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from features.augment_config import FIELD_NAMES as AUG_FIELD_NAMES
+from features.augment_config import FIELD_TYPES as AUG_TYPES
+from features.augment_config import AugmentConfig
 from level1_models.registry import ModelSpec, get_spec
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 DEVICES = ("auto", "cpu", "cuda")
-LR_SCALES = ("auto", "linear", "sqrt", "none")
 
 # Fields that decide what a checkpoint *is*: a model folder trained with other values cannot be
 # resumed or mixed with this run.
@@ -50,10 +53,6 @@ class TrainConfig(ModelSpec):
     require_pretrained: bool = False  # missing weights are an error instead of training from scratch
     eval_batch_size: int | None = None  # None: 2 x batch_size
     accumulate: int = 1  # micro-batches per optimiser step (gradient accumulation)
-    # The spec's lr is for one process at batch_size. With W processes and k accumulation steps the
-    # global batch is W * k * batch_size and lr is multiplied by W * k (linear) or its square root
-    # (sqrt); auto = timm's rule: sqrt for the Adam family, linear for SGD.
-    lr_scale: str = "auto"
     checkpoint_minutes: float = 15.0  # also save the resume state every N minutes within an epoch (0: off)
     save_embeddings: bool = True  # pooled features (float16) of the OOF and test images, for level 2
 
@@ -69,8 +68,6 @@ class TrainConfig(ModelSpec):
             raise ConfigError(f"workers must be >= 0, got {self.workers}")
         if self.accumulate < 1:
             raise ConfigError(f"accumulate must be >= 1 micro-batches per step, got {self.accumulate}")
-        if self.lr_scale not in LR_SCALES:
-            raise ConfigError(f"lr_scale must be one of {', '.join(LR_SCALES)}, got {self.lr_scale!r}")
         if self.prefetch < 1:
             raise ConfigError(f"prefetch must be >= 1, got {self.prefetch}")
         if self.threads is not None and self.threads < 1:
@@ -80,32 +77,66 @@ class TrainConfig(ModelSpec):
     def eval_batch(self) -> int:
         return self.eval_batch_size or 2 * self.batch_size
 
+    def global_batch(self, world_size: int) -> int:
+        return self.batch_size * world_size * self.accumulate
+
+    @property
+    def lr_rule(self) -> str:
+        if self.lr_scale == "auto":
+            return "linear" if self.optimizer == "sgd" else "sqrt"
+        return self.lr_scale
+
     def lr_factor(self, world_size: int) -> float:
-        """How much the spec's lr grows with the global batch (see ``lr_scale``)."""
-        growth = world_size * self.accumulate
-        rule = self.lr_scale
-        if rule == "auto":
-            rule = "linear" if self.optimizer == "sgd" else "sqrt"
-        return {"linear": float(growth), "sqrt": math.sqrt(growth), "none": 1.0}[rule]
+        """How much the spec's lr moves from its ``lr_batch`` to this run's global batch (``lr_scale``)."""
+        ratio = self.global_batch(world_size) / (self.lr_batch or self.batch_size)
+        return {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[self.lr_rule]
+
+    def lr_note(self, world_size: int) -> str:
+        """One line for the start of a run: the lr it trains at and the rule that made it."""
+        base = self.lr_batch or self.batch_size
+        layout = f"{world_size} process{'es' if world_size > 1 else ''} x batch {self.batch_size}"
+        layout += f" x accumulate {self.accumulate}" if self.accumulate > 1 else ""
+        return (f"{self.name}: lr {self.lr * self.lr_factor(world_size):.3g} at global batch "
+                f"{self.global_batch(world_size)} ({layout}): the spec's {self.lr:.3g} at batch {base}, "
+                f"x{self.lr_factor(world_size):.3g} by the {self.lr_rule} rule (lr_scale={self.lr_scale}; "
+                f'SET="lr_scale=none" keeps the spec\'s lr)')
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        """JSON-ready (tuples become lists, ``aug`` a dict of its fields)."""
+        return _jsonable(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+        """The inverse of ``to_dict``; keys that are not fields are ignored, and a config without
+        ``aug`` (written before specs chose their augmentations) gets the default AugmentConfig."""
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in values.items() if k in known}
-        if kwargs.get("folds") is not None:
-            kwargs["folds"] = tuple(int(f) for f in kwargs["folds"])
+        for name in _TUPLE_FIELDS:  # JSON keeps tuples as lists
+            if isinstance(kwargs.get(name), list):
+                kwargs[name] = tuple(kwargs[name])
+        if kwargs.get("aug") is None:
+            kwargs.pop("aug", None)
+        elif isinstance(kwargs["aug"], Mapping):
+            kwargs["aug"] = AugmentConfig.from_dict(kwargs["aug"])
         return cls(**kwargs)
 
     def identity(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in IDENTITY_FIELDS}
 
 
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
 _TYPES = typing.get_type_hints(TrainConfig)
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
+_TUPLE_FIELDS = tuple(name for name, kind in _TYPES.items()
+                      if typing.get_origin(kind) is tuple or any(typing.get_origin(a) is tuple for a in typing.get_args(kind)))
+AUG = "aug."  # the prefix of an augmentation field: --set aug.rotate=30
 
 
 def _parse_bool(name: str, text: str) -> bool:
@@ -117,13 +148,36 @@ def _parse_bool(name: str, text: str) -> bool:
     raise ConfigError(f"{name}: expected true or false, got {text!r}")
 
 
+def is_field(name: str) -> bool:
+    """A top-level field, or ``aug.<field>`` of the augmentations."""
+    return name in FIELD_NAMES or (name.startswith(AUG) and name[len(AUG):] in AUG_FIELD_NAMES)
+
+
+def _unknown(what: str, name: str, key: str, names: Iterable[str], prefix: str = "") -> ConfigError:
+    """The error of an unknown field: its close matches, then every known name."""
+    names = list(names)
+    close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(prefix + c for c in close)}?" if close else ""
+    return ConfigError(f"unknown {what} {name!r}.{hint} {what.capitalize()}s: {', '.join(prefix + n for n in names)}")
+
+
 def parse_field(name: str, text: str) -> Any:
-    """Parse the command-line text of one field by the field's declared type."""
+    """Parse the command-line text of one field by the field's declared type; ``aug.<field>``
+    parses one augmentation field (``aug.rotate=30``, ``aug.scale=0.85,1.15``)."""
+    if name.startswith(AUG):
+        sub = name[len(AUG):]
+        if sub not in AUG_TYPES:
+            raise _unknown("augmentation field", name, sub, AUG_FIELD_NAMES, prefix=AUG)
+        return _parse_typed(name, AUG_TYPES[sub], text)
+    if name == "aug":
+        raise ConfigError(f"aug is set one field at a time, e.g. --set aug.rotate=30 (SET=\"aug.rotate=30 "
+                          f"aug.erase=0.5\"); fields: {', '.join(AUG + f for f in AUG_FIELD_NAMES)}")
     if name not in _TYPES:
-        close = difflib.get_close_matches(name, FIELD_NAMES, n=3, cutoff=0.5)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise ConfigError(f"unknown config field {name!r}.{hint} Fields: {', '.join(FIELD_NAMES)}")
-    kind = _TYPES[name]
+        raise _unknown("config field", name, name, FIELD_NAMES)
+    return _parse_typed(name, _TYPES[name], text)
+
+
+def _parse_typed(name: str, kind: Any, text: str) -> Any:
     args = typing.get_args(kind)
     optional = isinstance(kind, types.UnionType) and type(None) in args
     if optional:
@@ -139,8 +193,16 @@ def parse_field(name: str, text: str) -> Any:
             return float(text)
         if kind is str:
             return text
-        if typing.get_origin(kind) is tuple:
-            return tuple(int(part) for part in text.split(",") if part.strip())
+        if typing.get_origin(kind) is tuple:  # tuple[int, ...] or fixed, e.g. tuple[float, float]
+            elems = typing.get_args(kind)
+            parts = [part for part in text.split(",") if part.strip()]
+            if Ellipsis in elems:
+                return tuple(elems[0](part) for part in parts)
+            if len(parts) != len(elems):
+                raise ConfigError(f"{name}: expected {len(elems)} comma-separated values, got {text!r}")
+            return tuple(elem(part) for elem, part in zip(elems, parts))
+    except ConfigError:
+        raise
     except ValueError as err:
         raise ConfigError(f"{name}: cannot read {text!r} as {getattr(kind, '__name__', kind)} ({err})") from None
     raise ConfigError(f"{name}: unsupported field type {kind}")
@@ -158,15 +220,23 @@ def parse_sets(items: Iterable[str]) -> dict[str, Any]:
 
 
 def build_config(name: str, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
-    """The named spec with overrides applied (None values mean "not given")."""
+    """The named spec with overrides applied (None values mean "not given"); ``aug.<field>`` keys
+    override one field of the spec's augmentations, ``aug`` (an AugmentConfig) all of them."""
     spec = get_spec(name)
     values = dataclasses.asdict(spec)
+    # The spec's lr belongs to the spec's batch: BATCH= then moves lr by the spec's rule.
+    values["lr_batch"] = spec.lr_batch or spec.batch_size
     for key, value in (overrides or {}).items():
-        if key not in FIELD_NAMES:
+        if not is_field(key):
             parse_field(key, "")  # raises the unknown-field error with close matches
         if key == "name" and value != name:
             raise ConfigError("the model name is chosen with --model, not --set name=")
-        values[key] = value
+        if key.startswith(AUG):
+            values["aug"][key[len(AUG):]] = value
+        elif key == "aug" and isinstance(value, AugmentConfig):
+            values["aug"] = dataclasses.asdict(value)
+        else:
+            values[key] = value
     try:
         return TrainConfig.from_dict(values)
     except (TypeError, ValueError) as err:

@@ -20,6 +20,8 @@ from competition.constants import LABELS
 from competition.labels import split_long_ids
 from competition.layout import Layout
 from competition.paths import WorkPaths
+from level1_models.caches import cache_size_for, larger_cache_note
+from features.augment_config import AugmentConfig
 
 
 class CacheTooSmallError(FileNotFoundError):
@@ -75,20 +77,20 @@ def _read_table(path: Path, what: str, data_dir: Path | str) -> pd.DataFrame:
 
 
 def pick_cache_size(available: Sequence[int], img_size: int) -> int:
-    """The smallest cached size that is at least the input size (else the largest one)."""
-    if not available:
-        raise FileNotFoundError("no image cache; run `make prepare` (it builds the cache) first")
-    big_enough = [s for s in sorted(available) if s >= img_size]
-    return big_enough[0] if big_enough else max(available)
+    """The cache a run of ``img_size`` px reads (``level1_models.caches.cache_size_for``)."""
+    return cache_size_for(img_size, available)
 
 
 class CacheDatasets:
     """The real DatasetFactory: ``features.dataset.SliceDataset`` over the image cache."""
 
     def __init__(self, metadata: pd.DataFrame, labels: pd.DataFrame, cache_dir: Path, combination: str, img_size: int,
-                 as_uint8: bool = False):
+                 as_uint8: bool = False, model: str = "this model", augment_config: AugmentConfig = AugmentConfig()):
         """``as_uint8``: images leave the workers as uint8 (training and prediction turn them back
-        into [0, 1] floats on the device with ``features.dataset.unit_float``)."""
+        into [0, 1] floats on the device with ``features.dataset.unit_float``). ``note`` is the line
+        a run prints when it reads a larger cache than its input (what that costs), else None.
+        ``augment_config``: the model spec's augmentations (``cfg.aug``), for the datasets built with
+        ``augment=True``."""
         from features.cache import ImageCache, available_sizes
 
         size = pick_cache_size(available_sizes(cache_dir), img_size)
@@ -101,16 +103,19 @@ class CacheDatasets:
                 f"at the cache's size (IMG_SIZE={size})"
             )
         self.cache = ImageCache(cache_dir, size)
+        self.note = larger_cache_note(model, img_size, size)
         self.metadata, self.labels = metadata, labels
         self.combination, self.img_size = combination, img_size
         self.as_uint8 = as_uint8
+        self.augment_config = augment_config
 
     def __call__(self, image_ids: Sequence[str], labeled: bool, augment: bool) -> Dataset:
         from features.dataset import SliceDataset
 
         return SliceDataset(
             image_ids, self.metadata, self.cache, self.combination, self.img_size,
-            labels=self.labels if labeled else None, augment=augment, as_uint8=self.as_uint8,
+            labels=self.labels if labeled else None, augment=augment, augment_config=self.augment_config,
+            as_uint8=self.as_uint8,
         )
 
     def cached(self, image_ids: Sequence[str]) -> set[str]:
@@ -119,8 +124,11 @@ class CacheDatasets:
         return set(cached_only(image_ids, self.cache))
 
 
-def load_inputs(data_dir: Path | str, paths: WorkPaths, combination: str, img_size: int) -> RunInputs:
-    """The prepared tables of one dataset (``make prepare``) and its cache-backed datasets."""
+def load_inputs(data_dir: Path | str, paths: WorkPaths, combination: str, img_size: int,
+                model: str = "this model", augment_config: AugmentConfig = AugmentConfig()) -> RunInputs:
+    """The prepared tables of one dataset (``make prepare``) and its cache-backed datasets, whose
+    training ones are augmented as ``augment_config`` says (pass the run's ``cfg.aug``); ``model``
+    names the run in the line said when it reads a larger cache."""
     layout = Layout.find(data_dir)
     metadata = _read_table(paths.metadata, "metadata", data_dir)
     labels = _read_table(paths.labels, "labels", data_dir)
@@ -133,6 +141,7 @@ def load_inputs(data_dir: Path | str, paths: WorkPaths, combination: str, img_si
                          f"(first: {absent[0]}; unreadable ones are listed in {paths.bad_files}): download the "
                          f"competition again (make data DATA={data_dir}, it resumes) or restore those files, then "
                          f"make prepare DATA={data_dir}")
-    factory = CacheDatasets(metadata, labels, paths.cache, combination, img_size, as_uint8=True)
+    factory = CacheDatasets(metadata, labels, paths.cache, combination, img_size, as_uint8=True, model=model,
+                            augment_config=augment_config)
     return RunInputs(folds=folds, labels=labels, test_ids=test_ids, datasets=factory,
                      trainable=factory.cached([*folds["image_id"], *test_ids]))

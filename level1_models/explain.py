@@ -366,7 +366,8 @@ def explain_images(
         if datasets is None:
             labels = pd.DataFrame(columns=["image_id", *LABELS])
             # uint8 as in training and OOF prediction, so the explained probability is the OOF one.
-            datasets = CacheDatasets(metadata, labels, paths.cache, cfg.combination, cfg.img_size, as_uint8=True)
+            datasets = CacheDatasets(metadata, labels, paths.cache, cfg.combination, cfg.img_size, as_uint8=True,
+                                     augment_config=cfg.aug)
         image = unit_float(datasets([image_id], labeled=False, augment=False)[0][0])
         attrs = attribute(model, image, label, layer=layer, device=device)
         known = None

@@ -49,7 +49,7 @@ def bench_models(data: Path, work: Path, batch: int, steps: int, workers: int | 
         if workers is not None:
             overrides["workers"] = workers
         cfg, rt = setup_runtime(build_config(name, overrides))
-        inputs = load_inputs(data, WorkPaths.for_data(data, work), cfg.combination, cfg.img_size)
+        inputs = load_inputs(data, WorkPaths.for_data(data, work), cfg.combination, cfg.img_size, augment_config=cfg.aug)
         figures = run_bench(cfg, rt, inputs, steps=steps, warmup=max(10, steps // 10))
         print_bench(cfg, rt, figures)
         for what in ("train", "infer"):

@@ -46,20 +46,24 @@ class Runtime:
             sys.stdout.flush()
 
 
-def epoch_batches(n: int, batch_size: int, seed: int) -> list[np.ndarray]:
+def epoch_batches(n: int, batch_size: int, seed: int, fraction: float = 1.0) -> list[np.ndarray]:
     """Global batches of one epoch: a seeded permutation cut into full batches (one short batch
-    only when there are fewer images than a batch)."""
+    only when there are fewer images than a batch). ``fraction`` < 1 keeps the permutation's first
+    share of the images (at least one batch): a short epoch drawing a new sample each time."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
-    if n < batch_size:
+    if fraction < 1.0:
+        perm = perm[: max(min(n, batch_size), int(round(n * fraction)))]
+    if len(perm) < batch_size:
         return [perm]
-    return [perm[i * batch_size : (i + 1) * batch_size] for i in range(n // batch_size)]
+    return [perm[i * batch_size : (i + 1) * batch_size] for i in range(len(perm) // batch_size)]
 
 
-def epoch_micro_batches(n: int, batch_size: int, world_size: int, accumulate: int, seed: int) -> list[np.ndarray]:
+def epoch_micro_batches(n: int, batch_size: int, world_size: int, accumulate: int, seed: int,
+                        fraction: float = 1.0) -> list[np.ndarray]:
     """The global micro-batches of one epoch: each optimiser step's images (``batch_size x
     world_size x accumulate`` of the seeded permutation) split into ``accumulate`` parts. Micro-batch
     ``m`` belongs to step ``m // accumulate``."""
-    steps = epoch_batches(n, batch_size * world_size * accumulate, seed)
+    steps = epoch_batches(n, batch_size * world_size * accumulate, seed, fraction)
     return [part for step in steps for part in np.array_split(step, min(accumulate, len(step)))]
 
 
@@ -116,8 +120,9 @@ def train_loader(dataset: Dataset, sampler: EpochSampler, cfg: TrainConfig, devi
 
 
 def weighted_bce_sum(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Sum over images of the metric's per-image loss: BCE per label, weighted like the metric
-    (``any`` x2), divided by the weight total. Mean over images = the competition metric."""
+    """Sum over images of the per-image loss: BCE per label, weighted by ``weights`` and divided by
+    their total. With the metric's weights (``any`` x2) the mean over images is the competition
+    metric; with equal weights it is plain BCE."""
     per_pair = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
     return (per_pair * weights).sum() / weights.sum()
 
@@ -136,20 +141,37 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, lr: float | None = 
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=True)
 
 
-def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per optimiser step: linear warmup, then cosine decay to zero (or constant)."""
+def lr_schedule(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """The lr multiplier of optimiser step ``step`` (from 0): a linear warmup, then
+    - cosine: one cosine from 1 to ``min_lr_ratio`` over the remaining steps;
+    - cosine_restarts: cosines of ``restart_epochs`` epochs each, restarting at 1 (1st place, 2019);
+    - step: ``lr_gamma`` to the power of the ``lr_milestones`` passed (epochs finished);
+    - constant: 1."""
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = min(total - 1, int(round(cfg.warmup_epochs * steps_per_epoch)))
+    floor = cfg.min_lr_ratio
+
+    def cosine(progress: float) -> float:
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
         if cfg.scheduler == "constant":
             return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if cfg.scheduler == "step":
+            return cfg.lr_gamma ** sum(step >= m * steps_per_epoch for m in cfg.lr_milestones)
+        if cfg.scheduler == "cosine_restarts":
+            period = max(1, int(round(cfg.restart_epochs * steps_per_epoch)))
+            return cosine(((step - warmup) % period) / period)
+        return cosine((step - warmup) / max(1, total - warmup))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return factor
+
+
+def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per optimiser step, the multiplier of :func:`lr_schedule`."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg, steps_per_epoch))
 
 
 @dataclass
@@ -169,6 +191,24 @@ class EpochResult:
     seconds: float
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights (timm's ModelEmaV3, with its warmup so
+    that short runs average only their later steps): updated after every optimiser step."""
+
+    def __init__(self, core: torch.nn.Module, decay: float):
+        from timm.utils import ModelEmaV3
+
+        self.core = core
+        self.average = ModelEmaV3(core, decay=decay, use_warmup=True)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.average.module
+
+    def update(self, step: int) -> None:
+        self.average.update(self.core, step=step)
+
+
 @dataclass
 class Trainer:
     """What one optimiser step needs; built once per fold."""
@@ -180,10 +220,12 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
+    ema: WeightAverage | None = None
 
     def __post_init__(self) -> None:
-        # The metric's label weights, on the device once rather than copied there every step.
-        self.label_weights = torch.as_tensor(LABEL_WEIGHTS, dtype=torch.float32, device=self.rt.device)
+        # The loss's label weights (the metric's, or equal), on the device once, not every step.
+        weights = LABEL_WEIGHTS if self.cfg.loss == "metric" else [1.0] * len(LABEL_WEIGHTS)
+        self.label_weights = torch.as_tensor(weights, dtype=torch.float32, device=self.rt.device)
 
     def micro_step(self, x: torch.Tensor, y: torch.Tensor, scale: float, sync: bool) -> torch.Tensor:
         """Forward and backward of one micro-batch; returns its summed per-image loss (detached)."""
@@ -206,6 +248,8 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.scheduler.last_epoch)  # optimiser steps taken: the average's warmup clock
 
 
 def train_one_epoch(

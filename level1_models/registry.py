@@ -1,7 +1,8 @@
 """The registry of named level-1 model specs (timm's ``register_model`` habit, one level up).
 
 A spec names a timm architecture *and* how it is trained here: the window combination it sees,
-its input size, batch size, optimiser, schedule and epochs. ``make oof MODEL=<name>`` looks a spec
+its input size, batch size, optimiser, schedule, epochs and augmentations (``aug``, a
+``features.augment_config.AugmentConfig``). ``make oof MODEL=<name>`` looks a spec
 up here; an unknown name fails listing the known ones and the close matches.
 """
 from __future__ import annotations
@@ -12,9 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from features.augment_config import AugmentConfig  # light: no albumentations, cv2 or torch
+
 OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULERS = ("cosine", "constant")
+SCHEDULERS = ("cosine", "constant", "step", "cosine_restarts")
 TTA_MODES = ("none", "hflip")
+LOSSES = ("metric", "bce")
+LR_SCALES = ("auto", "linear", "sqrt", "none")
 MIN_IMG_SIZE = 32  # the smallest input every backbone of the zoo accepts (five stride-2 stages)
 
 
@@ -30,27 +35,58 @@ class ModelSpec:
     epochs: int
     optimizer: str = "adamw"
     lr: float = 1e-3
+    # The global batch ``lr`` is set for (0: batch_size). A run at another global batch (BATCH=,
+    # GPUS=, accumulate) moves lr by ``lr_scale``: linear or sqrt in the batch ratio; auto = timm's
+    # rule, sqrt for the Adam family and linear for SGD; none keeps lr.
+    lr_batch: int = 0
+    lr_scale: str = "auto"
     weight_decay: float = 1e-4
     momentum: float = 0.9  # SGD only
-    scheduler: str = "cosine"  # per step, after a linear warmup
+    scheduler: str = "cosine"  # per optimiser step, after a linear warmup (see loop.make_scheduler)
     warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.0  # the cosine schedules' floor, as a share of the peak lr
+    restart_epochs: float = 0.0  # cosine_restarts: epochs per cosine cycle
+    lr_milestones: tuple[int, ...] = ()  # step: after each of these epochs lr is multiplied by lr_gamma
+    lr_gamma: float = 0.1
+    # Share of the training images one epoch draws (a new seeded sample each epoch): 1st place's
+    # many short epochs. Validation and checkpoints still come once per epoch.
+    epoch_fraction: float = 1.0
+    loss: str = "metric"  # metric: BCE weighted like the competition metric (any x2); bce: plain mean BCE
+    # Exponential moving average of the weights (decay per optimiser step, timm's ModelEmaV3 with
+    # warmup; 0: off). The average is what is validated, kept as best.pt and predicted with.
+    ema: float = 0.0
     patience: int = 3  # early stopping: epochs without a better validation loss
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     output_stride: int = 32  # < 32 dilates the last stages (timm's output_stride)
-    augment: bool = True
-    tta: str = "hflip"  # test-time augmentation for validation and test predictions
+    augment: bool = True  # false: no training augmentation at all, whatever ``aug`` says
+    aug: AugmentConfig = AugmentConfig()  # which augmentations and how strong (--set aug.rotate=30)
+    tta: str = "hflip"  # test-time augmentation of the final OOF and test predictions (and make predict)
+    val_tta: str = "none"  # test-time augmentation of the validation pass after every epoch
     grad_clip: float = 0.0  # max gradient norm; 0 = off
     cpu_friendly: bool = False  # small enough to train on a CPU (demo, tests)
     description: str = ""
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"spec {self.name}: unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"spec {self.name}: unknown scheduler {self.scheduler!r}; known: {', '.join(SCHEDULERS)}")
-        if self.tta not in TTA_MODES:
-            raise ValueError(f"spec {self.name}: unknown tta {self.tta!r}; known: {', '.join(TTA_MODES)}")
+        for field_name, value, known in (("optimizer", self.optimizer, OPTIMIZERS), ("tta", self.tta, TTA_MODES),
+                                         ("val_tta", self.val_tta, TTA_MODES), ("loss", self.loss, LOSSES),
+                                         ("lr_scale", self.lr_scale, LR_SCALES)):
+            if value not in known:
+                raise ValueError(f"spec {self.name}: unknown {field_name} {value!r}; known: {', '.join(known)}")
+        if not 0.0 < self.epoch_fraction <= 1.0:
+            raise ValueError(f"spec {self.name}: epoch_fraction must be in (0, 1], got {self.epoch_fraction}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"spec {self.name}: ema is a decay in [0, 1) (0: off), got {self.ema}")
+        if not 0.0 <= self.min_lr_ratio < 1.0:
+            raise ValueError(f"spec {self.name}: min_lr_ratio must be in [0, 1), got {self.min_lr_ratio}")
+        if self.scheduler == "cosine_restarts" and self.restart_epochs <= 0:
+            raise ValueError(f"spec {self.name}: scheduler cosine_restarts needs restart_epochs > 0")
+        if self.scheduler == "step" and not self.lr_milestones:
+            raise ValueError(f"spec {self.name}: scheduler step needs lr_milestones (epochs, e.g. 3,4)")
+        if self.lr_batch < 0:
+            raise ValueError(f"spec {self.name}: lr_batch must be >= 0 (0: batch_size), got {self.lr_batch}")
         for field_name in ("batch_size", "epochs"):
             if getattr(self, field_name) < 1:
                 raise ValueError(f"spec {self.name}: {field_name} must be >= 1, got {getattr(self, field_name)}")

@@ -58,6 +58,7 @@ from level1_models.loop import (
     EpochSampler,
     Runtime,
     Trainer,
+    WeightAverage,
     epoch_batches,
     make_optimizer,
     make_scheduler,
@@ -246,30 +247,41 @@ def make_trainer(cfg: TrainConfig, rt: Runtime, core: torch.nn.Module, n_train: 
     """Optimiser (lr scaled to the global batch), schedule, scaler, the DDP / compiled wrappers;
     returns the trainer and the model to predict with."""
     world = rt.env.world_size
-    steps_per_epoch = len(epoch_batches(n_train, cfg.batch_size * world * cfg.accumulate, 0))
+    steps_per_epoch = len(epoch_batches(n_train, cfg.global_batch(world), 0, cfg.epoch_fraction))
     optimizer = make_optimizer(cfg, core, cfg.lr * cfg.lr_factor(world))
     scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=AMP_DTYPES[rt.amp] is torch.float16)
+    ema = WeightAverage(core, cfg.ema) if cfg.ema > 0 else None
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         if resume.get("scaler"):
             scaler.load_state_dict(resume["scaler"])
+        if ema is not None and resume.get("ema_state_dict") is not None:
+            ema.module.load_state_dict(resume["ema_state_dict"])
     eval_model: torch.nn.Module = torch.compile(core) if cfg.compile else core
     train_model = eval_model
     if rt.env.enabled:
         ids = [rt.device.index] if rt.device.type == "cuda" else None
         train_model = DistributedDataParallel(eval_model, device_ids=ids)
-    return Trainer(cfg, rt, train_model, list(core.parameters()), optimizer, scheduler, scaler), eval_model
+    trainer = Trainer(cfg, rt, train_model, list(core.parameters()), optimizer, scheduler, scaler, ema)
+    return trainer, eval_model
+
+
+def judged_model(trainer: Trainer, eval_model: torch.nn.Module) -> torch.nn.Module:
+    """What is validated, kept as best.pt and predicted with: the weight average when there is one."""
+    return trainer.ema.module if trainer.ema is not None else eval_model
 
 
 def save_resume(path: Path, previous: Path, cfg: TrainConfig, core: torch.nn.Module, fold: int, trainer: Trainer,
                 st: FoldState, rngs: list) -> None:
     values = st.to_dict()
     epoch = values.pop("epoch")
+    ema = trainer.ema.module.state_dict() if trainer.ema is not None else None
     save_rotating(path, previous, make_state(
         cfg, core, fold, epoch, optimizer=trainer.optimizer.state_dict(), scheduler=trainer.scheduler.state_dict(),
-        scaler=trainer.scaler.state_dict() if trainer.scaler.is_enabled() else None, rng=rngs, **values,
+        scaler=trainer.scaler.state_dict() if trainer.scaler.is_enabled() else None, rng=rngs,
+        ema_state_dict=None if ema is None else {k: v.detach().cpu() for k, v in ema.items()}, **values,
     ))
 
 
@@ -290,8 +302,9 @@ def record_epoch(cfg: TrainConfig, rt: Runtime, folder: ModelFolder, fold: int, 
     st.history.append(row)
     st.epoch, st.progress = number, EpochProgress()
     if rt.env.is_main:
-        if improved:
-            save_checkpoint(folder.best(fold), make_state(cfg, core, fold, number, val_weighted_log_loss=float(val_loss)))
+        if improved:  # the weights that were validated: the average, with ema
+            best = trainer.ema.module if trainer.ema is not None else core
+            save_checkpoint(folder.best(fold), make_state(cfg, best, fold, number, val_weighted_log_loss=float(val_loss)))
         save_resume(folder.last(fold), folder.previous(fold), cfg, core, fold, trainer, st, [])
         write_curve(folder.curves_csv(fold), st.history)
     rt.log(f"{cfg.name} fold {fold} epoch {number}/{cfg.epochs}: train loss {result.train_loss:.4f}  "
@@ -352,7 +365,8 @@ def train_fold(
     while st.epoch < cfg.epochs and st.bad_epochs < cfg.patience:
         number = st.epoch + 1  # epochs are numbered from 1 in files and logs
         seed = stage_seed(cfg, fold, number)
-        batches = epoch_micro_batches(len(fd.train_ids), cfg.batch_size, env.world_size, cfg.accumulate, seed)
+        batches = epoch_micro_batches(len(fd.train_ids), cfg.batch_size, env.world_size, cfg.accumulate, seed,
+                                      cfg.epoch_fraction)
         if st.progress.step:  # resumed inside this epoch: the random state of that moment
             restore_rng(resume["rng"][env.rank] if resume and resume.get("rng") else None, device)
         else:
@@ -361,7 +375,8 @@ def train_fold(
         clock.reset()
         result = train_one_epoch(trainer, loader, batches, st.progress, checkpoint_now,
                                  desc=f"{cfg.name} fold {fold} epoch {number}/{cfg.epochs}")
-        val_pred = predict_sharded(eval_model, val_ds, env, loader=val_loader, **predict_kwargs)
+        val_pred = predict_sharded(judged_model(trainer, eval_model), val_ds, env, loader=val_loader,
+                                   **{**predict_kwargs, "tta": cfg.val_tta})
         val_loss = weighted_log_loss(y_val, val_pred)
         row = record_epoch(cfg, rt, folder, fold, core, trainer, st, result, val_loss)
         barrier(env)
@@ -559,6 +574,7 @@ def run_oof(
             "cache_size": getattr(getattr(inputs.datasets, "cache", None), "size", None),
         }})
     barrier(rt.env)
+    rt.log(cfg.lr_note(rt.env.world_size))
     for fold in todo:
         train_fold(cfg, fold, inputs, folder, rt, on_epoch_end)
     metrics = assemble(cfg, inputs, folder) if rt.env.is_main else None
@@ -594,7 +610,10 @@ def run_model(
 
     cfg, rt = setup_runtime(build_config(name, overrides))
     paths = WorkPaths.for_data(data_dir, work_dir)
-    inputs = load_inputs(data_dir, paths, cfg.combination, cfg.img_size)
+    inputs = load_inputs(data_dir, paths, cfg.combination, cfg.img_size, model=cfg.name, augment_config=cfg.aug)
+    note = getattr(inputs.datasets, "note", None)
+    if note:  # reading a larger cache: say once what it costs and how to build the exact one
+        rt.log(note)
     metrics = run_oof(cfg, inputs, paths.model_dir(name), rt, on_epoch_end)
     if metrics is not None and metrics["complete"]:
         mark_assembled(cfg, data_dir, work_dir)  # a rerun with nothing changed skips all of this

@@ -226,7 +226,8 @@ def test_bench_prints_every_figure(data, tmp_path, capsys):
                  "loader_brain3_aug_per_worker", "cache_bytes_per_slice", "targets_met", "bytes_per_slice_before",
                  "bytes_per_slice_lz4", "bytes_per_slice_zstd", "loader_bsb_aug_per_worker_before",
                  "loader_bsb_aug_per_worker_lz4", "loader_bsb_aug_per_worker_zstd", "loader_brain3_zstd_vs_before",
-                 "loader_bsb_lz4_vs_before"):
+                 "loader_bsb_lz4_vs_before", "loader_brain3_distort0.5_per_worker",
+                 "loader_brain3_distort0_per_worker", "loader_brain3_distort0.5_vs_distort0"):
         assert name in lines, name
     assert 0 < float(lines["cache_bytes_per_slice"].split()[0]) <= 2048
     assert "3.00 cache reads/item" not in lines["loader_bsb_aug_per_worker"] and "1.00 cache reads/item" in lines["loader_bsb_aug_per_worker"]

@@ -31,11 +31,11 @@ torch.set_num_threads(1)
 
 # A LayerNorm model (no batch statistics) without augmentation, dropout or drop-path: nothing
 # depends on how a global batch is split between processes.
-OVERRIDES = dict(epochs=2, img_size=32, batch_size=8, workers=0, device="cpu", augment=False, lr=3e-3)
+OVERRIDES = dict(epochs=2, img_size=32, batch_size=8, lr_batch=8, workers=0, device="cpu", augment=False, lr=3e-3)
 MODEL = "tiny_convnext"
-# Two processes at batch 4 make the global batch of 8; AdamW's lr grows with sqrt(global / batch),
-# so the spec's lr is set to what makes the effective lr of both runs the same.
-PER_PROCESS = {**OVERRIDES, "batch_size": 4, "lr": OVERRIDES["lr"] / math.sqrt(2)}
+# Two processes at batch 4 make the global batch of 8, the batch the lr is set for: both runs
+# train at the same lr without touching it.
+PER_PROCESS = {**OVERRIDES, "batch_size": 4}
 
 
 class Squares(Dataset):
@@ -146,6 +146,21 @@ def test_lr_grows_with_the_global_batch():
     accumulating = build_config(MODEL, {**OVERRIDES, "accumulate": 2, "lr_scale": "linear"})
     assert accumulating.lr_factor(4) == pytest.approx(8.0)
     assert build_config(MODEL, {**OVERRIDES, "lr_scale": "none"}).lr_factor(8) == 1.0
+
+
+def test_batch_follows_the_spec_lr_rule_and_says_so():
+    """BATCH= (batch_size) moves lr by the spec's rule from the batch the spec's lr is for."""
+    spec = build_config("resnet50")
+    assert spec.lr_batch == spec.batch_size and spec.lr_factor(1) == 1.0
+    smaller = build_config("resnet50", {"batch_size": spec.batch_size // 4})
+    assert smaller.lr_batch == spec.batch_size  # the override does not move the reference batch
+    assert smaller.lr_factor(1) == pytest.approx(0.5)  # sqrt(1/4): AdamW
+    assert smaller.lr_factor(8) == pytest.approx(math.sqrt(2))  # 8 GPUs x batch/4 = 2 x the spec's batch
+    sgd = build_config("vgg16", {"batch_size": 2 * build_config("vgg16").batch_size})
+    assert sgd.lr_factor(1) == pytest.approx(2.0)  # linear for SGD
+    note = smaller.lr_note(1)
+    assert f"lr {spec.lr * 0.5:.3g} at global batch {spec.batch_size // 4}" in note
+    assert f"the spec's {spec.lr:.3g} at batch {spec.batch_size}" in note and "sqrt rule" in note
 
 
 def test_accumulation_matches_one_larger_batch(tmp_path, monkeypatch):

@@ -312,3 +312,23 @@ def test_an_architecture_with_only_a_url_downloads_into_torch_hub(served, tmp_pa
         choose_weights(build_config(TINY, {"cpu_friendly": False}))
     pretrained.forget_failures()
     assert "remembered" in choose_weights(build_config(TINY)).note
+
+
+def test_refused_connection_keeps_the_ways_out_through_the_command_line_layer(tmp_path, monkeypatch, capsys):
+    """A refused connection leaves "[Errno 111]" in the reason; the one-line layer must print the
+    project's own message (the three ways out), not its generic OS-error line."""
+    from competition.cli import run_main
+
+    with socket.socket() as probe:  # a port nobody listens on: the connection is refused at once
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    point_hub_at(monkeypatch, f"http://127.0.0.1:{port}", tmp_path / "hf")
+
+    def main(argv: list[str] | None) -> None:
+        build_model(build_config("resnet50"))
+
+    assert run_main(main, [], prog="level1_models") == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("level1_models: error: resnet50: could not get ImageNet weights"), line
+    assert 'SET="pretrained_file=PATH"' in line and 'SET="pretrained=false"' in line
+    assert "fix that, then run the same command again" not in line

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from competition.constants import LABELS
+from competition.constants import LABEL_WEIGHTS, LABELS
 from conftest import prepare_tiny_competition
 from competition.metric import weighted_log_loss
 from level1_models.atomic import atomic_path, write_json
@@ -25,6 +25,7 @@ from level1_models.checkpoint import CheckpointMismatchError, load_checkpoint, l
 from level1_models.config import ConfigError, TrainConfig, build_config, parse_sets, resolve
 from level1_models.data import RunInputs, sample_submission_ids
 from level1_models.distributed import DistEnv
+from level1_models.loop import Trainer, WeightAverage
 from level1_models.modeling import PretrainedWeightsMissing, build_model, cached_weights, create_network, find_weights
 from level1_models.predict import load_fold_model, predict_probabilities
 from level1_models.train import (
@@ -146,6 +147,94 @@ def test_schedule_warms_up_then_decays_to_zero():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
 
 
+def test_short_epochs_draw_a_new_share_of_the_images_each_time():
+    a, b = epoch_batches(1000, 16, seed=1, fraction=0.25), epoch_batches(1000, 16, seed=2, fraction=0.25)
+    assert len(a) == 250 // 16 and all(len(x) == 16 for x in a)
+    flat_a, flat_b = np.concatenate(a), np.concatenate(b)
+    assert len(set(flat_a.tolist())) == len(flat_a) and set(flat_a.tolist()) != set(flat_b.tolist())
+    assert len(epoch_batches(10, 16, seed=0, fraction=0.1)[0]) == 10  # never less than a batch (or all)
+
+
+def _lrs(cfg: TrainConfig, steps_per_epoch: int) -> list[float]:
+    model = torch.nn.Linear(2, 2)
+    opt = make_optimizer(cfg, model)
+    sched = make_scheduler(cfg, opt, steps_per_epoch=steps_per_epoch)
+    out = []
+    for _ in range(cfg.epochs * steps_per_epoch):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_step_schedule_matches_torch_multistep():
+    """11th place's MultiStepLR (milestones 1,2,3, gamma 3/7), stepped per epoch in torch."""
+    cfg = small_config(epochs=4, lr=1.0, scheduler="step", lr_milestones=(1, 2, 3), lr_gamma=3 / 7)
+    ours = _lrs(cfg, steps_per_epoch=5)
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0)
+    ref_sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[1, 2, 3], gamma=3 / 7)
+    reference = []
+    for _ in range(4):
+        reference += [opt.param_groups[0]["lr"]] * 5
+        opt.step()
+        ref_sched.step()
+    assert ours == pytest.approx(reference)
+
+
+def test_cosine_restarts_match_torch_warm_restarts_with_a_floor():
+    """1st place's CosineAnnealingWarmRestarts (period in epochs, eta_min as a share of lr)."""
+    cfg = small_config(epochs=6, lr=1.0, scheduler="cosine_restarts", restart_epochs=2, min_lr_ratio=0.02)
+    ours = _lrs(cfg, steps_per_epoch=5)
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0)
+    ref_sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=10, eta_min=0.02)
+    reference = []
+    for _ in range(30):
+        reference.append(opt.param_groups[0]["lr"])
+        opt.step()
+        ref_sched.step()
+    assert ours == pytest.approx(reference)
+    assert min(ours) >= 0.02 and ours[10] == pytest.approx(1.0)  # restarted
+
+
+def test_plain_bce_loss_is_torch_mean_bce():
+    logits, y = torch.randn(5, 6), (torch.rand(5, 6) > 0.7).float()
+    cfg = small_config(loss="bce")
+    trainer = Trainer(cfg, CPU, torch.nn.Identity(), [], None, None, None)  # only the loss weights are used
+    ours = weighted_bce_sum(logits, y, trainer.label_weights) / len(y)
+    assert ours == pytest.approx(torch.nn.functional.binary_cross_entropy_with_logits(logits, y).item(), rel=1e-6)
+    metric = Trainer(small_config(), CPU, torch.nn.Identity(), [], None, None, None).label_weights
+    assert metric.tolist() == list(LABEL_WEIGHTS)
+
+
+def test_weight_average_follows_timm_warmup_formula():
+    """The average after each optimiser step, computed by hand from the weights' trajectory."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    average = WeightAverage(model, decay=0.9)
+    expected = model.weight.detach().clone()
+    for step in range(1, 8):
+        with torch.no_grad():
+            model.weight.add_(torch.randn_like(model.weight))
+        average.update(step)
+        # ModelEmaV3's warmup (gamma 1, power 2/3, counted from the first update, which copies).
+        decay = 0.0 if step == 1 else min(0.9, 1 - (step - 1 + 1) ** (-2 / 3))
+        expected = decay * expected + (1 - decay) * model.weight.detach()
+        assert torch.allclose(average.module.weight, expected, atol=1e-6), step
+
+
+def test_with_ema_the_validated_average_is_what_best_pt_keeps_and_predicts(tmp_path):
+    inputs = make_inputs(n_train=96)
+    cfg = small_config(epochs=2, lr=1e-2, batch_size=8, ema=0.9, tta="none", val_tta="none")
+    metrics = run_oof(cfg, inputs, tmp_path / "m", CPU)
+    folder = ModelFolder(tmp_path / "m")
+    for k in (0, 1):
+        curve = pd.read_csv(folder.curves_csv(k))
+        assert metrics["folds"][str(k)]["weighted_log_loss"] == pytest.approx(curve["val_weighted_log_loss"].min(),
+                                                                               rel=1e-6)
+    plain = run_oof(small_config(epochs=2, lr=1e-2, batch_size=8, tta="none"), inputs, tmp_path / "p", CPU)
+    assert plain["pooled"]["weighted_log_loss"] != pytest.approx(metrics["pooled"]["weighted_log_loss"], rel=1e-6)
+
+
 def test_overrides_are_typed_and_unknown_fields_named():
     sets = parse_sets(["lr=3e-4", "augment=false", "folds=0,2", "limit=none", "compile=1"])
     assert sets == {"lr": 3e-4, "augment": False, "folds": (0, 2), "limit": None, "compile": True}
@@ -254,7 +343,8 @@ def test_local_weights_file_and_hf_cache_are_used(tmp_path, monkeypatch):
 def fake_run(tmp_path_factory):
     # 192 images: with 96 (48 per fold) whether 18 steps learn much depended on the seed.
     inputs = make_inputs(n_train=192)
-    cfg = small_config(epochs=3, lr=1e-2, batch_size=8)
+    # val_tta = tta: the OOF rows are then the best epoch's validation predictions exactly.
+    cfg = small_config(epochs=3, lr=1e-2, batch_size=8, val_tta="hflip")
     out = tmp_path_factory.mktemp("l1") / "tiny_resnet"
     epochs_seen = []
     metrics = run_oof(cfg, inputs, out, CPU, on_epoch_end=lambda f, e, row: epochs_seen.append((f, e)))

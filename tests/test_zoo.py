@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -177,3 +178,52 @@ def test_registering_twice_or_a_bad_spec_fails():
         ModelSpec(name="x", arch="resnet18", combination="bsb", img_size=64, batch_size=8, epochs=1, optimizer="lion")
     with pytest.raises(ValueError, match="output_stride"):
         ModelSpec(name="x", arch="resnet18", combination="bsb", img_size=64, batch_size=8, epochs=1, output_stride=4)
+
+
+WINNERS = [n for n in ALL if n.startswith("rsna")]
+
+
+def test_the_winners_recipes_are_in_the_zoo_with_their_sources():
+    places = {n.split("_")[0] for n in WINNERS}
+    assert places == {"rsna1st", "rsna2nd", "rsna3rd", "rsna11th"}
+    for name in WINNERS:
+        spec = get_spec(name)
+        assert "2019" in spec.description and ".py" in spec.description  # repo and file named
+        assert spec.optimizer == "adam" and 2e-5 <= spec.lr <= 5e-4 and spec.img_size in (256, 480, 512)
+        assert spec.patience >= spec.epochs  # no early stopping, as they trained
+        assert spec.aug.rotate >= 20 and spec.aug.hflip == 0.5  # their rotations of 20-30 degrees
+    assert get_spec("rsna3rd_seresnext50").aug.distort == 0.5 and get_spec("rsna1st_densenet121").aug.channel_swap > 0
+
+
+@pytest.mark.parametrize("name", WINNERS)
+def test_winner_spec_trains_a_few_steps_on_cpu_at_a_tiny_size_through_set(name):
+    """The spec's own optimizer, schedule and loss through the training loop's Trainer, with the
+    size and batch scaled down by SET= overrides as a user would on a CPU."""
+    from level1_models.config import parse_sets, resolve
+    from level1_models.distributed import DistEnv
+    from level1_models.loop import Runtime, Trainer, make_optimizer, make_scheduler
+
+    overrides = parse_sets(["img_size=64", "batch_size=2", "pretrained=false", "device=cpu", "workers=0"])
+    cfg = resolve(build_config(name, overrides), cuda_available=False, bf16_supported=False)
+    assert cfg.lr_factor(1) < 1.0  # batch 2 is below the spec's batch: its lr rule lowered the lr
+    torch.manual_seed(0)
+    model = create_network(cfg).train()
+    optimizer = make_optimizer(cfg, model, cfg.lr * cfg.lr_factor(1))
+    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch=3)
+    rt = Runtime(device=torch.device("cpu"), env=DistEnv(), amp="off", channels_last=False)
+    trainer = Trainer(cfg, rt, model, list(model.parameters()), optimizer, scheduler,
+                      torch.amp.GradScaler("cpu", enabled=False))
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randint(0, 256, (2, n_channels(cfg.combination), 64, 64), dtype=torch.uint8)
+    y = torch.tensor([[0, 0, 1, 0, 0, 1], [0, 0, 0, 0, 0, 0]], dtype=torch.float32)
+    for _ in range(3):
+        loss = trainer.micro_step(x, y, scale=0.5, sync=True)
+        trainer.optimizer_step()
+        assert torch.isfinite(loss)
+    changed = sum(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert changed > len(before) // 2  # the optimiser moved the weights
+    from features.augment import Augmenter  # and the spec's own augmentations run on a 2.5D HU stack
+
+    stack = np.random.default_rng(0).uniform(-1024, 100, (64, 64, 3)).astype(np.float32)
+    out = Augmenter(64, cfg.aug, seed=0).geometric(stack)
+    assert out.shape == (64, 64, 3) and np.isfinite(out).all()
