@@ -1,6 +1,7 @@
 """``make plan MODELS="a b c" GPUS=N``: what a level-1 run costs, before it starts.
 
-Per model and in total: the image cache it reads and that cache's size on disk, training images
+Per model and in total: the image cache it reads (``level1_models.caches``: its own size, or a
+larger one it shares) and that cache's size on disk, training images
 per epoch, forward FLOPs per image, an estimate of training images/s, GPU-hours per fold and for
 all folds, the embeddings it writes, and the wall time on N GPUs. Nothing is trained, downloaded
 or written (``--json PATH`` writes the table as JSON).
@@ -20,10 +21,11 @@ rough, +-2x; more where the batch is far from the measured 128 (small batches us
 No estimate exceeds the fastest rate measured from the real loader (nothing faster was seen: a
 small net would wait for its data), so the tiny nets are capped rather than priced by their FLOPs.
 
-Time per fold: epochs x (the fold's training images / training rate + its validation images x
-TTA views / inference rate), then the OOF and test prediction with the best checkpoint (x TTA
-views). Validation runs every epoch with the spec's TTA, as ``level1_models.train`` does; every
-epoch is counted (early stopping can only shorten a run).
+Time per fold: epochs x (the images an epoch draws / training rate + the fold's validation images
+x ``val_tta`` views / inference rate), then the OOF and test prediction with the best checkpoint
+(x ``tta`` views; hflip = 2), as ``level1_models.train`` runs them. An epoch draws ``epoch_fraction``
+of the fold's training images (after ``limit``). Every epoch is counted (early stopping can only
+shorten a run); an EMA of the weights adds no forward pass and is not counted.
 
 Wall time: every fold is an independent job on one GPU (``make oof MODEL=m FOLDS=k`` on each);
 N GPUs take the jobs of all models longest first, each onto the GPU that is free soonest.
@@ -41,10 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from features.cache import expected_cache_bytes
 from features.windows import n_channels
+from level1_models.caches import cache_bytes, needed_cache_sizes
 from level1_models.config import TrainConfig, build_config
-from level1_models.registry import get_spec
 
 # The README's recommended real-data set; `make plan` without MODELS prices these.
 RECOMMENDED = ("resnet50", "efficientnet_b3", "inceptionv3", "dilated_resnet50", "vgg16")
@@ -122,10 +123,14 @@ def reference_for(arch: str) -> str:
     return "efficientnet_b0" if any(f in arch.lower() for f in DEPTHWISE_FAMILIES) else "resnet50"
 
 
-def fold_seconds(train_images: int, val_images: int, test_images: int, epochs: int, views: int,
+def _views(tta: str) -> int:
+    return 2 if tta == "hflip" else 1
+
+
+def fold_seconds(train_images: int, val_images: int, test_images: int, epochs: int, val_views: int, views: int,
                  train_rate: float, infer_rate: float) -> float:
     """One fold on one GPU: every epoch trains and validates; then OOF + test with the best model."""
-    per_epoch = train_images / train_rate + val_images * views / infer_rate
+    per_epoch = train_images / train_rate + val_images * val_views / infer_rate
     return epochs * per_epoch + (val_images + test_images) * views / infer_rate
 
 
@@ -142,18 +147,6 @@ def wall_hours(jobs: Iterable[float], gpus: int) -> float:
     return max(free)
 
 
-def _needed_cache_sizes(model_names: Sequence[str]) -> dict[int, list[str]]:
-    """Cache size -> the zoo specs reading it (a spec is assumed to read the cache of its own size)."""
-    sizes: dict[int, list[str]] = {}
-    for name in dict.fromkeys(model_names):
-        sizes.setdefault(get_spec(name).img_size, []).append(name)
-    return dict(sorted(sizes.items()))
-
-
-def _cache_bytes(size: int, n_slices: int) -> int:
-    return expected_cache_bytes(n_slices, size)
-
-
 @dataclass(frozen=True)
 class Row:
     name: str
@@ -162,6 +155,7 @@ class Row:
     channels: int
     batch: int
     epochs: int
+    val_tta: str
     tta: str
     cache_size: int
     cache_bytes: int
@@ -208,8 +202,8 @@ def make_plan(names: Sequence[str], overrides: Mapping[str, Any] | None = None, 
     slices = counts.train_images + counts.test_images
     # IMG_SIZE= puts every model at one size: they all read that one cache.
     needed = ({cfgs[0].img_size: list(names)} if overrides and "img_size" in overrides
-              else _needed_cache_sizes(names))
-    caches = {size: _cache_bytes(size, slices) for size in sorted(needed)}
+              else needed_cache_sizes(names))
+    caches = {size: cache_bytes(size, slices) for size in sorted(needed)}
     reads = {name: size for size, readers in needed.items() for name in readers}
     val_images = round(counts.train_images / counts.n_folds)
     ceiling = {k: max(m[k] for m in calibration.references.values()) for k in ("train_loader", "infer_loader")}
@@ -222,16 +216,16 @@ def make_plan(names: Sequence[str], overrides: Mapping[str, Any] | None = None, 
         train_rate, infer_rate = measured["train_loader"] * scale, measured["infer_loader"] * scale
         capped = train_rate > ceiling["train_loader"] or infer_rate > ceiling["infer_loader"]
         train_rate, infer_rate = min(train_rate, ceiling["train_loader"]), min(infer_rate, ceiling["infer_loader"])
-        per_epoch = counts.train_images - val_images
+        fold_train = counts.train_images - val_images
         if cfg.limit is not None:
-            per_epoch = min(per_epoch, cfg.limit)
-        views = 2 if cfg.tta == "hflip" else 1
-        fold_h = fold_seconds(per_epoch, val_images, counts.test_images, cfg.epochs, views,
-                              train_rate, infer_rate) / 3600
+            fold_train = min(fold_train, cfg.limit)
+        per_epoch = round(fold_train * cfg.epoch_fraction)
+        fold_h = fold_seconds(per_epoch, val_images, counts.test_images, cfg.epochs, _views(cfg.val_tta),
+                              _views(cfg.tta), train_rate, infer_rate) / 3600
         model_jobs = [fold_h] * counts.n_folds
         jobs += model_jobs
         rows.append(Row(name=cfg.name, arch=cfg.arch, img_size=cfg.img_size, channels=n_channels(cfg.combination),
-                        batch=cfg.batch_size, epochs=cfg.epochs, tta=cfg.tta, cache_size=reads[cfg.name],
+                        batch=cfg.batch_size, epochs=cfg.epochs, val_tta=cfg.val_tta, tta=cfg.tta, cache_size=reads[cfg.name],
                         cache_bytes=caches[reads[cfg.name]], images_per_epoch=per_epoch, gflops=net.flops / 1e9,
                         reference=ref, capped=capped, train_rate=train_rate, infer_rate=infer_rate, fold_hours=fold_h,
                         hours=fold_h * counts.n_folds,
@@ -248,17 +242,17 @@ def _hours(h: float) -> str:
 
 def format_plan(plan: Plan) -> str:
     """The table, then the caches and the assumptions in a few lines."""
-    header = ("model", "arch", "px", "ch", "batch", "ep", "cache", "img/epoch", "GFLOP/img", "train img/s",
+    header = ("model", "arch", "px", "ch", "batch", "ep", "TTA", "cache", "img/epoch", "GFLOP/img", "train img/s",
               "from", "GPU-h/fold", "GPU-h", "embeddings", f"wall, {plan.gpus} GPU{'s' * (plan.gpus > 1)}")
-    lines = [[r.name, r.arch, str(r.img_size), str(r.channels), str(r.batch), str(r.epochs),
+    lines = [[r.name, r.arch, str(r.img_size), str(r.channels), str(r.batch), str(r.epochs), f"{r.val_tta}/{r.tta}",
               f"{r.cache_size} px", f"{r.images_per_epoch:,}", f"{r.gflops:.2f}", f"{r.train_rate:,.0f}",
               r.reference + " (cap)" * r.capped, f"{r.fold_hours:.2f}", f"{r.hours:.1f}", f"{r.embedding_bytes / GB:.1f} GB",
               _hours(r.wall_hours)] for r in plan.rows]
     cache_total = sum(plan.caches.values())
-    lines.append([f"total ({len(plan.rows)})", "", "", "", "", "", f"{cache_total / GB:.0f} GB", "", "", "", "", "",
+    lines.append([f"total ({len(plan.rows)})", "", "", "", "", "", "", f"{cache_total / GB:.0f} GB", "", "", "", "", "",
                   f"{plan.hours:.1f}", f"{plan.embedding_bytes / GB:.1f} GB", _hours(plan.wall_hours)])
     widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
-    left = {0, 1, 10}  # text columns; numbers align right
+    left = {0, 1, 6, 11}  # text columns; numbers align right
 
     def fmt(cells: Sequence[str]) -> str:
         return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
@@ -270,7 +264,8 @@ def format_plan(plan: Plan) -> str:
         f"Caches: {caches} ({c.train_images + c.test_images:,} slices). Embeddings: float16, OOF + every fold's test.",
         f"Counts: {c.train_images:,} train images in {c.n_folds} folds (a fold trains on {c.n_folds - 1}/{c.n_folds} "
         f"and validates on 1/{c.n_folds} every epoch), {c.test_images:,} test images; every epoch counted (early "
-        f"stopping only shortens a run); hflip TTA = 2 forwards per predicted image.",
+        f"stopping only shortens a run). TTA: of the validation after each epoch / of the final OOF and test "
+        f"prediction (hflip = 2 forwards per image).",
         f"FLOPs: torch FlopCounterMode, one forward at batch 1, 2 FLOPs per multiply-add; training ~ "
         f"{TRAIN_FORWARDS} x forward.",
         f"train img/s per GPU: estimate from the reference in 'from' measured by make gpu-check {cal.date} on "

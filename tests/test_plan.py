@@ -52,7 +52,8 @@ def test_plan_arithmetic_by_hand():
     cal = Calibration(date="2000-01-01", gpu="test GPU", setup="", img_size=256, batch=128,
                       references={"resnet50": {"train_loader": 100.0, "infer_loader": 400.0}})
     counts = Counts(train_images=1000, test_images=200, n_folds=5)
-    plan = make_plan(["resnet50"], {"epochs": 2, "img_size": 256, "tta": "hflip"}, counts, gpus=2, calibration=cal)
+    plan = make_plan(["resnet50"], {"epochs": 2, "img_size": 256, "val_tta": "hflip", "tta": "hflip"}, counts, gpus=2,
+                     calibration=cal)
     (row,) = plan.rows
     assert row.train_rate == pytest.approx(100.0) and row.infer_rate == pytest.approx(400.0)
     assert row.images_per_epoch == 800
@@ -63,10 +64,15 @@ def test_plan_arithmetic_by_hand():
     assert row.embedding_bytes == 2 * 2048 * (1000 + 5 * 200)  # float16: OOF once, test per fold
     assert plan.caches == {256: expected_cache_bytes(1200, 256)}
 
-    limited = make_plan(["resnet50"], {"epochs": 2, "img_size": 256, "tta": "none", "limit": 500}, counts,
-                        calibration=cal).rows[0]
+    limited = make_plan(["resnet50"], {"epochs": 2, "img_size": 256, "val_tta": "none", "tta": "none", "limit": 500},
+                        counts, calibration=cal).rows[0]
     assert limited.images_per_epoch == 500
     assert limited.fold_hours * 3600 == pytest.approx(2 * (5 + 0.5) + 1)
+    # Short epochs: a quarter of the 800 images per epoch; validation without TTA, the final pass with hflip.
+    short = make_plan(["resnet50"], {"epochs": 4, "img_size": 256, "val_tta": "none", "tta": "hflip",
+                                     "epoch_fraction": 0.25}, counts, calibration=cal).rows[0]
+    assert short.images_per_epoch == 200
+    assert short.fold_hours * 3600 == pytest.approx(4 * (2 + 0.5) + 2)
 
     tiny = make_plan(["tiny_resnet"], {}, counts, calibration=cal).rows[0]  # far fewer FLOPs than resnet50
     assert tiny.capped and tiny.train_rate == 100.0 and tiny.infer_rate == 400.0  # never above a measured rate
@@ -122,3 +128,13 @@ def test_counts_from_a_prepared_work_folder(tmp_path, capsys):
     assert run_main(main, ["plan", "--models", "tiny_resnet", "--data", str(tmp_path / "nowhere")],
                     prog="level1_models") == 2
     assert "run make prepare" in capsys.readouterr().err
+
+
+def test_caches_follow_the_shared_rule():
+    from level1_models.caches import cache_bytes, needed_cache_sizes
+
+    names = ["inceptionv3", "efficientnet_b3", "resnet50"]  # 299 px reads the 300 px cache
+    plan = make_plan(names, counts=Counts(train_images=1000, test_images=200, n_folds=5))
+    needed = needed_cache_sizes(names)
+    assert plan.caches == {size: cache_bytes(size, 1200) for size in needed}
+    assert {r.name: r.cache_size for r in plan.rows} == {n: size for size, ns in needed.items() for n in ns}
