@@ -224,9 +224,10 @@ def make_plan(names: Sequence[str], overrides: Mapping[str, Any] | None = None, 
                               _views(cfg.tta), train_rate, infer_rate) / 3600
         model_jobs = [fold_h] * counts.n_folds
         jobs += model_jobs
+        cache = reads[cfg.name]
         rows.append(Row(name=cfg.name, arch=cfg.arch, img_size=cfg.img_size, channels=n_channels(cfg.combination),
-                        batch=cfg.batch_size, epochs=cfg.epochs, val_tta=cfg.val_tta, tta=cfg.tta, cache_size=reads[cfg.name],
-                        cache_bytes=caches[reads[cfg.name]], images_per_epoch=per_epoch, gflops=net.flops / 1e9,
+                        batch=cfg.batch_size, epochs=cfg.epochs, val_tta=cfg.val_tta, tta=cfg.tta, cache_size=cache,
+                        cache_bytes=caches[cache], images_per_epoch=per_epoch, gflops=net.flops / 1e9,
                         reference=ref, capped=capped, train_rate=train_rate, infer_rate=infer_rate, fold_hours=fold_h,
                         hours=fold_h * counts.n_folds,
                         embedding_bytes=embedding_bytes(net.width, counts) if cfg.save_embeddings else 0,
