@@ -69,7 +69,7 @@ sets = $(foreach s,$(SET),--set $(s))
 launch = $(if $(GPUS),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(GPUS),$(PY))
 need = @test -n "$($(1))" || { echo "make $@: set $(1)=<$(2)>"; exit 2; }
 
-.PHONY: help setup demo test test-all synthetic data prepare cache oof list-models stack submission submit \
+.PHONY: help setup demo test test-all synthetic data prepare cache oof list-models plan stack submission submit \
         explain report predict export bench bench-metadata bench-features bench-train gpu-check clean-work
 
 help: ## list the targets
@@ -130,6 +130,13 @@ cache: $(STAMP) ## only the image cache (int16 HU) for DATA: the sizes MODELS="a
 
 list-models: $(STAMP) ## the model zoo (names for MODEL=)
 	$(PY) -m level1_models list
+
+# The real competition's counts, or those of DATA's work folder when DATA is given on the command line.
+plan: $(STAMP) ## before a GPU run: caches, FLOPs/image, GPU-hours per fold and in all, embeddings, wall time on GPUS (MODELS N_FOLDS EPOCHS IMG_SIZE BATCH LIMIT SET)
+	$(PY) -m level1_models plan $(if $(MODELS),--models "$(MODELS)") $(call opt,--gpus,$(GPUS)) $(call opt,--n-folds,$(N_FOLDS)) \
+	  $(if $(filter command line environment,$(origin DATA)),--data $(DATA) $(work_opt)) \
+	  $(call opt,--epochs,$(EPOCHS)) $(call opt,--img-size,$(IMG_SIZE)) $(call opt,--batch,$(BATCH)) \
+	  $(call opt,--limit,$(LIMIT)) $(sets)
 
 oof: $(STAMP) ## K-fold level-1 training of MODEL -> OOF + test predictions (FOLDS EPOCHS IMG_SIZE BATCH LIMIT DEVICE GPUS WORKERS)
 	$(call need,MODEL,zoo name; make list-models)

@@ -1,5 +1,6 @@
 """``python -m level1_models <command>``: oof (K-fold training), list (the zoo), bench (images/s),
-cache-sizes (the image caches some specs read: ``make prepare`` / ``make cache MODELS=...``).
+cache-sizes (the image caches some specs read: ``make prepare`` / ``make cache MODELS=...``), plan (what
+a run of several models costs, before it starts).
 
 Under ``torchrun --nproc_per_node=N -m level1_models oof ...`` each process trains its share of
 every batch (DDP); only rank 0 writes files.
@@ -7,6 +8,7 @@ every batch (DDP); only rank 0 writes files.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -106,6 +108,16 @@ def cmd_cache_sizes(args: argparse.Namespace) -> None:
     print(" ".join(str(size) for size in sorted(needed)))
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from level1_models.plan import format_plan, make_plan, resolve_counts, split_names
+
+    plan = make_plan(split_names(args.models), overrides_from(args), resolve_counts(args), gpus=args.gpus)
+    print(format_plan(plan))
+    if args.json is not None:
+        args.json.write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+        print(f"plan: written to {args.json}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m level1_models", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +143,26 @@ def build_parser() -> argparse.ArgumentParser:
                                            "which models read each, on stderr")
     p.add_argument("models", nargs="+", help="zoo names, separated by spaces or commas")
     p.set_defaults(func=cmd_cache_sizes)
+
+    from level1_models.plan import RECOMMENDED, TEST_IMAGES, TRAIN_IMAGES
+
+    p = sub.add_parser("plan", help="before a run: caches, FLOPs/image, GPU-hours, embeddings, wall time on N GPUs")
+    p.add_argument("--models", default=None,
+                   help=f"zoo names, comma or space separated (default: {' '.join(RECOMMENDED)})")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs, each running one fold at a time")
+    p.add_argument("--n-folds", type=int, default=None, help="folds (default 5, or those of --data)")
+    p.add_argument("--train-images", type=int, default=TRAIN_IMAGES)
+    p.add_argument("--test-images", type=int, default=TEST_IMAGES)
+    p.add_argument("--data", type=Path, default=None, help="count images and folds from this prepared dataset")
+    p.add_argument("--work", type=Path, default=None, help="its work folder (default work/<basename of DATA>)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None, help="batch size per GPU")
+    p.add_argument("--limit", type=int, default=None, help="at most N training images per fold")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any spec field of every model (repeatable)")
+    p.add_argument("--json", type=Path, default=None, help="also write the plan as JSON to this file")
+    p.set_defaults(func=cmd_plan, folds=None, device=None, workers=None)
     return parser
 
 
