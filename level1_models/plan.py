@@ -48,7 +48,8 @@ from level1_models.caches import cache_bytes, needed_cache_sizes
 from level1_models.config import TrainConfig, build_config
 
 # The README's recommended real-data set; `make plan` without MODELS prices these.
-RECOMMENDED = ("resnet50", "efficientnet_b3", "inceptionv3", "dilated_resnet50", "vgg16")
+RECOMMENDED = ("rsna1st_densenet121", "rsna1st_seresnext101", "rsna2nd_resnext101_wsl", "rsna3rd_seresnext50",
+               "rsna11th_seresnext50")  # the 2019 winners' level-1 recipes
 TRAIN_IMAGES = 752_803  # stage_2_train.csv: the competition's training slices
 TEST_IMAGES = 121_232  # stage_2_sample_submission.csv: its test slices
 N_FOLDS = 5
