@@ -1,7 +1,7 @@
 # RSNA Intracranial Hemorrhage Detection: from `kaggle competitions download` to `kaggle competitions submit`.
 # `make help` lists the targets. Variables (the users' interface, see README):
 #   DATA WORK N_FOLDS MODEL MODELS FOLDS EPOCHS IMG_SIZE BATCH LIMIT DEVICE GPUS WORKERS TUNE TRIALS STORAGE THREADS STACKER ROWS FILE MESSAGE IMAGE TOP LABEL
-#   STUDY OUT BUNDLE STACK_OPTS
+#   STUDY OUT BUNDLE STACK_OPTS NNODES NODE_RANK RDZV_ENDPOINT RDZV_ID
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -49,6 +49,10 @@ OUT      ?=
 BUNDLE   ?=
 SET      ?=
 STACK_OPTS ?=
+NNODES   ?=
+NODE_RANK ?=
+RDZV_ENDPOINT ?=
+RDZV_ID  ?=
 # 512 serves every spec of the zoo (none reads more; MODELS= builds just what those read, see
 # level1_models/caches.py); the demo's tiny models need no more than 256.
 CACHE_SIZE ?= 512
@@ -65,8 +69,11 @@ work_opt = $(if $(WORK),--work $(WORK))
 opt = $(if $(2),$(1) $(2))
 yes = $(filter 1 yes true,$(1))
 sets = $(foreach s,$(SET),--set $(s))
-# GPUS=N trains one fold across N GPUs with DDP (torchrun); otherwise one process.
-launch = $(if $(GPUS),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(GPUS),$(PY))
+# GPUS=N trains one fold across N GPUs with DDP (torchrun); otherwise one process. NNODES=M with
+# RDZV_ENDPOINT=host:port (the same on every machine; run the same command on each) spreads it over
+# M machines through torchrun's c10d rendezvous; NODE_RANK fixes a machine's rank (optional).
+rdzv = --nnodes=$(NNODES) --rdzv_backend=c10d --rdzv_endpoint=$(RDZV_ENDPOINT) --rdzv_id=$(if $(RDZV_ID),$(RDZV_ID),rsna-$(MODEL)) $(call opt,--node_rank,$(NODE_RANK))
+launch = $(if $(GPUS),$(VENV)/bin/torchrun $(if $(NNODES),$(rdzv),--standalone) --nproc_per_node=$(GPUS),$(PY))
 need = @test -n "$($(1))" || { echo "make $@: set $(1)=<$(2)>"; exit 2; }
 
 .PHONY: help setup demo test test-all synthetic data prepare cache oof list-models plan stack submission submit \

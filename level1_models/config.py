@@ -53,6 +53,9 @@ class TrainConfig(ModelSpec):
     require_pretrained: bool = False  # missing weights are an error instead of training from scratch
     eval_batch_size: int | None = None  # None: 2 x batch_size
     accumulate: int = 1  # micro-batches per optimiser step (gradient accumulation)
+    # Under DDP on GPUs: BatchNorm statistics over every process's batch (SyncBatchNorm, one
+    # all-reduce per BatchNorm layer and step); false keeps them per GPU, as one-GPU training does.
+    sync_bn: bool = True
     checkpoint_minutes: float = 15.0  # also save the resume state every N minutes within an epoch (0: off)
     save_embeddings: bool = True  # pooled features (float16) of the OOF and test images, for level 2
 

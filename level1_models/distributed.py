@@ -84,6 +84,25 @@ def gather_predictions(local_index: np.ndarray, local_pred: np.ndarray, n: int, 
     return out
 
 
+def gather_rows_to_main(local_index: np.ndarray, local_rows: np.ndarray, out: np.ndarray | None, env: DistEnv,
+                        chunk: int = 8192) -> None:
+    """Rank 0 receives every process's rows into ``out`` (row ``local_index[i]`` = ``local_rows[i]``),
+    ``chunk`` rows per process at a time through the process group: no file is shared between
+    processes, so ranks on other hosts need no common file system, and memory stays bounded."""
+    if not env.enabled:
+        if out is not None:
+            out[local_index] = local_rows
+        return
+    counts = gather_objects(len(local_index), env)
+    for start in range(0, max(counts), chunk):
+        part = (local_index[start : start + chunk], local_rows[start : start + chunk])
+        parts: list[Any] | None = [None] * env.world_size if env.is_main else None
+        dist.gather_object(part, parts, dst=0)
+        if env.is_main and out is not None and parts is not None:
+            for index, rows in parts:
+                out[index] = rows
+
+
 def all_reduce_sum(values: list[float], env: DistEnv, device: torch.device) -> list[float]:
     if not env.enabled:
         return values

@@ -18,7 +18,7 @@ from competition.paths import WorkPaths
 from features.dataset import unit_float
 from level1_models.checkpoint import load_checkpoint, load_weights
 from level1_models.config import TrainConfig
-from level1_models.distributed import DistEnv, gather_predictions, shard
+from level1_models.distributed import DistEnv, gather_predictions, gather_rows_to_main, shard
 from level1_models.modeling import create_network
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
@@ -128,18 +128,20 @@ def predict_probabilities(
 
 
 def predict_sharded(model: torch.nn.Module, dataset: Dataset, env: DistEnv, *, embeddings: np.ndarray | None = None,
-                    **kwargs) -> np.ndarray:
+                    embedding_dim: int | None = None, **kwargs) -> np.ndarray:
     """Every process predicts its share of ``dataset`` (each image exactly once over all of them);
-    every process gets all rows back, in order. ``embeddings`` (len(dataset) x D, a memmap of one
-    file shared by the processes) receives each process's rows."""
+    every process gets all rows back, in order. With ``embedding_dim`` (or ``embeddings``) every
+    process also pools its rows' features and rank 0's ``embeddings`` (len(dataset) x D, float16, a
+    memmap say; None on the other ranks) receives all of them through the process group."""
     n = len(dataset)
     mine = shard(np.arange(n), env)
+    dim = embedding_dim if embedding_dim is not None else None if embeddings is None else embeddings.shape[1]
     local_emb = None
-    if embeddings is not None:
-        local_emb = embeddings if not env.enabled else np.zeros((len(mine), embeddings.shape[1]), embeddings.dtype)
+    if dim is not None:
+        local_emb = embeddings if not env.enabled else np.zeros((len(mine), dim), np.float16)
     local = predict_probabilities(model, dataset, mine, embeddings=local_emb, **kwargs)
-    if env.enabled and embeddings is not None:
-        embeddings[mine] = local_emb
+    if env.enabled and dim is not None:
+        gather_rows_to_main(mine, local_emb, embeddings, env)
     return gather_predictions(mine, local, n, env)
 
 

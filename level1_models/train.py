@@ -232,7 +232,8 @@ def build_network(cfg: TrainConfig, fold: int, fd: FoldData, rt: Runtime, resume
         init_head_bias(core, fd.prior_rates)
     if env.enabled and has_batchnorm(core):
         if device.type == "cuda":
-            core = torch.nn.SyncBatchNorm.convert_sync_batchnorm(core)
+            if cfg.sync_bn:
+                core = torch.nn.SyncBatchNorm.convert_sync_batchnorm(core)
         elif first_fold:
             rt.log(f"note: {cfg.arch} has BatchNorm; on CPU its batch statistics are per process "
                    f"(SyncBatchNorm needs GPUs), so results differ slightly from one process")
@@ -409,26 +410,23 @@ def predict_split(cfg: TrainConfig, rt: Runtime, inputs: RunInputs, eval_model: 
     with warnings.catch_warnings():  # the dataset's "served as air" note: said below, in our words
         warnings.simplefilter("ignore")
         dataset = inputs.datasets(ids, labeled=False, augment=False)
-    embeddings = partial = None
+    embeddings = partial = width = None
     if embeddings_path is not None:
         width = embedding_width(core, n_channels(cfg.combination), cfg.img_size, rt.device)
         partial = embeddings_path.with_name(f".{embeddings_path.name}.tmp-shared")
-        if env.is_main:
+        if env.is_main:  # only rank 0 opens the file: the other ranks send their rows to it
             partial.parent.mkdir(parents=True, exist_ok=True)
-            np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(len(ids), width)).flush()
-        barrier(env)
-        embeddings = np.load(partial, mmap_mode="r+")
-    probs = predict_sharded(eval_model, dataset, env, embeddings=embeddings, **predict_kwargs)
+            embeddings = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(len(ids), width))
+    probs = predict_sharded(eval_model, dataset, env, embeddings=embeddings, embedding_dim=width, **predict_kwargs)
     probs[~readable] = np.asarray(prior, dtype=np.float64)
     if embeddings is not None:
         embeddings[np.flatnonzero(~readable)] = 0
         embeddings.flush()
         del embeddings
-        barrier(env)
-        if env.is_main:
-            with open(partial, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(partial, embeddings_path)
+        with open(partial, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(partial, embeddings_path)
+    barrier(env)
     return probs
 
 

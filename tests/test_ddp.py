@@ -128,6 +128,11 @@ def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
     np.testing.assert_allclose(b[list(LABELS)].to_numpy(), a[list(LABELS)].to_numpy(), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(pd.read_parquet(two.test)[list(LABELS)].to_numpy(),
                                pd.read_parquet(one.test)[list(LABELS)].to_numpy(), rtol=1e-4, atol=1e-6)
+    for k in (0, 1):  # the embeddings, which rank 0 gathers through the process group, agree too
+        for split in ("oof", "test"):
+            e1, e2 = np.load(one.embeddings(k, split)), np.load(two.embeddings(k, split))
+            assert e1.shape == e2.shape and e1.dtype == e2.dtype == np.float16 and np.abs(e1).max() > 0
+            np.testing.assert_allclose(e2.astype(np.float32), e1.astype(np.float32), rtol=2e-3, atol=2e-3)
     for k in (0, 1):  # the training curves agree too (loss averaged over both processes' images)
         ca, cb = pd.read_csv(one.curves_csv(k)), pd.read_csv(two.curves_csv(k))
         np.testing.assert_allclose(cb["train_loss"], ca["train_loss"], rtol=1e-4)
@@ -199,5 +204,63 @@ def test_torchrun_cli_on_a_synthetic_competition(tmp_path):
     assert main(["oof", "--work", str(single), *options, "--batch", "8"]) == 0
     a = pd.read_parquet(ModelFolder(single / "models" / MODEL).oof)
     b = pd.read_parquet(ModelFolder(paths.model_dir(MODEL)).oof)
+    assert a["image_id"].tolist() == b["image_id"].tolist()
+    np.testing.assert_allclose(b[list(LABELS)].to_numpy(), a[list(LABELS)].to_numpy(), rtol=1e-4, atol=1e-6)
+
+
+def _gather_worker(rank: int, port: int, results) -> None:
+    from level1_models.distributed import DistEnv, gather_rows_to_main
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    env = DistEnv(rank=rank, world_size=2)
+    rows = np.arange(11 * 4, dtype=np.float16).reshape(11, 4)
+    mine = shard(np.arange(11), env)  # 6 and 5 rows: uneven, several chunks of 2
+    out = np.zeros_like(rows) if rank == 0 else None
+    gather_rows_to_main(mine, rows[mine], out, env, chunk=2)
+    if rank == 0:
+        results.put(out.tolist())
+    torch.distributed.destroy_process_group()
+
+
+def test_rank_zero_gathers_every_row_in_chunks():
+    ctx = multiprocessing.get_context("fork")
+    results, port = ctx.Queue(), _free_port()
+    procs = [ctx.Process(target=_gather_worker, args=(r, port, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    assert all(p.exitcode == 0 for p in procs)
+    assert results.get(timeout=5) == np.arange(44, dtype=np.float16).reshape(11, 4).tolist()
+
+
+@pytest.mark.slow
+def test_two_nodes_rendezvous_through_make(tmp_path):
+    """`make oof GPUS=1 NNODES=2 RDZV_ENDPOINT=...` run twice, as on two machines: torchrun's c10d
+    rendezvous joins them into one world of 2 (gloo on CPU); the result equals one process at the
+    global batch."""
+    data, paths = prepare_tiny_competition(tmp_path)
+    common = [f"DATA={data}", f"MODEL={MODEL}", "EPOCHS=1", "IMG_SIZE=32", "WORKERS=0", "DEVICE=cpu", "FOLDS=0",
+              "SET=augment=false lr_scale=none"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    endpoint = f"127.0.0.1:{_free_port()}"
+    nodes = [subprocess.Popen(["make", "--no-print-directory", "oof", *common, f"WORK={paths.root}", "GPUS=1", "BATCH=4",
+                               "NNODES=2", f"RDZV_ENDPOINT={endpoint}", f"NODE_RANK={rank}"],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
+    logs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), "\n".join(log[-2000:] for log in logs)
+    assert sum(log.count("fold 0: best epoch") for log in logs) == 1  # one world: only its rank 0 reports
+    config = json.loads(ModelFolder(paths.model_dir(MODEL)).config.read_text())
+    assert config["runtime"]["world_size"] == 2
+    single = tmp_path / "single"
+    import shutil
+
+    shutil.copytree(paths.root, single, ignore=shutil.ignore_patterns("models", ".locks"))
+    run = subprocess.run(["make", "--no-print-directory", "oof", *common, f"WORK={single}", "BATCH=8"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    a = pd.read_parquet(ModelFolder(single / "models" / MODEL).fold_oof(0))
+    b = pd.read_parquet(ModelFolder(paths.model_dir(MODEL)).fold_oof(0))
     assert a["image_id"].tolist() == b["image_id"].tolist()
     np.testing.assert_allclose(b[list(LABELS)].to_numpy(), a[list(LABELS)].to_numpy(), rtol=1e-4, atol=1e-6)
