@@ -174,6 +174,19 @@ def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg, steps_per_epoch))
 
 
+def set_schedule_position(scheduler: torch.optim.lr_scheduler.LambdaLR, base_lr: float, step: int) -> None:
+    """Put ``scheduler`` (and its optimiser's lr) at optimiser step ``step`` of its schedule, from
+    base lr ``base_lr``: where a resume on another global batch continues (the optimiser's moment
+    estimates, per parameter, are kept; only its lr is set)."""
+    groups = scheduler.optimizer.param_groups
+    scheduler.base_lrs = [base_lr] * len(groups)
+    scheduler.last_epoch = step
+    for group, factor in zip(groups, scheduler.lr_lambdas):
+        group["initial_lr"] = base_lr
+        group["lr"] = base_lr * factor(step)
+    scheduler._last_lr = [group["lr"] for group in groups]
+
+
 @dataclass
 class EpochProgress:
     """Where an epoch stands; saved in mid-epoch checkpoints so a resumed epoch goes on from here."""
@@ -182,6 +195,7 @@ class EpochProgress:
     loss_sum: float = 0.0  # this process's summed per-image loss
     images: int = 0  # this process's images so far
     seconds: float = 0.0
+    samples: int = 0  # images of the epoch's batches finished, all processes together
 
 
 @dataclass
@@ -283,6 +297,7 @@ def train_one_epoch(
         if last_of_group:
             trainer.optimizer_step()
             progress.step = step + 1
+            progress.samples += group_images
             progress.loss_sum += float(loss_total.item())  # syncs once per optimiser step
             loss_total.zero_()
             progress.seconds = time.perf_counter() - start

@@ -9,7 +9,10 @@ Resumable: a finished fold is marked by ``fold<k>/done.json`` (written last) and
 unfinished fold resumes from ``fold<k>/last.pt``, written after every epoch and every
 ``checkpoint_minutes`` within one (an unreadable ``last.pt`` falls back to ``last.prev.pt``).
 What each batch holds and how it is augmented derive from (seed, fold, epoch, batch), so a
-resumed run repeats what the killed one would have done. Every file is written atomically.
+resumed run repeats what the killed one would have done. ``last.pt`` also records its layout (GPU
+count, batch, accumulation, steps per epoch, images seen): a resume on another layout continues at
+the same share of training by images seen, one on another schedule is refused (``recut_resume``).
+Every file is written atomically.
 
 The loop itself is in ``loop.py``; this module is its bookkeeping: the fold's inputs, resume
 state, checkpoints, curves and output files.
@@ -23,7 +26,7 @@ import random
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +66,7 @@ from level1_models.loop import (
     make_optimizer,
     make_scheduler,
     epoch_micro_batches,
+    set_schedule_position,
     train_loader,
     train_one_epoch,
     weighted_bce_sum,
@@ -160,6 +164,41 @@ class FoldData:
         return cls(fold, train_ids, val_ids, val_readable, test_readable, _prior_rates(inputs.label_array(train_all)))
 
 
+# What a fold's schedule is made of besides the global batch: a resume on another global batch
+# continues at the same share of training only when none of these changed.
+SCHEDULE_FIELDS = ("epochs", "epoch_fraction", "scheduler", "warmup_epochs", "min_lr_ratio", "restart_epochs",
+                   "lr_milestones", "lr_gamma", "lr", "lr_batch", "lr_scale", "optimizer")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a fold's training is cut into optimiser steps on this run (saved in ``last.pt``)."""
+
+    world_size: int
+    batch_size: int  # per process
+    accumulate: int
+    global_batch: int
+    steps_per_epoch: int
+    images_per_epoch: int  # the images of an epoch's steps (whole steps of the seeded permutation)
+    n_train: int  # the fold's training images
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, world_size: int, n_train: int) -> "Layout":
+        steps = epoch_batches(n_train, cfg.global_batch(world_size), 0, cfg.epoch_fraction)
+        return cls(world_size, cfg.batch_size, cfg.accumulate, cfg.global_batch(world_size), len(steps),
+                   sum(len(b) for b in steps), n_train)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Layout":
+        return cls(*(int(values[f.name]) for f in fields(cls)))
+
+    def describe(self, short: bool = False) -> str:
+        """``2 processes x batch 4 x accumulate 2`` (short: ``2 x 4 x accumulate 2``)."""
+        processes = "" if short else f" process{'es' if self.world_size > 1 else ''}"
+        text = f"{self.world_size}{processes} x {'' if short else 'batch '}{self.batch_size}"
+        return text + (f" x accumulate {self.accumulate}" if self.accumulate > 1 else "")
+
+
 @dataclass
 class FoldState:
     """The resume state of a fold besides the weights: where training stands and its curve."""
@@ -170,19 +209,30 @@ class FoldState:
     bad_epochs: int = 0
     history: list[dict] = field(default_factory=list)
     progress: EpochProgress = field(default_factory=EpochProgress)  # within epoch ``epoch + 1``
+    samples: int = 0  # images trained on in the finished epochs (unknown, 0, from a last.pt before layouts)
 
     def to_dict(self) -> dict[str, Any]:
         p = self.progress
         return {"epoch": self.epoch, "best_loss": float(self.best_loss), "best_epoch": self.best_epoch,
                 "bad_epochs": self.bad_epochs, "history": self.history,
-                "epoch_progress": {"step": p.step, "loss_sum": p.loss_sum, "images": p.images, "seconds": p.seconds}}
+                "epoch_progress": {"step": p.step, "loss_sum": p.loss_sum, "images": p.images, "seconds": p.seconds,
+                                   "samples": p.samples}}
+
+    def layout_record(self, layout: Layout, optimizer_steps: int) -> dict[str, Any]:
+        """The ``layout`` entry of ``last.pt``: how this run cut training, and how far it got."""
+        return {**asdict(layout), "optimizer_steps": optimizer_steps,
+                "samples_seen": self.samples + self.progress.samples, "samples_seen_in_epoch": self.progress.samples}
 
     @classmethod
     def from_checkpoint(cls, state: dict[str, Any]) -> "FoldState":
         p = state.get("epoch_progress") or {}
+        layout = state.get("layout") or {}
+        in_epoch = int(p.get("samples", 0))
         return cls(int(state["epoch"]), float(state["best_loss"]), int(state["best_epoch"]), int(state["bad_epochs"]),
                    list(state["history"]), EpochProgress(int(p.get("step", 0)), float(p.get("loss_sum", 0.0)),
-                                                         int(p.get("images", 0)), float(p.get("seconds", 0.0))))
+                                                         int(p.get("images", 0)), float(p.get("seconds", 0.0)),
+                                                         in_epoch),
+                   int(layout.get("samples_seen", in_epoch)) - in_epoch)
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -243,19 +293,61 @@ def build_network(cfg: TrainConfig, fold: int, fd: FoldData, rt: Runtime, resume
     return core.to(memory_format=torch.channels_last) if rt.channels_last else core
 
 
-def make_trainer(cfg: TrainConfig, rt: Runtime, core: torch.nn.Module, n_train: int,
-                 resume: dict | None) -> tuple[Trainer, torch.nn.Module]:
+def recut_resume(cfg: TrainConfig, layout: Layout, resume: dict[str, Any], st: FoldState, fold: int,
+                 last: Path) -> tuple[int, str] | None:
+    """Where a resumed fold continues when ``last.pt`` was written on another layout (GPU count,
+    batch, accumulation), and the line that says so: the optimiser step of this run's schedule at
+    the same share of training by samples seen. ``st`` is moved there: this epoch's seeded
+    permutation cut into this run's batches, from the first whole batch not yet seen (these are
+    the batches a fresh epoch of this layout has, so that is where its micro-batch index starts).
+    None: the same layout (or a ``last.pt`` from before layouts were saved), resumed as saved.
+    Raises ConfigError where the share of training would mean nothing: another schedule, or other
+    training images."""
+    if resume.get("layout") is None:
+        return None
+    old = Layout.from_dict(resume["layout"])
+    fix = f"delete {last} to restart fold {fold}, or rerun with the old setting"
+    if old.n_train != layout.n_train:
+        raise ConfigError(f"fold {fold}: {last} was trained on {old.n_train} images, this run has {layout.n_train} "
+                          f"(limit or the cache changed?); {fix}")
+    saved, now = resume.get("config") or {}, cfg.to_dict()
+    changed = [k for k in SCHEDULE_FIELDS if k in saved and saved[k] != now[k]]
+    if changed:
+        text = ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed)
+        raise ConfigError(f"fold {fold}: {last} was trained on another schedule ({text}), so how far it got does "
+                          f"not carry over; {fix}")
+    if old == layout:
+        return None
+    in_epoch = int(resume["layout"]["samples_seen_in_epoch"])
+    steps_done = min(in_epoch // layout.global_batch, layout.steps_per_epoch)
+    p = st.progress
+    scale = old.world_size / layout.world_size  # rank 0's running loss stands for each process's share
+    st.progress = EpochProgress(steps_done * cfg.accumulate, p.loss_sum * scale, int(round(p.images * scale)),
+                                p.seconds, steps_done * layout.global_batch)
+    share = (st.epoch + in_epoch / max(1, old.images_per_epoch)) / cfg.epochs
+    return st.epoch * layout.steps_per_epoch + steps_done, (
+        f"fold {fold}: resuming on {layout.describe()} (was {old.describe(short=True)}): "
+        f"{share:.0%} of training done by samples seen (epoch {st.epoch + 1}, {in_epoch} of {old.images_per_epoch} "
+        f"images); the schedule continues from there")
+
+
+def make_trainer(cfg: TrainConfig, rt: Runtime, core: torch.nn.Module, layout: Layout,
+                 resume: dict | None, position: int | None = None) -> tuple[Trainer, torch.nn.Module]:
     """Optimiser (lr scaled to the global batch), schedule, scaler, the DDP / compiled wrappers;
-    returns the trainer and the model to predict with."""
+    returns the trainer and the model to predict with. ``position``: a resume on another layout
+    continues this run's schedule at that optimiser step (see :func:`recut_resume`)."""
     world = rt.env.world_size
-    steps_per_epoch = len(epoch_batches(n_train, cfg.global_batch(world), 0, cfg.epoch_fraction))
-    optimizer = make_optimizer(cfg, core, cfg.lr * cfg.lr_factor(world))
-    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)
+    base_lr = cfg.lr * cfg.lr_factor(world)
+    optimizer = make_optimizer(cfg, core, base_lr)
+    scheduler = make_scheduler(cfg, optimizer, layout.steps_per_epoch)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=AMP_DTYPES[rt.amp] is torch.float16)
     ema = WeightAverage(core, cfg.ema) if cfg.ema > 0 else None
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
+        if position is None:
+            scheduler.load_state_dict(resume["scheduler"])
+        else:
+            set_schedule_position(scheduler, base_lr, position)
         if resume.get("scaler"):
             scaler.load_state_dict(resume["scaler"])
         if ema is not None and resume.get("ema_state_dict") is not None:
@@ -275,19 +367,20 @@ def judged_model(trainer: Trainer, eval_model: torch.nn.Module) -> torch.nn.Modu
 
 
 def save_resume(path: Path, previous: Path, cfg: TrainConfig, core: torch.nn.Module, fold: int, trainer: Trainer,
-                st: FoldState, rngs: list) -> None:
+                st: FoldState, rngs: list, layout: Layout) -> None:
     values = st.to_dict()
     epoch = values.pop("epoch")
     ema = trainer.ema.module.state_dict() if trainer.ema is not None else None
     save_rotating(path, previous, make_state(
         cfg, core, fold, epoch, optimizer=trainer.optimizer.state_dict(), scheduler=trainer.scheduler.state_dict(),
         scaler=trainer.scaler.state_dict() if trainer.scaler.is_enabled() else None, rng=rngs,
-        ema_state_dict=None if ema is None else {k: v.detach().cpu() for k, v in ema.items()}, **values,
+        ema_state_dict=None if ema is None else {k: v.detach().cpu() for k, v in ema.items()},
+        layout=st.layout_record(layout, trainer.scheduler.last_epoch), **values,
     ))
 
 
 def record_epoch(cfg: TrainConfig, rt: Runtime, folder: ModelFolder, fold: int, core: torch.nn.Module,
-                 trainer: Trainer, st: FoldState, result: EpochResult, val_loss: float) -> dict:
+                 trainer: Trainer, st: FoldState, result: EpochResult, val_loss: float, layout: Layout) -> dict:
     """After an epoch's validation: early-stopping state, curve row, best and resume checkpoints, log."""
     number = st.epoch + 1
     improved = val_loss < st.best_loss
@@ -301,12 +394,12 @@ def record_epoch(cfg: TrainConfig, rt: Runtime, folder: ModelFolder, fold: int, 
         "epoch_seconds": result.seconds, "best": bool(improved),
     }
     st.history.append(row)
-    st.epoch, st.progress = number, EpochProgress()
+    st.epoch, st.samples, st.progress = number, st.samples + st.progress.samples, EpochProgress()
     if rt.env.is_main:
         if improved:  # the weights that were validated: the average, with ema
             best = trainer.ema.module if trainer.ema is not None else core
             save_checkpoint(folder.best(fold), make_state(cfg, best, fold, number, val_weighted_log_loss=float(val_loss)))
-        save_resume(folder.last(fold), folder.previous(fold), cfg, core, fold, trainer, st, [])
+        save_resume(folder.last(fold), folder.previous(fold), cfg, core, fold, trainer, st, [], layout)
         write_curve(folder.curves_csv(fold), st.history)
     rt.log(f"{cfg.name} fold {fold} epoch {number}/{cfg.epochs}: train loss {result.train_loss:.4f}  "
            f"val weighted log loss {val_loss:.4f}{' *' if improved else ''}  {result.images_per_s:.1f} img/s")
@@ -340,10 +433,14 @@ def train_fold(
     if note:
         rt.log(f"fold {fold}: {note}")
     first_fold = fold == (cfg.folds or inputs.fold_numbers)[0]
-    core = build_network(cfg, fold, fd, rt, resume, last, first_fold)
-    trainer, eval_model = make_trainer(cfg, rt, core, len(fd.train_ids), resume)
+    layout = Layout.of(cfg, env.world_size, len(fd.train_ids))
     st = FoldState.from_checkpoint(resume) if resume is not None else FoldState()
-    if resume is not None:
+    recut = recut_resume(cfg, layout, resume, st, fold, last) if resume is not None else None
+    core = build_network(cfg, fold, fd, rt, resume, last, first_fold)
+    trainer, eval_model = make_trainer(cfg, rt, core, layout, resume, None if recut is None else recut[0])
+    if recut is not None:
+        rt.log(recut[1])
+    elif resume is not None:
         where = f"after epoch {st.epoch}" + (f", {st.progress.step} batches into epoch {st.epoch + 1}"
                                              if st.progress.step else "")
         rt.log(f"fold {fold}: resuming {where} (best so far {st.best_loss:.4f} at epoch {st.best_epoch})")
@@ -360,7 +457,7 @@ def train_fold(
         if clock.due():
             rngs = gather_objects(rng_state(device), env)
             if env.is_main:
-                save_resume(last, previous, cfg, core, fold, trainer, st, rngs)
+                save_resume(last, previous, cfg, core, fold, trainer, st, rngs, layout)
             clock.reset()
 
     while st.epoch < cfg.epochs and st.bad_epochs < cfg.patience:
@@ -368,7 +465,7 @@ def train_fold(
         seed = stage_seed(cfg, fold, number)
         batches = epoch_micro_batches(len(fd.train_ids), cfg.batch_size, env.world_size, cfg.accumulate, seed,
                                       cfg.epoch_fraction)
-        if st.progress.step:  # resumed inside this epoch: the random state of that moment
+        if st.progress.step and recut is None:  # resumed inside this epoch: the random state of that moment
             restore_rng(resume["rng"][env.rank] if resume and resume.get("rng") else None, device)
         else:
             seed_everything(seed + env.rank)
@@ -379,7 +476,7 @@ def train_fold(
         val_pred = predict_sharded(judged_model(trainer, eval_model), val_ds, env, loader=val_loader,
                                    **{**predict_kwargs, "tta": cfg.val_tta})
         val_loss = weighted_log_loss(y_val, val_pred)
-        row = record_epoch(cfg, rt, folder, fold, core, trainer, st, result, val_loss)
+        row = record_epoch(cfg, rt, folder, fold, core, trainer, st, result, val_loss, layout)
         barrier(env)
         if on_epoch_end is not None:
             on_epoch_end(fold, st.epoch, row)
