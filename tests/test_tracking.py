@@ -103,3 +103,23 @@ def test_wandb_not_installed_stops_the_run_in_one_line(tmp_path):
 def test_an_unknown_tracker_is_a_config_error():
     with pytest.raises(ConfigError, match="tracker must be one of"):
         small_config(tracker="comet")
+
+
+def test_a_terminal_keeps_the_bar_with_the_etas_and_gets_no_progress_lines(tmp_path, monkeypatch):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stdout, stderr = io.StringIO(), Terminal()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    monkeypatch.setattr(sys, "stderr", stderr)
+    cfg = small_config(epochs=2, batch_size=4, folds=(0,), tracker="none", progress_seconds=1e-6)
+    run_oof(cfg, make_inputs(n_train=32), tmp_path / "m", CPU)
+    monkeypatch.undo()
+    frames = stderr.getvalue().split("\r")
+    assert any("epoch 1/2" in f and "img_s=" in f for f in frames)
+    assert any("epoch 2/2" in f and "fold ETA" in f for f in frames)
+    assert " images (" not in stdout.getvalue()
