@@ -1,7 +1,7 @@
 # RSNA Intracranial Hemorrhage Detection: from `kaggle competitions download` to `kaggle competitions submit`.
 # `make help` lists the targets. Variables (the users' interface, see README):
 #   DATA WORK N_FOLDS MODEL MODELS FOLDS EPOCHS IMG_SIZE BATCH LIMIT DEVICE GPUS WORKERS TUNE TRIALS STORAGE THREADS STACKER ROWS FILE MESSAGE IMAGE TOP LABEL
-#   STUDY OUT BUNDLE STACK_OPTS NNODES NODE_RANK RDZV_ENDPOINT RDZV_ID
+#   STUDY OUT BUNDLE STACK_OPTS NNODES NODE_RANK RDZV_ENDPOINT RDZV_ID TRACKER
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -48,6 +48,7 @@ STUDY    ?=
 OUT      ?=
 BUNDLE   ?=
 SET      ?=
+TRACKER  ?=
 STACK_OPTS ?=
 NNODES   ?=
 NODE_RANK ?=
@@ -76,7 +77,7 @@ rdzv = --nnodes=$(NNODES) --rdzv_backend=c10d --rdzv_endpoint=$(RDZV_ENDPOINT) -
 launch = $(if $(GPUS),$(VENV)/bin/torchrun $(if $(NNODES),$(rdzv),--standalone) --nproc_per_node=$(GPUS),$(PY))
 need = @test -n "$($(1))" || { echo "make $@: set $(1)=<$(2)>"; exit 2; }
 
-.PHONY: help setup demo test test-all synthetic data prepare cache oof list-models plan stack submission submit \
+.PHONY: help setup demo test test-all synthetic data prepare cache oof tensorboard list-models plan stack submission submit \
         explain report predict export bench bench-metadata bench-features bench-train gpu-check clean-work
 
 help: ## list the targets
@@ -145,12 +146,17 @@ plan: $(STAMP) ## before a GPU run: caches, FLOPs/image, GPU-hours per fold and 
 	  $(call opt,--epochs,$(EPOCHS)) $(call opt,--img-size,$(IMG_SIZE)) $(call opt,--batch,$(BATCH)) \
 	  $(call opt,--limit,$(LIMIT)) $(sets)
 
-oof: $(STAMP) ## K-fold level-1 training of MODEL -> OOF + test predictions (FOLDS EPOCHS IMG_SIZE BATCH LIMIT DEVICE GPUS WORKERS)
+oof: $(STAMP) ## K-fold level-1 training of MODEL -> OOF + test predictions (FOLDS EPOCHS IMG_SIZE BATCH LIMIT DEVICE GPUS WORKERS TRACKER)
 	$(call need,MODEL,zoo name; make list-models)
 	$(launch) -m level1_models oof --model $(MODEL) --data $(DATA) $(work_opt) $(call opt,--folds,$(FOLDS)) \
 	  $(call opt,--epochs,$(EPOCHS)) $(call opt,--img-size,$(IMG_SIZE)) $(call opt,--batch,$(BATCH)) \
-	  $(call opt,--limit,$(LIMIT)) $(call opt,--device,$(DEVICE)) $(call opt,--workers,$(WORKERS)) $(sets)
+	  $(call opt,--limit,$(LIMIT)) $(call opt,--device,$(DEVICE)) $(call opt,--workers,$(WORKERS)) $(sets) \
+	  $(call opt,--set,$(if $(TRACKER),tracker=$(TRACKER)))
 	$(PY) -m reports.plots --data $(DATA) $(work_opt) --model $(MODEL) --skip-missing
+
+tensorboard: $(STAMP) ## TensorBoard over every level-1 model of DATA (train loss, lr, validation loss, images/s per fold)
+	$(PY) -m tensorboard.main --logdir "$$($(PY) -c 'import sys; from competition.paths import WorkPaths; \
+	  print(WorkPaths.for_data(sys.argv[1], sys.argv[2] or None).models)' '$(DATA)' '$(WORK)')"
 
 stack: $(STAMP) ## level 2 over every level-1 folder (or MODELS=a,b): LightGBM + sequence model, blended (STACKER THREADS DEVICE TUNE=1 TRIALS STORAGE STACK_OPTS); reused when nothing changed -> submission
 	$(PY) -m level2_stacking --data $(DATA) $(work_opt) $(call opt,--models,$(MODELS)) $(if $(call yes,$(TUNE)),--tune) \

@@ -23,6 +23,7 @@ from features.augment_config import FIELD_NAMES as AUG_FIELD_NAMES
 from features.augment_config import FIELD_TYPES as AUG_TYPES
 from features.augment_config import AugmentConfig
 from level1_models.registry import ModelSpec, get_spec
+from level1_models.tracking import TRACKERS
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 DEVICES = ("auto", "cpu", "cuda")
@@ -58,6 +59,8 @@ class TrainConfig(ModelSpec):
     sync_bn: bool = True
     checkpoint_minutes: float = 15.0  # also save the resume state every N minutes within an epoch (0: off)
     save_embeddings: bool = True  # pooled features (float16) of the OOF and test images, for level 2
+    tracker: str = "tensorboard"  # tensorboard | wandb | mlflow | none: the experiment log (level1_models/tracking.py)
+    progress_seconds: float = 60.0  # stderr not a terminal: a plain progress line every N seconds (0: none)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -75,6 +78,10 @@ class TrainConfig(ModelSpec):
             raise ConfigError(f"prefetch must be >= 1, got {self.prefetch}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        if self.tracker not in TRACKERS:
+            raise ConfigError(f"tracker must be one of {', '.join(TRACKERS)}, got {self.tracker!r}")
+        if self.progress_seconds < 0:
+            raise ConfigError(f"progress_seconds must be >= 0 (0: no progress lines), got {self.progress_seconds}")
 
     @property
     def eval_batch(self) -> int:

@@ -31,6 +31,7 @@ from competition.constants import LABEL_WEIGHTS
 from level1_models.config import TrainConfig
 from level1_models.distributed import DistEnv, all_reduce_sum
 from level1_models.predict import autocast, loader_options, model_input
+from level1_models.tracking import FoldWatch
 
 
 @dataclass(frozen=True)
@@ -203,6 +204,7 @@ class EpochResult:
     train_loss: float
     images_per_s: float
     seconds: float
+    data_wait_share: float | None = None  # time blocked on the loader / this session's epoch time
 
 
 class WeightAverage:
@@ -266,6 +268,24 @@ class Trainer:
             self.ema.update(self.scheduler.last_epoch)  # optimiser steps taken: the average's warmup clock
 
 
+class TimedBatches:
+    """Iterates a loader and adds up the seconds spent blocked on its next batch (``wait``)."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader, self.wait = loader, 0.0
+
+    def __iter__(self) -> Iterator:
+        batches = iter(self.loader)
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(batches)
+            except StopIteration:
+                return
+            self.wait += time.perf_counter() - start
+            yield item
+
+
 def train_one_epoch(
     trainer: Trainer,
     loader: DataLoader,
@@ -273,19 +293,23 @@ def train_one_epoch(
     progress: EpochProgress,
     on_step: Callable[[EpochProgress], None] | None = None,
     desc: str = "",
+    watch: FoldWatch | None = None,
 ) -> EpochResult:
     """Train over ``batches`` from ``progress.step`` on (the loader's sampler is set to the same
-    start); ``on_step`` runs after every optimiser step (mid-epoch checkpoints)."""
+    start); ``on_step`` runs after every optimiser step (mid-epoch checkpoints); ``watch`` gets each
+    step's figures (tracker scalars, progress lines when stderr is no terminal, the bar's ETAs)."""
     cfg, env, device = trainer.cfg, trainer.rt.env, trainer.rt.device
     trainer.model.train()
     acc = cfg.accumulate
     n_images = sum(len(b) for b in batches)
     done_images = sum(len(b) for b in batches[: progress.step])
-    bar = tqdm(total=n_images, initial=done_images, desc=desc, unit="img", disable=not env.is_main, leave=False,
-               dynamic_ncols=True, file=sys.stderr)
+    # A log file gets plain lines (FoldWatch.step), not the bar's carriage-return frames.
+    bar = tqdm(total=n_images, initial=done_images, desc=desc, unit="img", leave=False,
+               disable=not env.is_main or not FoldWatch.draw_bar(), dynamic_ncols=True, file=sys.stderr)
     loss_total = torch.zeros((), dtype=torch.float64, device=device)
     start = time.perf_counter() - progress.seconds
-    for (x, y), step in zip(loader, range(progress.step, len(batches))):
+    resumed_seconds, feed = progress.seconds, TimedBatches(loader)
+    for (x, y), step in zip(feed, range(progress.step, len(batches))):
         group = range((step // acc) * acc, min(len(batches), (step // acc + 1) * acc))
         group_images = sum(len(batches[j]) for j in group)
         last_of_group = step == group[-1]
@@ -293,16 +317,26 @@ def train_one_epoch(
         # optimiser step makes that average the single-process mean over the step's images.
         loss_total += trainer.micro_step(x, y, env.world_size / group_images, sync=last_of_group).double()
         progress.images += len(x)
+        done_images += len(batches[step])
         bar.update(len(batches[step]))
         if last_of_group:
+            lr = float(trainer.optimizer.param_groups[0]["lr"])  # the lr this step trains at
             trainer.optimizer_step()
             progress.step = step + 1
             progress.samples += group_images
-            progress.loss_sum += float(loss_total.item())  # syncs once per optimiser step
+            step_loss = float(loss_total.item())  # syncs once per optimiser step
+            progress.loss_sum += step_loss
             loss_total.zero_()
             progress.seconds = time.perf_counter() - start
-            bar.set_postfix(loss=f"{progress.loss_sum / max(1, progress.images):.4f}",
-                            img_s=f"{bar.n / max(progress.seconds, 1e-9):.1f}")
+            mean_loss = progress.loss_sum / max(1, progress.images)
+            rate = done_images / max(progress.seconds, 1e-9)
+            postfix = f"loss={mean_loss:.4f}, img_s={rate:.1f}"
+            if watch is not None:
+                local = sum(len(batches[j][env.rank :: env.world_size]) for j in group)
+                eta = watch.step(trainer.scheduler.last_epoch, step_loss / max(1, local), lr, done_images, n_images,
+                                 rate, mean_loss, desc)
+                postfix += f", {eta}" if eta else ""
+            bar.set_postfix_str(postfix)
             if on_step is not None:
                 on_step(progress)
     if device.type == "cuda":
@@ -310,4 +344,5 @@ def train_one_epoch(
     seconds = time.perf_counter() - start
     bar.close()
     total, count = all_reduce_sum([progress.loss_sum, float(progress.images)], env, device)
-    return EpochResult(total / max(count, 1.0), n_images / max(seconds, 1e-9), seconds)
+    return EpochResult(total / max(count, 1.0), n_images / max(seconds, 1e-9), seconds,
+                       feed.wait / max(seconds - resumed_seconds, 1e-9))

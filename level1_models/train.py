@@ -74,6 +74,7 @@ from level1_models.loop import (
 from level1_models.metrics import prior_score, score
 from level1_models.modeling import build_model, find_weights
 from level1_models.predict import AMP_DTYPES, embedding_width, eval_loader, predict_sharded
+from level1_models.tracking import RunWatch, check_tracker
 
 __all__ = ["ModelFolder", "Runtime", "epoch_batches", "make_optimizer", "make_scheduler", "run_oof", "run_model",
            "setup_runtime", "weighted_bce_sum"]
@@ -380,8 +381,10 @@ def save_resume(path: Path, previous: Path, cfg: TrainConfig, core: torch.nn.Mod
 
 
 def record_epoch(cfg: TrainConfig, rt: Runtime, folder: ModelFolder, fold: int, core: torch.nn.Module,
-                 trainer: Trainer, st: FoldState, result: EpochResult, val_loss: float, layout: Layout) -> dict:
-    """After an epoch's validation: early-stopping state, curve row, best and resume checkpoints, log."""
+                 trainer: Trainer, st: FoldState, result: EpochResult, val_loss: float, layout: Layout,
+                 note: str = "") -> dict:
+    """After an epoch's validation: early-stopping state, curve row, best and resume checkpoints, log
+    (``note`` ends its line: the ETAs)."""
     number = st.epoch + 1
     improved = val_loss < st.best_loss
     if improved:
@@ -402,7 +405,7 @@ def record_epoch(cfg: TrainConfig, rt: Runtime, folder: ModelFolder, fold: int, 
         save_resume(folder.last(fold), folder.previous(fold), cfg, core, fold, trainer, st, [], layout)
         write_curve(folder.curves_csv(fold), st.history)
     rt.log(f"{cfg.name} fold {fold} epoch {number}/{cfg.epochs}: train loss {result.train_loss:.4f}  "
-           f"val weighted log loss {val_loss:.4f}{' *' if improved else ''}  {result.images_per_s:.1f} img/s")
+           f"val weighted log loss {val_loss:.4f}{' *' if improved else ''}  {result.images_per_s:.1f} img/s{note}")
     return row
 
 
@@ -413,8 +416,10 @@ def train_fold(
     folder: ModelFolder,
     rt: Runtime,
     on_epoch_end: EpochCallback | None = None,
+    watch: RunWatch | None = None,
 ) -> dict[str, Any]:
-    """Train one fold (or resume it), then write its OOF and test predictions; returns its summary."""
+    """Train one fold (or resume it), then write its OOF and test predictions; returns its summary.
+    ``watch``: the run's ETAs, progress lines and tracker (level1_models/tracking.py)."""
     env, device = rt.env, rt.device
     if folder.fold_done(fold).is_file():
         summary = json.loads(folder.fold_done(fold).read_text())
@@ -444,6 +449,7 @@ def train_fold(
         where = f"after epoch {st.epoch}" + (f", {st.progress.step} batches into epoch {st.epoch + 1}"
                                              if st.progress.step else "")
         rt.log(f"fold {fold}: resuming {where} (best so far {st.best_loss:.4f} at epoch {st.best_epoch})")
+    fw = watch.start_fold(fold, st.epoch) if watch is not None else None
 
     sampler = EpochSampler(env)
     loader = train_loader(train_ds, sampler, cfg, device)
@@ -471,12 +477,17 @@ def train_fold(
             seed_everything(seed + env.rank)
         sampler.set_epoch(batches, seed, st.progress.step)
         clock.reset()
+        if fw is not None:
+            fw.epoch_begins(resumed_inside=st.progress.step > 0)
         result = train_one_epoch(trainer, loader, batches, st.progress, checkpoint_now,
-                                 desc=f"{cfg.name} fold {fold} epoch {number}/{cfg.epochs}")
+                                 desc=f"{cfg.name} fold {fold} epoch {number}/{cfg.epochs}", watch=fw)
         val_pred = predict_sharded(judged_model(trainer, eval_model), val_ds, env, loader=val_loader,
                                    **{**predict_kwargs, "tta": cfg.val_tta})
         val_loss = weighted_log_loss(y_val, val_pred)
-        row = record_epoch(cfg, rt, folder, fold, core, trainer, st, result, val_loss, layout)
+        row = record_epoch(cfg, rt, folder, fold, core, trainer, st, result, val_loss, layout,
+                           fw.epoch_done(number) if fw is not None else "")
+        if fw is not None:
+            fw.epoch_scalars(row, result.data_wait_share)
         barrier(env)
         if on_epoch_end is not None:
             on_epoch_end(fold, st.epoch, row)
@@ -655,6 +666,7 @@ def run_oof(
     if unknown:
         raise ConfigError(f"folds {unknown} are not in the folds table (it has folds {all_folds})")
     # Every process checks (a failure on rank 0 alone would leave the others waiting at the barrier).
+    watch = RunWatch.for_run(cfg, rt, folder.root, [k for k in todo if not folder.fold_done(k).is_file()])
     check_same_model(folder, cfg)
     weights = find_weights(cfg)
     if rt.env.is_main:
@@ -670,8 +682,11 @@ def run_oof(
         }})
     barrier(rt.env)
     rt.log(cfg.lr_note(rt.env.world_size))
-    for fold in todo:
-        train_fold(cfg, fold, inputs, folder, rt, on_epoch_end)
+    try:
+        for fold in todo:
+            train_fold(cfg, fold, inputs, folder, rt, on_epoch_end, watch)
+    finally:
+        watch.close()
     metrics = assemble(cfg, inputs, folder) if rt.env.is_main else None
     barrier(rt.env)
     if metrics is not None:
@@ -704,6 +719,7 @@ def run_model(
     from level1_models.data import load_inputs
 
     cfg, rt = setup_runtime(build_config(name, overrides))
+    check_tracker(cfg.tracker)  # a tracker that is not installed stops the run before the data is read
     paths = WorkPaths.for_data(data_dir, work_dir)
     inputs = load_inputs(data_dir, paths, cfg.combination, cfg.img_size, model=cfg.name, augment_config=cfg.aug)
     note = getattr(inputs.datasets, "note", None)
