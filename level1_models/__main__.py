@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from competition.cli import run_main, work_lock
-from level1_models.config import build_config, parse_field, parse_sets
+from competition.locks import LockHeldError
+from level1_models.config import TrainConfig, build_config, parse_field, parse_sets
 from level1_models.finished import is_assembled
 from level1_models.registry import get_spec, list_models
 
@@ -49,22 +50,40 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def refuse_if_every_fold_is_held(args: argparse.Namespace, cfg: TrainConfig) -> None:
+    """FOLDS=k while another run trains fold k: its one-line "another run holds ..." before torch is
+    imported (run_oof decides again, holding the locks, fold by fold)."""
+    if not cfg.folds:
+        return
+    errors = []
+    for fold in cfg.folds:
+        try:
+            with work_lock(args, f"oof-{cfg.name}-fold{fold}"):
+                pass
+        except LockHeldError as exc:
+            errors.append(exc)
+    if len(errors) == len(cfg.folds):
+        raise errors[0]
+
+
 def cmd_oof(args: argparse.Namespace) -> None:
     overrides = overrides_from(args)
     cfg = build_config(args.model, overrides)  # an unknown name or field fails here, before torch is imported
-    with work_lock(args, f"oof-{args.model}"):  # one run per model
-        if is_assembled(cfg, args.data, args.work):
-            print(f"{cfg.name}: every fold finished earlier and oof.parquet / test.parquet are up to date "
-                  f"(nothing they are made from changed); kept")
-            return
-        from level1_models.train import run_model
+    # No model-wide lock: each fold is trained under its own and the shared files under a short one
+    # (level1_models/fold_locks.py), so runs on different folds of one model go at once.
+    refuse_if_every_fold_is_held(args, cfg)
+    if is_assembled(cfg, args.data, args.work):
+        print(f"{cfg.name}: every fold finished earlier and oof.parquet / test.parquet are up to date "
+              f"(nothing they are made from changed); kept")
+        return
+    from level1_models.train import run_model
 
-        try:
-            run_model(args.model, args.data, args.work, overrides)
-        finally:
-            from level1_models.distributed import shutdown
+    try:
+        run_model(args.model, args.data, args.work, overrides)
+    finally:
+        from level1_models.distributed import shutdown
 
-            shutdown()
+        shutdown()
 
 
 def cmd_list(args: argparse.Namespace) -> None:
