@@ -1,6 +1,6 @@
 # RSNA Intracranial Hemorrhage Detection: from `kaggle competitions download` to `kaggle competitions submit`.
 # `make help` lists the targets. Variables (the users' interface, see README):
-#   DATA WORK N_FOLDS MODEL MODELS FOLDS EPOCHS IMG_SIZE BATCH LIMIT DEVICE GPUS WORKERS TUNE TRIALS STORAGE THREADS STACKER ROWS FILE MESSAGE IMAGE TOP LABEL
+#   DATA WORK N_FOLDS MODEL MODELS FOLDS EPOCHS IMG_SIZE BATCH LIMIT DEVICE GPUS SPREAD WORKERS TUNE TRIALS STORAGE THREADS STACKER ROWS FILE MESSAGE IMAGE TOP LABEL
 #   STUDY OUT BUNDLE STACK_OPTS
 
 SHELL := bash
@@ -33,6 +33,7 @@ BATCH    ?=
 LIMIT    ?=
 DEVICE   ?=
 GPUS     ?=
+SPREAD   ?=
 TUNE     ?=
 TRIALS   ?=
 STORAGE  ?=
@@ -65,8 +66,9 @@ work_opt = $(if $(WORK),--work $(WORK))
 opt = $(if $(2),$(1) $(2))
 yes = $(filter 1 yes true,$(1))
 sets = $(foreach s,$(SET),--set $(s))
-# GPUS=N trains one fold across N GPUs with DDP (torchrun); otherwise one process.
-launch = $(if $(GPUS),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(GPUS),$(PY))
+# GPUS=N trains one fold across N GPUs with DDP (torchrun); otherwise one process. GPUS=N SPREAD=folds:
+# one process that starts one single-GPU job per fold, N at a time (level1_models/spread.py).
+launch = $(if $(and $(GPUS),$(if $(SPREAD),,ddp)),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(GPUS),$(PY))
 need = @test -n "$($(1))" || { echo "make $@: set $(1)=<$(2)>"; exit 2; }
 
 .PHONY: help setup demo test test-all synthetic data prepare cache oof list-models plan stack submission submit \
@@ -138,11 +140,12 @@ plan: $(STAMP) ## before a GPU run: caches, FLOPs/image, GPU-hours per fold and 
 	  $(call opt,--epochs,$(EPOCHS)) $(call opt,--img-size,$(IMG_SIZE)) $(call opt,--batch,$(BATCH)) \
 	  $(call opt,--limit,$(LIMIT)) $(sets)
 
-oof: $(STAMP) ## K-fold level-1 training of MODEL -> OOF + test predictions (FOLDS EPOCHS IMG_SIZE BATCH LIMIT DEVICE GPUS WORKERS)
+oof: $(STAMP) ## K-fold level-1 training of MODEL -> OOF + test predictions (FOLDS EPOCHS IMG_SIZE BATCH LIMIT DEVICE GPUS SPREAD=folds WORKERS)
 	$(call need,MODEL,zoo name; make list-models)
 	$(launch) -m level1_models oof --model $(MODEL) --data $(DATA) $(work_opt) $(call opt,--folds,$(FOLDS)) \
 	  $(call opt,--epochs,$(EPOCHS)) $(call opt,--img-size,$(IMG_SIZE)) $(call opt,--batch,$(BATCH)) \
-	  $(call opt,--limit,$(LIMIT)) $(call opt,--device,$(DEVICE)) $(call opt,--workers,$(WORKERS)) $(sets)
+	  $(call opt,--limit,$(LIMIT)) $(call opt,--device,$(DEVICE)) $(call opt,--workers,$(WORKERS)) \
+	  $(if $(SPREAD),--spread $(SPREAD) $(call opt,--gpus,$(GPUS))) $(sets)
 	$(PY) -m reports.plots --data $(DATA) $(work_opt) --model $(MODEL) --skip-missing
 
 stack: $(STAMP) ## level 2 over every level-1 folder (or MODELS=a,b): LightGBM + sequence model, blended (STACKER THREADS DEVICE TUNE=1 TRIALS STORAGE STACK_OPTS); reused when nothing changed -> submission

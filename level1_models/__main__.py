@@ -3,7 +3,8 @@ cache-sizes (the image caches some specs read: ``make prepare`` / ``make cache M
 a run of several models costs, before it starts).
 
 Under ``torchrun --nproc_per_node=N -m level1_models oof ...`` each process trains its share of
-every batch (DDP); only rank 0 writes files.
+every batch (DDP); only rank 0 writes files. ``oof --spread folds --gpus N`` instead runs N
+independent single-device jobs, one fold each (``level1_models/spread.py``).
 """
 from __future__ import annotations
 
@@ -69,6 +70,11 @@ def refuse_if_every_fold_is_held(args: argparse.Namespace, cfg: TrainConfig) -> 
 def cmd_oof(args: argparse.Namespace) -> None:
     overrides = overrides_from(args)
     cfg = build_config(args.model, overrides)  # an unknown name or field fails here, before torch is imported
+    if args.spread is not None:
+        from level1_models.spread import spread_folds
+
+        if spread_folds(args, cfg):
+            return  # the jobs trained every fold and the last one assembled the model
     # No model-wide lock: each fold is trained under its own and the shared files under a short one
     # (level1_models/fold_locks.py), so runs on different folds of one model go at once.
     refuse_if_every_fold_is_held(args, cfg)
@@ -144,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("oof", help="K-fold training -> OOF + test predictions, checkpoints, metrics, curves")
     p.add_argument("--data", required=True, type=Path, help="competition folder in the Kaggle layout")
     add_run_options(p)
+    p.add_argument("--spread", choices=["folds"], default=None,
+                   help="folds: one process per device, each training one fold at a time (with --gpus N)")
+    p.add_argument("--gpus", type=int, default=None, help="with --spread folds: the devices (0..N-1) to spread over")
     p.set_defaults(func=cmd_oof)
 
     p = sub.add_parser("list", help="the registered models (fnmatch PATTERN, like timm.list_models)")

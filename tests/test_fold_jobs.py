@@ -107,3 +107,27 @@ def test_two_runs_on_different_folds_at_once_equal_the_sequential_run(prepared, 
     # The fast path: the finished stamp was written by that run; nothing to redo.
     assert main(["oof", "--data", str(data), "--work", str(work), *OPTIONS]) == 0
     assert "are up to date" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_spread_folds_runs_one_process_per_device_and_equals_the_sequential_run(prepared, sequential, tmp_path):
+    data, work = prepared[0], fresh_work(prepared, tmp_path / "work")
+    run = subprocess.run(oof_command(data, work, "--spread", "folds", "--gpus", "2"), cwd=REPO, env=ENV,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "fold 0: started on device 0" in run.stdout and "fold 1: started on device 1" in run.stdout
+    assert_same_outputs(outputs(work), sequential)
+    for k in (0, 1):
+        log = (work / "logs" / f"oof-{MODEL}-fold{k}.log").read_text()
+        assert f"fold {k}: best epoch" in log
+
+
+def test_spread_names_the_fold_that_failed_and_its_log(prepared, tmp_path, capsys):
+    data, work = prepared[0], fresh_work(prepared, tmp_path / "work")
+    with held_elsewhere(work, f"oof-{MODEL}-fold1"):
+        code = run_main(main, ["oof", "--data", str(data), "--work", str(work), *OPTIONS, "--folds", "1",
+                               "--spread", "folds", "--gpus", "2"], prog="level1_models")
+    line = one_line_error(capsys.readouterr().err)
+    log = work / "logs" / f"oof-{MODEL}-fold1.log"
+    assert code == 2 and line.startswith("level1_models: error: fold 1 failed (exit 2): ") and str(log) in line
+    assert "another run holds" in line
