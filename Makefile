@@ -1,6 +1,6 @@
 # RSNA Intracranial Hemorrhage Detection: from `kaggle competitions download` to `kaggle competitions submit`.
 # `make help` lists the targets. Variables (the users' interface, see README):
-#   DATA WORK N_FOLDS MODEL MODELS FOLDS EPOCHS IMG_SIZE BATCH LIMIT DEVICE GPUS WORKERS TUNE TRIALS STORAGE THREADS STACKER ROWS FILE MESSAGE IMAGE TOP LABEL
+#   DATA WORK N_FOLDS MODEL MODELS FOLDS EPOCHS IMG_SIZE BATCH LIMIT DEVICE GPUS SPREAD WORKERS TUNE TRIALS STORAGE THREADS STACKER ROWS FILE MESSAGE IMAGE TOP LABEL
 #   STUDY OUT BUNDLE STACK_OPTS NNODES NODE_RANK RDZV_ENDPOINT RDZV_ID TRACKER
 
 SHELL := bash
@@ -33,6 +33,7 @@ BATCH    ?=
 LIMIT    ?=
 DEVICE   ?=
 GPUS     ?=
+SPREAD   ?=
 TUNE     ?=
 TRIALS   ?=
 STORAGE  ?=
@@ -73,8 +74,10 @@ sets = $(foreach s,$(SET),--set $(s))
 # GPUS=N trains one fold across N GPUs with DDP (torchrun); otherwise one process. NNODES=M with
 # RDZV_ENDPOINT=host:port (the same on every machine; run the same command on each) spreads it over
 # M machines through torchrun's c10d rendezvous; NODE_RANK fixes a machine's rank (optional).
+# GPUS=N SPREAD=folds: one process that starts one single-GPU job per fold, N at a time
+# (level1_models/spread.py).
 rdzv = --nnodes=$(NNODES) --rdzv_backend=c10d --rdzv_endpoint=$(RDZV_ENDPOINT) --rdzv_id=$(if $(RDZV_ID),$(RDZV_ID),rsna-$(MODEL)) $(call opt,--node_rank,$(NODE_RANK))
-launch = $(if $(GPUS),$(VENV)/bin/torchrun $(if $(NNODES),$(rdzv),--standalone) --nproc_per_node=$(GPUS),$(PY))
+launch = $(if $(and $(GPUS),$(if $(SPREAD),,ddp)),$(VENV)/bin/torchrun $(if $(NNODES),$(rdzv),--standalone) --nproc_per_node=$(GPUS),$(PY))
 need = @test -n "$($(1))" || { echo "make $@: set $(1)=<$(2)>"; exit 2; }
 
 .PHONY: help setup demo test test-all synthetic data prepare cache oof tensorboard list-models plan stack submission submit \
@@ -146,11 +149,12 @@ plan: $(STAMP) ## before a GPU run: caches, FLOPs/image, GPU-hours per fold and 
 	  $(call opt,--epochs,$(EPOCHS)) $(call opt,--img-size,$(IMG_SIZE)) $(call opt,--batch,$(BATCH)) \
 	  $(call opt,--limit,$(LIMIT)) $(sets)
 
-oof: $(STAMP) ## K-fold level-1 training of MODEL -> OOF + test predictions (FOLDS EPOCHS IMG_SIZE BATCH LIMIT DEVICE GPUS WORKERS TRACKER)
+oof: $(STAMP) ## K-fold level-1 training of MODEL -> OOF + test predictions (FOLDS EPOCHS IMG_SIZE BATCH LIMIT DEVICE GPUS SPREAD=folds NNODES WORKERS TRACKER)
 	$(call need,MODEL,zoo name; make list-models)
 	$(launch) -m level1_models oof --model $(MODEL) --data $(DATA) $(work_opt) $(call opt,--folds,$(FOLDS)) \
 	  $(call opt,--epochs,$(EPOCHS)) $(call opt,--img-size,$(IMG_SIZE)) $(call opt,--batch,$(BATCH)) \
-	  $(call opt,--limit,$(LIMIT)) $(call opt,--device,$(DEVICE)) $(call opt,--workers,$(WORKERS)) $(sets) \
+	  $(call opt,--limit,$(LIMIT)) $(call opt,--device,$(DEVICE)) $(call opt,--workers,$(WORKERS)) \
+	  $(if $(SPREAD),--spread $(SPREAD) $(call opt,--gpus,$(GPUS))) $(sets) \
 	  $(call opt,--set,$(if $(TRACKER),tracker=$(TRACKER)))
 	$(PY) -m reports.plots --data $(DATA) $(work_opt) --model $(MODEL) --skip-missing
 

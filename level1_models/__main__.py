@@ -3,7 +3,8 @@ cache-sizes (the image caches some specs read: ``make prepare`` / ``make cache M
 a run of several models costs, before it starts).
 
 Under ``torchrun --nproc_per_node=N -m level1_models oof ...`` each process trains its share of
-every batch (DDP); only rank 0 writes files.
+every batch (DDP); only rank 0 writes files. ``oof --spread folds --gpus N`` instead runs N
+independent single-device jobs, one fold each (``level1_models/spread.py``).
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from competition.cli import run_main, work_lock
-from level1_models.config import build_config, parse_field, parse_sets
+from competition.locks import LockHeldError
+from level1_models.config import TrainConfig, build_config, parse_field, parse_sets
 from level1_models.finished import is_assembled
 from level1_models.registry import get_spec, list_models
 
@@ -49,22 +51,45 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def refuse_if_every_fold_is_held(args: argparse.Namespace, cfg: TrainConfig) -> None:
+    """FOLDS=k while another run trains fold k: its one-line "another run holds ..." before torch is
+    imported (run_oof decides again, holding the locks, fold by fold)."""
+    if not cfg.folds:
+        return
+    errors = []
+    for fold in cfg.folds:
+        try:
+            with work_lock(args, f"oof-{cfg.name}-fold{fold}"):
+                pass
+        except LockHeldError as exc:
+            errors.append(exc)
+    if len(errors) == len(cfg.folds):
+        raise errors[0]
+
+
 def cmd_oof(args: argparse.Namespace) -> None:
     overrides = overrides_from(args)
     cfg = build_config(args.model, overrides)  # an unknown name or field fails here, before torch is imported
-    with work_lock(args, f"oof-{args.model}"):  # one run per model
-        if is_assembled(cfg, args.data, args.work):
-            print(f"{cfg.name}: every fold finished earlier and oof.parquet / test.parquet are up to date "
-                  f"(nothing they are made from changed); kept")
-            return
-        from level1_models.train import run_model
+    if args.spread is not None:
+        from level1_models.spread import spread_folds
 
-        try:
-            run_model(args.model, args.data, args.work, overrides)
-        finally:
-            from level1_models.distributed import shutdown
+        if spread_folds(args, cfg):
+            return  # the jobs trained every fold and the last one assembled the model
+    # No model-wide lock: each fold is trained under its own and the shared files under a short one
+    # (level1_models/fold_locks.py), so runs on different folds of one model go at once.
+    refuse_if_every_fold_is_held(args, cfg)
+    if is_assembled(cfg, args.data, args.work):
+        print(f"{cfg.name}: every fold finished earlier and oof.parquet / test.parquet are up to date "
+              f"(nothing they are made from changed); kept")
+        return
+    from level1_models.train import run_model
 
-            shutdown()
+    try:
+        run_model(args.model, args.data, args.work, overrides)
+    finally:
+        from level1_models.distributed import shutdown
+
+        shutdown()
 
 
 def cmd_list(args: argparse.Namespace) -> None:
@@ -125,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("oof", help="K-fold training -> OOF + test predictions, checkpoints, metrics, curves")
     p.add_argument("--data", required=True, type=Path, help="competition folder in the Kaggle layout")
     add_run_options(p)
+    p.add_argument("--spread", choices=["folds"], default=None,
+                   help="folds: one process per device, each training one fold at a time (with --gpus N)")
+    p.add_argument("--gpus", type=int, default=None, help="with --spread folds: the devices (0..N-1) to spread over")
     p.set_defaults(func=cmd_oof)
 
     p = sub.add_parser("list", help="the registered models (fnmatch PATTERN, like timm.list_models)")

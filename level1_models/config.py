@@ -261,7 +261,11 @@ def available_cores() -> int:
 
 
 def default_workers(local_processes: int) -> int:
-    """Loader workers per training process: this node's cores shared by its processes (GPUs)."""
+    """Loader workers per training process: this node's cores shared by its processes (GPUs).
+
+    ``local_processes`` is torchrun's LOCAL_WORLD_SIZE: independent jobs on one machine do not see
+    each other, so ``--spread folds`` passes each its share (``--workers``), and jobs started by
+    hand side by side should set WORKERS=."""
     return max(1, available_cores() // max(1, local_processes))
 
 

@@ -19,6 +19,7 @@ state, checkpoints, curves and output files.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -39,7 +40,7 @@ from competition.constants import LABELS
 from competition.metric import weighted_log_loss
 from competition.paths import WorkPaths
 from features.windows import n_channels
-from level1_models.atomic import remove_stale_temporaries, write_json, write_parquet
+from level1_models.atomic import write_json, write_parquet
 from level1_models.checkpoint import load_checkpoint, load_resume_state, load_weights, make_state, save_checkpoint, save_rotating
 from level1_models.config import IDENTITY_FIELDS, ConfigError, TrainConfig, read_config, resolve
 from level1_models.curves import plot_curves, write_curve
@@ -54,6 +55,13 @@ from level1_models.distributed import (
     shard,
 )
 from level1_models.finished import mark_assembled
+from level1_models.fold_locks import (
+    LockHeldError,
+    ModelLocks,
+    holder_line,
+    remove_fold_temporaries,
+    remove_shared_temporaries,
+)
 from level1_models.folder import ModelFolder
 from level1_models.loop import (
     EpochProgress,
@@ -657,9 +665,17 @@ def run_oof(
     model_dir: Path,
     rt: Runtime,
     on_epoch_end: EpochCallback | None = None,
+    locks: ModelLocks | None = None,
+    on_complete: Callable[[], None] | None = None,
 ) -> dict[str, Any] | None:
-    """Train the requested folds and assemble the model folder; returns the metrics on rank 0."""
+    """Train the requested folds and assemble the model folder; returns the metrics on rank 0.
+
+    With ``locks`` (``run_model`` passes the work folder's) each fold is trained holding its own
+    lock, and a fold another run holds is skipped (see ``fold_locks``); the shared files are written
+    under the model's short lock, and ``on_complete`` (the finished stamp) is called under it too
+    once every fold is done."""
     folder = ModelFolder(Path(model_dir))
+    locks = locks or ModelLocks(None, cfg.name)
     all_folds = inputs.fold_numbers
     todo = list(cfg.folds) if cfg.folds is not None else all_folds
     unknown = sorted(set(todo) - set(all_folds))
@@ -671,23 +687,51 @@ def run_oof(
     weights = find_weights(cfg)
     if rt.env.is_main:
         folder.root.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(folder.root)
-        write_json(folder.config, {**cfg.to_dict(), "runtime": {
-            "world_size": rt.env.world_size, "torch": torch.__version__, "timm": _timm_version(),
-            "pretrained_weights": str(weights) if weights else None, "n_folds": len(all_folds),
-            "global_batch": cfg.batch_size * rt.env.world_size * cfg.accumulate,
-            "lr_effective": cfg.lr * cfg.lr_factor(rt.env.world_size),
-            # The image cache the images came from (prediction preprocesses new slices the same way).
-            "cache_size": getattr(getattr(inputs.datasets, "cache", None), "size", None),
-        }})
+        with locks.shared():  # a run on another fold may be writing config.json or assembling
+            check_same_model(folder, cfg)  # again: that run may have written config.json just now
+            remove_shared_temporaries(folder)
+            # Runs on other folds write the same identity (checked above); the rest is the latest run's.
+            write_json(folder.config, {**cfg.to_dict(), "runtime": {
+                "world_size": rt.env.world_size, "torch": torch.__version__, "timm": _timm_version(),
+                "pretrained_weights": str(weights) if weights else None, "n_folds": len(all_folds),
+                "global_batch": cfg.batch_size * rt.env.world_size * cfg.accumulate,
+                "lr_effective": cfg.lr * cfg.lr_factor(rt.env.world_size),
+                # The image cache the images came from (prediction preprocesses new slices the same way).
+                "cache_size": getattr(getattr(inputs.datasets, "cache", None), "size", None),
+            }})
     barrier(rt.env)
     rt.log(cfg.lr_note(rt.env.world_size))
+    held: list[LockHeldError] = []
+    skipped = 0
     try:
         for fold in todo:
-            train_fold(cfg, fold, inputs, folder, rt, on_epoch_end, watch)
+            with contextlib.ExitStack() as stack:
+                error = None
+                if rt.env.is_main:
+                    try:
+                        stack.enter_context(locks.fold(fold))
+                    except LockHeldError as exc:
+                        error = exc
+                # Rank 0 holds the lock for the whole job: every rank skips, or trains, together.
+                if all_reduce_sum([float(error is not None)], rt.env, rt.device)[0] > 0:
+                    skipped += 1
+                    if error is not None:
+                        held.append(error)
+                        rt.log(holder_line(fold, error))
+                    continue
+                if rt.env.is_main:
+                    remove_fold_temporaries(folder, fold)
+                train_fold(cfg, fold, inputs, folder, rt, on_epoch_end, watch)
     finally:
         watch.close()
-    metrics = assemble(cfg, inputs, folder) if rt.env.is_main else None
+    if todo and skipped == len(todo):  # nothing of ours to train: another run trains (and assembles) them all
+        raise held[0] if held else LockHeldError(f"rank {rt.env.rank}: other runs hold every fold asked for")
+    metrics = None
+    if rt.env.is_main:
+        with locks.shared():
+            metrics = assemble(cfg, inputs, folder)
+            if metrics["complete"] and on_complete is not None:
+                on_complete()  # a rerun with nothing changed skips all of this
     barrier(rt.env)
     if metrics is not None:
         if metrics["complete"]:
@@ -725,8 +769,6 @@ def run_model(
     note = getattr(inputs.datasets, "note", None)
     if note:  # reading a larger cache: say once what it costs and how to build the exact one
         rt.log(note)
-    metrics = run_oof(cfg, inputs, paths.model_dir(name), rt, on_epoch_end)
-    if metrics is not None and metrics["complete"]:
-        mark_assembled(cfg, data_dir, work_dir)  # a rerun with nothing changed skips all of this
-    return metrics
+    return run_oof(cfg, inputs, paths.model_dir(name), rt, on_epoch_end, locks=ModelLocks(paths.root, name),
+                   on_complete=lambda: mark_assembled(cfg, data_dir, work_dir))
 

@@ -183,7 +183,7 @@ def held_elsewhere(work: Path, stage: str) -> Iterator[subprocess.Popen]:
 
 
 @pytest.mark.parametrize("stage, package, argv", [
-    ("oof-tiny_resnet", "level1_models", ["oof", "--model", "tiny_resnet"]),
+    ("oof-tiny_resnet-fold0", "level1_models", ["oof", "--model", "tiny_resnet", "--folds", "0"]),
     ("stack", "level2_stacking", []),
 ])
 def test_model_and_stack_runs_take_their_lock(tmp_path, capsys, stage, package, argv):
