@@ -1,7 +1,7 @@
 """K-fold training of one level-1 model -> out-of-fold and test predictions the stacker can trust.
 
-Per fold: train on the other folds' readable images, validate every epoch on this fold's (with
-TTA), keep the checkpoint with the best validation weighted log loss, stop early after
+Per fold: train on the other folds' readable images, validate every epoch on this fold's
+(``val_tta``, none by default), keep the checkpoint with the best validation weighted log loss, stop early after
 ``patience`` epochs without improvement, then predict this fold's images (OOF) and the test
 images with the best checkpoint, and save their pooled features (embeddings) for level 2.
 
@@ -14,20 +14,20 @@ count, batch, accumulation, steps per epoch, images seen): a resume on another l
 the same share of training by images seen, one on another schedule is refused (``recut_resume``).
 Every file is written atomically.
 
-The loop itself is in ``loop.py``; this module is its bookkeeping: the fold's inputs, resume
-state, checkpoints, curves and output files.
+The loop itself is in ``loop.py``; this module is its bookkeeping: the fold's inputs, network,
+trainer, epochs, checkpoints and per-fold outputs. The resume state is in ``resume.py``, the
+model folder's assembly in ``assembly.py``, progress and the experiment log in ``tracking.py``.
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import random
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +40,11 @@ from competition.constants import LABELS
 from competition.metric import weighted_log_loss
 from competition.paths import WorkPaths
 from features.windows import n_channels
+from level1_models.assembly import assemble, check_same_model
 from level1_models.atomic import write_json, write_parquet
-from level1_models.checkpoint import load_checkpoint, load_resume_state, load_weights, make_state, save_checkpoint, save_rotating
-from level1_models.config import IDENTITY_FIELDS, ConfigError, TrainConfig, read_config, resolve
-from level1_models.curves import plot_curves, write_curve
+from level1_models.checkpoint import load_checkpoint, load_resume_state, load_weights, make_state, save_checkpoint
+from level1_models.config import ConfigError, TrainConfig, resolve
+from level1_models.curves import write_curve
 from level1_models.data import RunInputs
 from level1_models.distributed import (
     DistEnv,
@@ -82,6 +83,15 @@ from level1_models.loop import (
 from level1_models.metrics import prior_score, score
 from level1_models.modeling import build_model, find_weights
 from level1_models.predict import AMP_DTYPES, embedding_width, eval_loader, predict_sharded
+from level1_models.resume import (
+    CheckpointClock,
+    FoldState,
+    Layout,
+    recut_resume,
+    restore_rng,
+    rng_state,
+    save_resume,
+)
 from level1_models.tracking import RunWatch, check_tracker
 
 __all__ = ["ModelFolder", "Runtime", "epoch_batches", "make_optimizer", "make_scheduler", "run_oof", "run_model",
@@ -173,112 +183,6 @@ class FoldData:
         return cls(fold, train_ids, val_ids, val_readable, test_readable, _prior_rates(inputs.label_array(train_all)))
 
 
-# What a fold's schedule is made of besides the global batch: a resume on another global batch
-# continues at the same share of training only when none of these changed.
-SCHEDULE_FIELDS = ("epochs", "epoch_fraction", "scheduler", "warmup_epochs", "min_lr_ratio", "restart_epochs",
-                   "lr_milestones", "lr_gamma", "lr", "lr_batch", "lr_scale", "optimizer")
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How a fold's training is cut into optimiser steps on this run (saved in ``last.pt``)."""
-
-    world_size: int
-    batch_size: int  # per process
-    accumulate: int
-    global_batch: int
-    steps_per_epoch: int
-    images_per_epoch: int  # the images of an epoch's steps (whole steps of the seeded permutation)
-    n_train: int  # the fold's training images
-
-    @classmethod
-    def of(cls, cfg: TrainConfig, world_size: int, n_train: int) -> "Layout":
-        steps = epoch_batches(n_train, cfg.global_batch(world_size), 0, cfg.epoch_fraction)
-        return cls(world_size, cfg.batch_size, cfg.accumulate, cfg.global_batch(world_size), len(steps),
-                   sum(len(b) for b in steps), n_train)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "Layout":
-        return cls(*(int(values[f.name]) for f in fields(cls)))
-
-    def describe(self, short: bool = False) -> str:
-        """``2 processes x batch 4 x accumulate 2`` (short: ``2 x 4 x accumulate 2``)."""
-        processes = "" if short else f" process{'es' if self.world_size > 1 else ''}"
-        text = f"{self.world_size}{processes} x {'' if short else 'batch '}{self.batch_size}"
-        return text + (f" x accumulate {self.accumulate}" if self.accumulate > 1 else "")
-
-
-@dataclass
-class FoldState:
-    """The resume state of a fold besides the weights: where training stands and its curve."""
-
-    epoch: int = 0  # epochs finished
-    best_loss: float = math.inf
-    best_epoch: int = -1
-    bad_epochs: int = 0
-    history: list[dict] = field(default_factory=list)
-    progress: EpochProgress = field(default_factory=EpochProgress)  # within epoch ``epoch + 1``
-    samples: int = 0  # images trained on in the finished epochs (unknown, 0, from a last.pt before layouts)
-
-    def to_dict(self) -> dict[str, Any]:
-        p = self.progress
-        return {"epoch": self.epoch, "best_loss": float(self.best_loss), "best_epoch": self.best_epoch,
-                "bad_epochs": self.bad_epochs, "history": self.history,
-                "epoch_progress": {"step": p.step, "loss_sum": p.loss_sum, "images": p.images, "seconds": p.seconds,
-                                   "samples": p.samples}}
-
-    def layout_record(self, layout: Layout, optimizer_steps: int) -> dict[str, Any]:
-        """The ``layout`` entry of ``last.pt``: how this run cut training, and how far it got."""
-        return {**asdict(layout), "optimizer_steps": optimizer_steps,
-                "samples_seen": self.samples + self.progress.samples, "samples_seen_in_epoch": self.progress.samples}
-
-    @classmethod
-    def from_checkpoint(cls, state: dict[str, Any]) -> "FoldState":
-        p = state.get("epoch_progress") or {}
-        layout = state.get("layout") or {}
-        in_epoch = int(p.get("samples", 0))
-        return cls(int(state["epoch"]), float(state["best_loss"]), int(state["best_epoch"]), int(state["bad_epochs"]),
-                   list(state["history"]), EpochProgress(int(p.get("step", 0)), float(p.get("loss_sum", 0.0)),
-                                                         int(p.get("images", 0)), float(p.get("seconds", 0.0)),
-                                                         in_epoch),
-                   int(layout.get("samples_seen", in_epoch)) - in_epoch)
-
-
-def rng_state(device: torch.device) -> dict[str, Any]:
-    """The torch random state (dropout masks) to restore in a resumed epoch."""
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def restore_rng(state: dict[str, Any] | None, device: torch.device) -> None:
-    if state:
-        torch.set_rng_state(state["cpu"])
-        if device.type == "cuda" and "cuda" in state:
-            torch.cuda.set_rng_state(state["cuda"], device)
-
-
-class CheckpointClock:
-    """Says when a mid-epoch checkpoint is due; under DDP every process agrees (rank 0's clock)."""
-
-    def __init__(self, minutes: float, env: DistEnv, device: torch.device, check_every: int = 20):
-        self.seconds, self.env, self.device, self.every = minutes * 60.0, env, device, check_every
-        self.last, self.steps = time.monotonic(), 0
-
-    def reset(self) -> None:
-        self.last = time.monotonic()
-
-    def due(self) -> bool:
-        if self.seconds <= 0:
-            return False
-        self.steps += 1
-        if self.env.enabled and self.steps % self.every:
-            return False  # under DDP the clocks are compared only every few steps (one all-reduce)
-        late = float(time.monotonic() - self.last >= self.seconds) if self.env.is_main else 0.0
-        return all_reduce_sum([late], self.env, self.device)[0] > 0
-
-
 def build_network(cfg: TrainConfig, fold: int, fd: FoldData, rt: Runtime, resume: dict | None,
                   path: Path, first_fold: bool) -> torch.nn.Module:
     """The fold's network on its device: ImageNet weights and the prior head for a new fold, the
@@ -300,44 +204,6 @@ def build_network(cfg: TrainConfig, fold: int, fd: FoldData, rt: Runtime, resume
         load_weights(core, resume, cfg, path)
     core.to(device)
     return core.to(memory_format=torch.channels_last) if rt.channels_last else core
-
-
-def recut_resume(cfg: TrainConfig, layout: Layout, resume: dict[str, Any], st: FoldState, fold: int,
-                 last: Path) -> tuple[int, str] | None:
-    """Where a resumed fold continues when ``last.pt`` was written on another layout (GPU count,
-    batch, accumulation), and the line that says so: the optimiser step of this run's schedule at
-    the same share of training by samples seen. ``st`` is moved there: this epoch's seeded
-    permutation cut into this run's batches, from the first whole batch not yet seen (these are
-    the batches a fresh epoch of this layout has, so that is where its micro-batch index starts).
-    None: the same layout (or a ``last.pt`` from before layouts were saved), resumed as saved.
-    Raises ConfigError where the share of training would mean nothing: another schedule, or other
-    training images."""
-    if resume.get("layout") is None:
-        return None
-    old = Layout.from_dict(resume["layout"])
-    fix = f"delete {last} to restart fold {fold}, or rerun with the old setting"
-    if old.n_train != layout.n_train:
-        raise ConfigError(f"fold {fold}: {last} was trained on {old.n_train} images, this run has {layout.n_train} "
-                          f"(limit or the cache changed?); {fix}")
-    saved, now = resume.get("config") or {}, cfg.to_dict()
-    changed = [k for k in SCHEDULE_FIELDS if k in saved and saved[k] != now[k]]
-    if changed:
-        text = ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed)
-        raise ConfigError(f"fold {fold}: {last} was trained on another schedule ({text}), so how far it got does "
-                          f"not carry over; {fix}")
-    if old == layout:
-        return None
-    in_epoch = int(resume["layout"]["samples_seen_in_epoch"])
-    steps_done = min(in_epoch // layout.global_batch, layout.steps_per_epoch)
-    p = st.progress
-    scale = old.world_size / layout.world_size  # rank 0's running loss stands for each process's share
-    st.progress = EpochProgress(steps_done * cfg.accumulate, p.loss_sum * scale, int(round(p.images * scale)),
-                                p.seconds, steps_done * layout.global_batch)
-    share = (st.epoch + in_epoch / max(1, old.images_per_epoch)) / cfg.epochs
-    return st.epoch * layout.steps_per_epoch + steps_done, (
-        f"fold {fold}: resuming on {layout.describe()} (was {old.describe(short=True)}): "
-        f"{share:.0%} of training done by samples seen (epoch {st.epoch + 1}, {in_epoch} of {old.images_per_epoch} "
-        f"images); the schedule continues from there")
 
 
 def make_trainer(cfg: TrainConfig, rt: Runtime, core: torch.nn.Module, layout: Layout,
@@ -373,19 +239,6 @@ def make_trainer(cfg: TrainConfig, rt: Runtime, core: torch.nn.Module, layout: L
 def judged_model(trainer: Trainer, eval_model: torch.nn.Module) -> torch.nn.Module:
     """What is validated, kept as best.pt and predicted with: the weight average when there is one."""
     return trainer.ema.module if trainer.ema is not None else eval_model
-
-
-def save_resume(path: Path, previous: Path, cfg: TrainConfig, core: torch.nn.Module, fold: int, trainer: Trainer,
-                st: FoldState, rngs: list, layout: Layout) -> None:
-    values = st.to_dict()
-    epoch = values.pop("epoch")
-    ema = trainer.ema.module.state_dict() if trainer.ema is not None else None
-    save_rotating(path, previous, make_state(
-        cfg, core, fold, epoch, optimizer=trainer.optimizer.state_dict(), scheduler=trainer.scheduler.state_dict(),
-        scaler=trainer.scaler.state_dict() if trainer.scaler.is_enabled() else None, rng=rngs,
-        ema_state_dict=None if ema is None else {k: v.detach().cpu() for k, v in ema.items()},
-        layout=st.layout_record(layout, trainer.scheduler.last_epoch), **values,
-    ))
 
 
 def record_epoch(cfg: TrainConfig, rt: Runtime, folder: ModelFolder, fold: int, core: torch.nn.Module,
@@ -592,71 +445,6 @@ def finish_fold(cfg: TrainConfig, fd: FoldData, inputs: RunInputs, folder: Model
         test_frame.insert(0, "image_id", inputs.test_ids)
         write_parquet(folder.fold_test(fold), test_frame)
     return summary
-
-
-def check_same_model(folder: ModelFolder, cfg: TrainConfig) -> None:
-    """A model folder holds one model: refuse to mix in a run whose architecture or input differs."""
-    if not folder.config.is_file():
-        return
-    old = read_config(folder.config)
-    diff = {k: (getattr(old, k), getattr(cfg, k)) for k in IDENTITY_FIELDS if getattr(old, k) != getattr(cfg, k)}
-    if diff:
-        text = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
-        raise ConfigError(f"{folder.root} holds a run of {cfg.name} with other settings ({text}); "
-                          f"delete that folder or pass another --work to train this variant")
-
-
-def assemble(cfg: TrainConfig, inputs: RunInputs, folder: ModelFolder) -> dict[str, Any]:
-    """Metrics over the finished folds; ``oof.parquet`` / ``test.parquet`` once every fold is done."""
-    all_folds = inputs.fold_numbers
-    done = {k: json.loads(folder.fold_done(k).read_text()) for k in all_folds if folder.fold_done(k).is_file()}
-    oofs, tests = [], []
-    for k in done:
-        oof = pd.read_parquet(folder.fold_oof(k))
-        expected = inputs.folds.loc[inputs.folds["fold"] == k, "image_id"]
-        if len(oof) != len(expected) or set(oof["image_id"]) != set(expected):
-            raise ValueError(f"{folder.fold_oof(k)} does not hold exactly fold {k}'s images (the folds table "
-                             f"changed?); delete {folder.fold_dir(k)} and rerun that fold")
-        oofs.append(oof)
-        test = pd.read_parquet(folder.fold_test(k))
-        if test["image_id"].tolist() != inputs.test_ids:
-            raise ValueError(f"{folder.fold_test(k)} does not hold the sample submission's images; "
-                             f"delete {folder.fold_dir(k)} and rerun that fold")
-        tests.append(test)
-    complete = bool(done) and len(done) == len(all_folds)
-    metrics: dict[str, Any] = {
-        "model": cfg.name, "arch": cfg.arch, "combination": cfg.combination,
-        "complete": complete, "n_folds": len(all_folds), "folds_done": sorted(done),
-        "folds": {str(k): {**s["metrics"], "best_epoch": s["best_epoch"], "epochs_run": s["epochs_run"],
-                           "prior_weighted_log_loss": s["prior_weighted_log_loss"]} for k, s in sorted(done.items())},
-    }
-    if oofs:
-        pooled = pd.concat(oofs, ignore_index=True).sort_values("image_id", ignore_index=True)
-        # Scored on the readable images (unreadable ones carry the prior, not a prediction).
-        scored = pooled if inputs.trainable is None else pooled[pooled["image_id"].isin(inputs.trainable)]
-        y = inputs.label_array(scored["image_id"])
-        metrics["pooled"] = score(y, scored[list(LABELS)].to_numpy())
-        prior = np.array([done[int(f)]["prior_rates"] for f in scored["fold"]])
-        metrics["prior_baseline"] = {"weighted_log_loss": weighted_log_loss(y, prior),
-                                     "note": "each fold's training label rates, predicted for every image"}
-    write_json(folder.metrics, metrics)
-    curves = {k: pd.read_csv(folder.curves_csv(k)) for k in all_folds if folder.curves_csv(k).is_file()}
-    if curves:
-        plot_curves(curves, folder.curves_png, f"{cfg.name} ({cfg.arch}, {cfg.combination}, {cfg.img_size} px)")
-    if complete:
-        pooled = pooled[["image_id", "fold", *LABELS]]
-        if pooled["image_id"].duplicated().any() or set(pooled["image_id"]) != set(inputs.folds["image_id"]):
-            raise ValueError("the OOF predictions do not cover every train image exactly once")
-        write_parquet(folder.oof, pooled)
-        mean = np.mean([t[list(LABELS)].to_numpy() for t in tests], axis=0)
-        test_frame = pd.DataFrame(mean, columns=list(LABELS))
-        test_frame.insert(0, "image_id", inputs.test_ids)
-        write_parquet(folder.test, test_frame)
-    else:
-        # Stale whole-model files (e.g. a fold folder was deleted to retrain it) must not linger.
-        folder.oof.unlink(missing_ok=True)
-        folder.test.unlink(missing_ok=True)
-    return metrics
 
 
 def run_oof(

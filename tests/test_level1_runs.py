@@ -11,6 +11,7 @@ import torch
 from test_train import CPU, make_inputs, small_config
 
 import level1_models.checkpoint as checkpoint_module
+import level1_models.resume as resume_module
 import level1_models.train as train_module
 from competition.constants import LABELS
 from level1_models.config import resolve
@@ -79,7 +80,7 @@ def _kill_after_saves(monkeypatch, n: int) -> list:
         if len(saved) == n:
             raise Killed
 
-    monkeypatch.setattr(train_module, "save_rotating", save_then_maybe_die)
+    monkeypatch.setattr(resume_module, "save_rotating", save_then_maybe_die)
     return saved
 
 

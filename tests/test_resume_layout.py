@@ -18,7 +18,8 @@ import level1_models.train as train_module
 from level1_models.config import ConfigError, build_config
 from level1_models.folder import ModelFolder
 from level1_models.loop import epoch_micro_batches, lr_schedule, make_optimizer, make_scheduler, set_schedule_position
-from level1_models.train import FoldState, Layout, recut_resume, run_oof, setup_runtime
+from level1_models.resume import FoldState, Layout, recut_resume
+from level1_models.train import run_oof, setup_runtime
 
 torch.set_num_threads(1)
 
