@@ -136,7 +136,9 @@ def get_spec(name: str) -> ModelSpec:
     try:
         fn = _REGISTRY[name]
     except KeyError:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
+        # Names that start with what was typed (rsna2nd -> rsna2nd_resnext101_wsl), then similar ones.
+        starting = sorted(n for n in _REGISTRY if n.startswith(name))[:3]
+        close = list(dict.fromkeys([*starting, *difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)]))[:3]
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise UnknownModelError(
             f"unknown model {name!r}.{hint} Known models: {', '.join(sorted(_REGISTRY))} "

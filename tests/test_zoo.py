@@ -147,6 +147,8 @@ def test_unknown_name_lists_known_and_close_names():
     assert "Did you mean: efficientnet_b" in text and "vgg16" in text and "tiny_resnet" in text
     with pytest.raises(UnknownModelError, match="resnet50"):
         get_spec("resnet_50")
+    with pytest.raises(UnknownModelError, match="Did you mean: rsna2nd_resnext101_wsl"):  # a prefix
+        get_spec("rsna2nd")
 
 
 def test_list_matches_like_timm():
