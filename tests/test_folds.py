@@ -79,3 +79,36 @@ def test_one_positive_patient_cannot_be_stratified():
     with pytest.raises(ValueError, match="add patients of the rarer class"):
         check_enough_patients(patient_any(1, 20), 5)
     check_enough_patients(patient_any(0, 5), 5)  # one class only: nothing to stratify, enough patients
+
+
+def late_positive_tables(seed: int, n_patients: int = 60) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Patients of 3-8 images, ~40% positive; half the positive patients' first image is negative,
+    so a patient's positivity must look past its first image."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(3, 9, n_patients)
+    patient = np.repeat(np.arange(n_patients), sizes)
+    slice_no = np.arange(len(patient)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    positive = np.repeat(rng.random(n_patients) < 0.4, sizes)
+    first_shows = np.repeat(rng.random(n_patients) < 0.5, sizes)
+    any_ = positive & np.where(slice_no == 0, first_shows, rng.random(len(patient)) < 0.5)
+    any_ |= positive & (slice_no == np.repeat(sizes, sizes) - 1)  # every positive patient has a positive image
+    image_id = [f"ID_{p:04x}{s:05x}" for p, s in zip(patient, slice_no)]
+    metadata = pd.DataFrame({"image_id": image_id, "split": "train", "patient_id": [f"ID_{p:08x}" for p in patient]})
+    labels = pd.DataFrame(0, index=range(len(patient)), columns=list(LABELS))
+    labels["any"] = any_.astype(int)
+    labels.insert(0, "image_id", image_id)
+    return metadata, labels
+
+
+def test_folds_group_patients_and_balance_any_positive_patients_over_many_seeds():
+    """A patient is positive when ANY of its images is; the folds split positive patients evenly."""
+    for seed in range(30):
+        metadata, labels = late_positive_tables(seed)
+        folds = make_folds(metadata, labels, n_folds=5, seed=seed)
+        assert sorted(folds["image_id"]) == sorted(labels["image_id"]) and folds["image_id"].is_unique, seed
+        assert (folds.groupby("patient_id")["fold"].nunique() == 1).all(), seed
+        truth = labels.merge(metadata, on="image_id").groupby("patient_id")["any"].max()
+        fold_of = folds.groupby("patient_id")["fold"].first()
+        per_fold = truth.groupby(fold_of).agg(["sum", "size"]).reindex(range(5), fill_value=0)
+        assert per_fold["sum"].max() - per_fold["sum"].min() <= 1, (seed, per_fold["sum"].tolist())
+        assert per_fold["size"].max() - per_fold["size"].min() <= 1, (seed, per_fold["size"].tolist())

@@ -29,6 +29,7 @@ from level1_models.loop import Trainer, WeightAverage
 from level1_models.modeling import PretrainedWeightsMissing, build_model, cached_weights, create_network, find_weights
 from level1_models.predict import load_fold_model, predict_probabilities
 from level1_models.train import (
+    FoldData,
     ModelFolder,
     Runtime,
     epoch_batches,
@@ -457,6 +458,71 @@ def test_interrupted_run_resumes_to_the_same_predictions(tmp_path):
     ours, ref = pd.read_parquet(folder.oof), pd.read_parquet(ModelFolder(reference).oof)
     np.testing.assert_allclose(ours[list(LABELS)].to_numpy(), ref[list(LABELS)].to_numpy(), rtol=1e-5, atol=1e-6)
     assert pd.read_csv(folder.curves_csv(1))["epoch"].tolist() == [1, 2]
+
+
+class RelabelledSlices(FakeSlices):
+    """FakeSlices drawn from the original labels (the images stay the same) but trained on ``targets``."""
+
+    def __init__(self, image_ids, labels: np.ndarray, targets: np.ndarray, channels: int, size: int, augment: bool):
+        super().__init__(image_ids, labels, channels, size, augment)
+        self.targets = targets
+
+    def __getitem__(self, i: int):
+        x, _ = super().__getitem__(i)
+        return x, torch.from_numpy(self.targets[i].astype(np.float32))
+
+
+class RelabelledFactory:
+    """A FakeFactory's images with the training targets of ``targets`` (test images keep their truth)."""
+
+    def __init__(self, base: FakeFactory, targets: pd.DataFrame):
+        self.table, self.channels, self.size = base.table, base.channels, base.size
+        self.targets = pd.concat([targets.set_index("image_id"), base.table.drop(index=targets["image_id"])])
+
+    def __call__(self, image_ids, labeled: bool, augment: bool) -> Dataset:
+        ids = list(image_ids)
+        y = self.table.loc[ids, list(LABELS)].to_numpy()
+        t = self.targets.loc[ids, list(LABELS)].to_numpy()
+        return RelabelledSlices(ids, y, t, self.channels, self.size, augment)
+
+
+def test_fold_data_trains_only_on_other_folds():
+    inputs = make_inputs(n_train=30, n_test=4, n_folds=3)
+    every = set(inputs.folds["image_id"])
+    for k in (0, 1, 2):
+        fd = FoldData.build(small_config(), k, inputs, DistEnv())
+        assert not set(fd.train_ids) & set(fd.val_ids)
+        assert set(fd.train_ids) | set(fd.val_ids) == every and len(fd.train_ids) + len(fd.val_ids) == len(every)
+        assert fd.val_ids == inputs.folds.loc[inputs.folds["fold"] == k, "image_id"].tolist()
+
+
+def test_no_fold_model_sees_its_validation_labels(tmp_path):
+    """Flipping the labels of fold 0's held-out images (its images unchanged) leaves fold 0's OOF
+    rows bit-for-bit the same and changes fold 1's, which trains on them."""
+    cfg = small_config(epochs=1, batch_size=8, augment=False)
+    base = make_inputs(n_train=32, n_test=4)
+    held_out = base.folds.loc[base.folds["fold"] == 0, "image_id"]
+    flipped = base.labels.copy()
+    rows = flipped["image_id"].isin(held_out)
+    flipped.loc[rows, list(LABELS)] = 1 - flipped.loc[rows, list(LABELS)]
+    changed = RunInputs(folds=base.folds, labels=flipped, test_ids=base.test_ids,
+                        datasets=RelabelledFactory(base.datasets, flipped))
+    assert not np.array_equal(changed.label_array(held_out), base.label_array(held_out))
+    # Both runs go through the same factory class, so only the labels differ.
+    same = RunInputs(folds=base.folds, labels=base.labels, test_ids=base.test_ids,
+                     datasets=RelabelledFactory(base.datasets, base.labels))
+    oof = {}
+    for name, inputs in (("same", same), ("changed", changed)):
+        run_oof(cfg, inputs, tmp_path / name, CPU)
+        oof[name] = pd.read_parquet(ModelFolder(tmp_path / name).oof).set_index("image_id")
+    a, b = oof["same"], oof["changed"]
+    for k in (0, 1):
+        rows_a, rows_b = a[a["fold"] == k][list(LABELS)], b.loc[a.index[a["fold"] == k], list(LABELS)]
+        if k == 0:
+            np.testing.assert_allclose(rows_b.to_numpy(), rows_a.to_numpy(), rtol=0, atol=1e-12,
+                                       err_msg="fold 0's OOF depends on its own validation labels: it trained on them")
+        else:
+            assert np.abs(rows_b.to_numpy() - rows_a.to_numpy()).max() > 1e-6, "fold 1 ignored its training labels"
 
 
 def test_partial_folds_write_metrics_but_no_oof(tmp_path):
