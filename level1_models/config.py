@@ -96,14 +96,19 @@ class TrainConfig(ModelSpec):
             return "linear" if self.optimizer == "sgd" else "sqrt"
         return self.lr_scale
 
+    @property
+    def lr_reference_batch(self) -> int:
+        """The global batch the spec's lr is for (``lr_batch``; a config saved before it: the batch)."""
+        return self.lr_batch or self.batch_size
+
     def lr_factor(self, world_size: int) -> float:
         """How much the spec's lr moves from its ``lr_batch`` to this run's global batch (``lr_scale``)."""
-        ratio = self.global_batch(world_size) / (self.lr_batch or self.batch_size)
+        ratio = self.global_batch(world_size) / self.lr_reference_batch
         return {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[self.lr_rule]
 
     def lr_note(self, world_size: int) -> str:
         """One line for the start of a run: the lr it trains at and the rule that made it."""
-        base = self.lr_batch or self.batch_size
+        base = self.lr_reference_batch
         layout = f"{world_size} process{'es' if world_size > 1 else ''} x batch {self.batch_size}"
         layout += f" x accumulate {self.accumulate}" if self.accumulate > 1 else ""
         return (f"{self.name}: lr {self.lr * self.lr_factor(world_size):.3g} at global batch "

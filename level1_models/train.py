@@ -236,9 +236,10 @@ def make_trainer(cfg: TrainConfig, rt: Runtime, core: torch.nn.Module, layout: L
     return trainer, eval_model
 
 
-def judged_model(trainer: Trainer, eval_model: torch.nn.Module) -> torch.nn.Module:
-    """What is validated, kept as best.pt and predicted with: the weight average when there is one."""
-    return trainer.ema.module if trainer.ema is not None else eval_model
+def judged_model(trainer: Trainer, model: torch.nn.Module) -> torch.nn.Module:
+    """What is validated, kept as best.pt and predicted with: the weight average when there is one,
+    else ``model``."""
+    return trainer.ema.module if trainer.ema is not None else model
 
 
 def record_epoch(cfg: TrainConfig, rt: Runtime, folder: ModelFolder, fold: int, core: torch.nn.Module,
@@ -260,9 +261,9 @@ def record_epoch(cfg: TrainConfig, rt: Runtime, folder: ModelFolder, fold: int, 
     st.history.append(row)
     st.epoch, st.samples, st.progress = number, st.samples + st.progress.samples, EpochProgress()
     if rt.env.is_main:
-        if improved:  # the weights that were validated: the average, with ema
-            best = trainer.ema.module if trainer.ema is not None else core
-            save_checkpoint(folder.best(fold), make_state(cfg, best, fold, number, val_weighted_log_loss=float(val_loss)))
+        if improved:  # the weights that were validated (the average, with ema), from the uncompiled core
+            save_checkpoint(folder.best(fold), make_state(cfg, judged_model(trainer, core), fold, number,
+                                                          val_weighted_log_loss=float(val_loss)))
         save_resume(folder.last(fold), folder.previous(fold), cfg, core, fold, trainer, st, [], layout)
         write_curve(folder.curves_csv(fold), st.history)
     rt.log(f"{cfg.name} fold {fold} epoch {number}/{cfg.epochs}: train loss {result.train_loss:.4f}  "
@@ -482,7 +483,7 @@ def run_oof(
             write_json(folder.config, {**cfg.to_dict(), "runtime": {
                 "world_size": rt.env.world_size, "torch": torch.__version__, "timm": _timm_version(),
                 "pretrained_weights": str(weights) if weights else None, "n_folds": len(all_folds),
-                "global_batch": cfg.batch_size * rt.env.world_size * cfg.accumulate,
+                "global_batch": cfg.global_batch(rt.env.world_size),
                 "lr_effective": cfg.lr * cfg.lr_factor(rt.env.world_size),
                 # The image cache the images came from (prediction preprocesses new slices the same way).
                 "cache_size": getattr(getattr(inputs.datasets, "cache", None), "size", None),
