@@ -162,6 +162,27 @@ def fitted_dir(stack_dir: Path) -> Path:
     return Path(stack_dir) / FITTED_DIR
 
 
+def referenced_files(manifest: Mapping) -> list[object]:
+    """Every file name a fitted manifest reads (as written; not yet checked): a bundle checks them
+    against its hashed members, ``load_fitted`` against the folder."""
+    names: list[object] = [row.get("file") for rows in manifest.get("lightgbm", {}).values() for row in rows]
+    names += [entry.get("file") for entry in manifest.get("sequence", {}).values()]
+    names += [name for files in manifest.get("maps", {}).values() for name in files.values()]
+    return names
+
+
+def inside(root: Path, name: object) -> Path:
+    """``root / name`` for a plain relative name that stays in ``root``; anything else is refused, so
+    a manifest cannot make level 2 read a file elsewhere (an absolute name replaces the root)."""
+    parts = Path(name).parts if isinstance(name, str) and name else ()
+    target = root / name if parts else root
+    if (not parts or "\\" in name or Path(name).is_absolute() or any(p in ("..", ".") for p in parts)
+            or not target.resolve().is_relative_to(root.resolve())):
+        raise FittedStackError(f"refusing file name {name!r} of {root / MANIFEST}: the fitted level 2 reads only "
+                               f"files inside its own folder; it was not written by `make stack`, fit it again")
+    return target
+
+
 def load_fitted(stack_dir: Path, device: str = "cpu") -> FittedStack:
     """The level 2 that `make stack` saved under ``stack_dir``; a clear error when absent or foreign."""
     root = fitted_dir(stack_dir)
@@ -176,6 +197,8 @@ def load_fitted(stack_dir: Path, device: str = "cpu") -> FittedStack:
     if manifest.get("format") != FORMAT or manifest.get("labels") != list(LABELS):
         raise FittedStackError(f"{root} was written by another version (format {manifest.get('format')}, "
                                f"this code reads {FORMAT}); run `make stack` again")
+    for name in referenced_files(manifest):
+        inside(root, name)
     feature_config = TabularFeatureConfig(**{k: tuple(v) if isinstance(v, list) else v
                                              for k, v in manifest["feature_config"].items()})
     settings = SequenceSettings(**{**manifest["sequence_settings"], "device": device})

@@ -30,17 +30,24 @@ from pathlib import Path, PurePosixPath
 
 from competition.atomic import atomic_path
 from competition.constants import LABELS
+from competition.diskspace import check_free_space
+from competition.failures import human_bytes
 from competition.paths import WorkPaths
 from features import crop as crop_rule
 from features.cache import FORMAT as CACHE_FORMAT
 from features.windows import PRESETS, get_combination
-from level2_stacking.fitted import fitted_dir
+from level2_stacking.fitted import MANIFEST as FITTED_MANIFEST
+from level2_stacking.fitted import fitted_dir, referenced_files
 from prediction.ensemble import Ensemble, EnsembleError, Member, from_work
 from prediction.level2 import why_not_stacked
 
 BUNDLE_FORMAT = "rsna-ensemble-bundle"
 BUNDLE_VERSION = 1  # bump when a bundle written before cannot be read the same way
 MANIFEST = "manifest.json"
+# A bound on what one bundle may unpack to: a 5-model x 5-fold ensemble of the largest specs is
+# tens of GB; a tar whose headers declare more is refused before anything is written.
+MAX_UNPACKED_BYTES = 512 << 30
+VERSION_CHECKED = ("torch", "timm", "lightgbm")  # whose change can alter a prediction
 PACKAGES = ("rsna-ensemble", "torch", "timm", "numpy", "pydicom", "opencv-python-headless", "lightgbm")
 
 
@@ -165,7 +172,13 @@ def check_member_names(members: Sequence[Member], path: Path) -> None:
 def unpack(tar: tarfile.TarFile, manifest: dict, into: Path, path: Path) -> None:
     """Extract the listed files into ``into``, checking names, kinds and hashes."""
     listed = dict(manifest.get("files", {}))
-    for info in tar.getmembers():
+    infos = tar.getmembers()
+    total = sum(info.size for info in infos if info.isfile())
+    if total > MAX_UNPACKED_BYTES:
+        raise BundleError(f"{path} would unpack to {human_bytes(total)}, over the {human_bytes(MAX_UNPACKED_BYTES)} "
+                          f"a bundle may hold; it was not written by `make export`")
+    check_free_space(into, total, f"unpacking {path.name}", elsewhere="TMPDIR")
+    for info in infos:
         if info.name == MANIFEST:
             continue
         name = safe_name(info.name)
@@ -186,6 +199,25 @@ def unpack(tar: tarfile.TarFile, manifest: dict, into: Path, path: Path) -> None
                           f"the archive is incomplete: copy it again")
 
 
+def check_fitted_names(manifest: dict, into: Path, path: Path) -> None:
+    """Every file the fitted level 2 names must be one of the bundle's own hashed members."""
+    fitted = Path(fitted_dir(Path("stack"))).as_posix()
+    source = into / fitted / FITTED_MANIFEST
+    if not source.is_file():
+        return
+    try:
+        names = referenced_files(json.loads(source.read_text()))
+    except (ValueError, AttributeError, TypeError):
+        raise BundleError(f"{path}: {fitted}/{FITTED_MANIFEST} is not a fitted level 2 manifest; export the bundle "
+                          f"again") from None
+    listed = manifest.get("files", {})
+    for name in names:
+        safe = safe_name(name) if isinstance(name, str) else None
+        if safe is None or f"{fitted}/{safe}" not in listed:
+            raise BundleError(f"{path}: refusing file name {name!r} of {fitted}/{FITTED_MANIFEST}: level 2 may read "
+                              f"only the bundle's own files; the archive was not written by `make export`")
+
+
 def open_bundle(path: Path | str, models: Sequence[str] | None = None) -> Ensemble:
     """The ensemble of a bundle, unpacked into a temporary folder that lives as long as the process."""
     path = Path(path)
@@ -204,6 +236,7 @@ def open_bundle(path: Path | str, models: Sequence[str] | None = None) -> Ensemb
         into = Path(tempfile.mkdtemp(prefix="rsna-bundle-"))
         atexit.register(shutil.rmtree, into, True)
         unpack(tar, manifest, into, path)
+        check_fitted_names(manifest, into, path)
     if models:
         names = {m.name for m in members}
         if lacking := [m for m in models if m not in names]:
@@ -211,7 +244,7 @@ def open_bundle(path: Path | str, models: Sequence[str] | None = None) -> Ensemb
         members = [m for m in members if m.name in models]
     ours = package_versions()
     changed = {k: (v, ours.get(k)) for k, v in manifest.get("packages", {}).items()
-               if k in ("torch", "timm") and v != ours.get(k)}
+               if k in VERSION_CHECKED and v != ours.get(k)}
     if changed:
         print(f"note: {path} was exported with " + ", ".join(f"{k} {a} (here {b})" for k, (a, b) in changed.items()),
               flush=True)

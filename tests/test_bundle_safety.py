@@ -9,12 +9,19 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 
+import prediction.bundle as bundle_module
+from competition.constants import LABELS
+from level2_stacking.fitted import FORMAT as FITTED_FORMAT
+from level2_stacking.fitted import FittedStackError, load_fitted
 from prediction.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, BundleError, open_bundle, preprocessing, unpack
 
 PAYLOAD = b"not a checkpoint\n"
@@ -130,3 +137,74 @@ def test_a_model_name_or_fold_of_the_manifest_that_leaves_the_folder_is_refused(
     archive = _tar(tmp_path / "names.tar", [], manifest)
     with pytest.raises(BundleError, match=re.escape(f"refusing model {name!r}")):
         open_bundle(archive)
+
+
+def _fitted_bundle(path: Path, fitted: dict, extra: dict[str, bytes] | None = None, packages: dict | None = None
+                   ) -> Path:
+    """A bundle of no model whose only content is a fitted level 2 manifest (and ``extra`` files),
+    each listed in the bundle's manifest with its true hash: only the name checks can refuse it."""
+    files = {"stack/fitted/manifest.json": json.dumps(fitted).encode(), **(extra or {})}
+    manifest = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "members": [], "preprocessing": preprocessing([]),
+                "files": {n: hashlib.sha256(b).hexdigest() for n, b in files.items()}, "packages": packages or {}}
+    with tarfile.open(path, "w") as tar:
+        for name, data in [("manifest.json", json.dumps(manifest).encode()), *files.items()]:
+            info, data = _file(name, data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _booster_at(name: str) -> dict:
+    return {"lightgbm": {"0": [{"file": name, "rounds": 1}]}, "sequence": {}, "maps": {}}
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../../outside/evil", "lightgbm/../../../evil", "lightgbm/absent.txt",
+                                  "a\\..\\..\\evil", 7])
+def test_a_fitted_manifest_naming_a_file_outside_the_bundle_is_refused(tmp_path, outside, name):
+    """stack/fitted/manifest.json is hashed, but the names inside it are read as ``root / name``."""
+    archive = _fitted_bundle(tmp_path / "fitted.tar", _booster_at(name),
+                             extra={"stack/fitted/lightgbm/fold0_any.txt": PAYLOAD})
+    with pytest.raises(BundleError, match=re.escape(f"refusing file name {name!r}")):
+        open_bundle(archive)
+
+
+def test_a_fitted_manifest_naming_its_own_member_is_accepted(tmp_path):
+    """The control: the same bundle naming a file it carries opens (loading it is test_prediction's)."""
+    archive = _fitted_bundle(tmp_path / "fitted.tar", _booster_at("lightgbm/fold0_any.txt"),
+                             extra={"stack/fitted/lightgbm/fold0_any.txt": PAYLOAD})
+    assert (open_bundle(archive).root / "stack/fitted/lightgbm/fold0_any.txt").read_bytes() == PAYLOAD
+
+
+def test_make_predict_refuses_such_a_bundle_in_one_line(tmp_path):
+    archive = _fitted_bundle(tmp_path / "fitted.tar", _booster_at("/etc/passwd"))
+    study = tmp_path / "study"
+    study.mkdir()
+    run = subprocess.run([sys.executable, "-m", "prediction", "predict", "--bundle", str(archive), "--study",
+                          str(study), "--device", "cpu", "--no-report"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode != 0
+    lines = run.stderr.strip().splitlines()
+    assert "Traceback" not in run.stderr and len(lines) == 1, run.stderr[-2000:]
+    assert "refusing file name '/etc/passwd'" in lines[0] and str(archive) in lines[0]
+
+
+def test_a_local_fitted_folder_naming_a_file_elsewhere_is_refused(tmp_path):
+    root = tmp_path / "stack" / "fitted"
+    root.mkdir(parents=True)
+    (root / "manifest.json").write_text(json.dumps({"format": FITTED_FORMAT, "labels": list(LABELS),
+                                                    **_booster_at(str(tmp_path / "elsewhere.txt"))}))
+    with pytest.raises(FittedStackError, match="refusing file name"):
+        load_fitted(tmp_path / "stack")
+
+
+def test_a_bundle_declaring_more_than_the_limit_is_refused_before_writing(tmp_path, monkeypatch):
+    monkeypatch.setattr(bundle_module, "MAX_UNPACKED_BYTES", len(PAYLOAD) * 2 - 1)
+    archive = _tar(tmp_path / "big.tar", [_file(BENIGN), _file("models/m/fold0/best.pt")])
+    with pytest.raises(BundleError, match="would unpack to"):
+        open_bundle(archive)
+
+
+def test_a_bundle_from_another_lightgbm_says_so(tmp_path, capsys):
+    archive = _fitted_bundle(tmp_path / "old.tar", _booster_at("lightgbm/fold0_any.txt"),
+                             extra={"stack/fitted/lightgbm/fold0_any.txt": PAYLOAD}, packages={"lightgbm": "0.0.1"})
+    open_bundle(archive)
+    assert "lightgbm 0.0.1 (here " in capsys.readouterr().out
