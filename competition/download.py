@@ -6,7 +6,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
-from tqdm import tqdm
+from competition.progress import progress_bar
 
 from competition.constants import COMPETITION
 from competition.diskspace import check_free_space
@@ -53,7 +53,7 @@ def safe_unzip(archive_path: Path | str, target_dir: Path | str, progress: bool 
         targets = [safe_target(root, m.filename) for m in members]
         to_write = [m.file_size for m, t in zip(members, targets) if not (t.is_file() and t.stat().st_size == m.file_size)]
         check_free_space(root, sum(to_write), f"unzipping {Path(archive_path).name}", elsewhere="DATA=")
-        for member, target in tqdm(list(zip(members, targets)), desc=f"unzip {Path(archive_path).name}", unit="file", disable=not progress):
+        for member, target in progress_bar(list(zip(members, targets)), desc=f"unzip {Path(archive_path).name}", unit="file", disable=not progress):
             if member.is_dir():
                 target.mkdir(parents=True, exist_ok=True)
                 continue

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
+from competition.progress import progress_bar
 
 from competition.atomic import write_parquet
 from competition.badfiles import record_bad_files
@@ -137,7 +137,7 @@ def _build_metadata(layout: Layout, out_path: Path, workers: int | None, progres
     bad_rows: list[dict] = []
     # A previous run's bad files are read again: they are few, and may have been replaced since.
     root = str(layout.root)
-    with tqdm(total=len(files), initial=len(files) - len(todo), desc="headers", unit="file", disable=not progress) as bar, ExitStack() as stack:
+    with progress_bar(total=len(files), initial=len(files) - len(todo), desc="headers", unit="file", disable=not progress) as bar, ExitStack() as stack:
         if workers > 1:
             pool = stack.enter_context(worker_pool(workers))
             futures = [pool.submit(read_headers, root, chunk) for chunk in chunks]

@@ -33,7 +33,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
+from competition.progress import progress_bar
 
 from competition.atomic import write_csv
 from competition.badfiles import record_bad_files
@@ -289,7 +289,7 @@ def build_cache(
     new_bad = 0
     args = (str(Path(data_dir)), str(store.dir), size, codec, crop)
     try:
-        with tqdm(total=len(wanted), initial=len(wanted) - len(todo_rows), desc=f"cache {size}px", unit="slice",
+        with progress_bar(total=len(wanted), initial=len(wanted) - len(todo_rows), desc=f"cache {size}px", unit="slice",
                   disable=not progress, smoothing=0.05) as bar:
             for task, bad in _run_chunks(tasks, args, workers):
                 bad_rows = {r for r, _ in bad}

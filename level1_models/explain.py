@@ -317,7 +317,7 @@ def explain_images(
     ``fold`` is given; a test image by fold 0 (or ``fold``). ``top`` ranks by the predicted
     ``label`` (OOF predictions for ``split`` train, the fold mean for test).
     """
-    from tqdm import tqdm
+    from competition.progress import progress_bar
 
     from competition.paths import WorkPaths
     from level1_models.data import CacheDatasets
@@ -358,7 +358,7 @@ def explain_images(
     written: list[Path] = []
     loaded: dict[int, tuple[torch.nn.Module, object]] = {}
     datasets = None
-    for image_id in tqdm(ids, desc=f"explain {model_name}", unit="slice", disable=not progress, file=sys.stderr):
+    for image_id in progress_bar(ids, desc=f"explain {model_name}", unit="slice", disable=not progress, file=sys.stderr):
         k = fold_for(image_id)
         if k not in loaded:
             loaded[k] = load_fold_model(model_name, k, model_dir=model_dir, device=device)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import lightgbm as lgb
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
+from competition.progress import progress_bar
 
 from competition.constants import LABELS
 from competition.metric import weighted_log_loss
@@ -154,7 +154,7 @@ def cross_validate(
     fold_losses: dict[int, float] = {}
     kept: dict[int, list[tuple[lgb.Booster, int]]] = {}
     done = np.zeros(len(y), dtype=bool)
-    bar = tqdm(total=len(fold_ids) * len(LABELS), desc="level-2 LightGBM", unit="model", disable=not progress)
+    bar = progress_bar(total=len(fold_ids) * len(LABELS), desc="level-2 LightGBM", unit="model", disable=not progress)
     for step, fold in enumerate(fold_ids):
         val = folds == fold
         train = ~val

@@ -16,7 +16,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+from competition.progress import progress_bar
 
 from competition.constants import LABELS, SUBTYPES
 from competition.pools import worker_initializer
@@ -126,7 +126,7 @@ def _render_all(plan: list[StudyPlan], partial: Path, workers: int, progress: bo
         else:
             todo.append(study)
     total = sum(s.n_slices for s in plan)
-    bar = tqdm(total=total, initial=total - sum(s.n_slices for s in todo), unit="slice", desc="synthetic",
+    bar = progress_bar(total=total, initial=total - sum(s.n_slices for s in todo), unit="slice", desc="synthetic",
                disable=not progress)
     # Longest studies first so that the last ones to finish are short.
     todo.sort(key=lambda s: -s.n_slices)
