@@ -1,7 +1,7 @@
 # RSNA Intracranial Hemorrhage Detection: from `kaggle competitions download` to `kaggle competitions submit`.
 # `make help` lists the targets. Variables (the users' interface, see README):
 #   DATA WORK N_FOLDS MODEL MODELS FOLDS EPOCHS IMG_SIZE BATCH LIMIT DEVICE GPUS SPREAD WORKERS TUNE TRIALS STORAGE THREADS STACKER ROWS FILE MESSAGE IMAGE TOP LABEL
-#   STUDY OUT BUNDLE STACK_OPTS NNODES NODE_RANK RDZV_ENDPOINT RDZV_ID TRACKER
+#   STUDY OUT BUNDLE STACK_OPTS NNODES NODE_RANK RDZV_ENDPOINT RDZV_ID TRACKER FORCE WAIT POLL LOG
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -19,6 +19,10 @@ WORKERS    ?=
 PRESET     ?= demo
 PATIENTS   ?=
 SUBMISSIONS ?= submissions
+LOG ?= $(SUBMISSIONS)/log.csv# the submissions log `make submit` appends to (beside the submitted files)
+WAIT ?= 300# seconds `make submit` waits for the score (0: do not wait)
+POLL ?= 30# seconds between two looks at the score
+FORCE ?=# 1: submit a file even if the log shows it was submitted before
 SEED       ?= 0
 N          ?= 3000
 N_FOLDS    ?=
@@ -80,7 +84,7 @@ rdzv = --nnodes=$(NNODES) --rdzv_backend=c10d --rdzv_endpoint=$(RDZV_ENDPOINT) -
 launch = $(if $(and $(GPUS),$(if $(SPREAD),,ddp)),$(VENV)/bin/torchrun $(if $(NNODES),$(rdzv),--standalone) --nproc_per_node=$(GPUS),$(PY))
 need = @test -n "$($(1))" || { echo "make $@: set $(1)=<$(2)>"; exit 2; }
 
-.PHONY: help setup demo test test-all synthetic data prepare cache oof tensorboard list-models plan stack submission submit \
+.PHONY: help setup demo test test-all synthetic data prepare cache oof tensorboard list-models plan stack submission submit leaderboard \
         explain report predict export bench bench-metadata bench-features bench-train gpu-check clean-work
 
 help: ## list the targets
@@ -173,9 +177,14 @@ submission: $(STAMP) ## a submission straight from one level-1 model (MODEL=name
 	$(call need,MODEL,zoo name of a trained model)
 	$(PY) -m submissions write --data $(DATA) $(work_opt) --model $(MODEL) --out-dir $(SUBMISSIONS)
 
-submit: $(STAMP) ## kaggle competitions submit FILE with MESSAGE (validated against DATA's sample submission first)
+submit: $(STAMP) ## kaggle competitions submit FILE with MESSAGE: validated, refused if already submitted (FORCE=1), logged beside FILE, scores waited for (WAIT POLL)
 	$(call need,FILE,path of a submission file)
-	$(PY) -m submissions submit --file $(FILE) --message "$(if $(MESSAGE),$(MESSAGE),$(notdir $(FILE)))" --data $(DATA)
+	$(PY) -m submissions submit --file $(FILE) --message "$(if $(MESSAGE),$(MESSAGE),$(notdir $(FILE)))" --data $(DATA) $(work_opt) \
+	  $(if $(call yes,$(FORCE)),--force) --wait $(WAIT) --poll $(POLL)
+
+leaderboard: $(STAMP) ## refresh pending scores in the submissions log (LOG), print it, draw CV against public/private LB (cv_vs_lb.png, in make report)
+	$(PY) -m submissions leaderboard --log $(LOG)
+	$(PY) -m reports.leaderboard --log $(LOG)
 
 explain: $(STAMP) ## Grad-CAM, Guided Backprop, DeconvNet, Guided Grad-CAM panels: MODEL and IMAGE=id[,id] or TOP=n (LABEL, DEVICE)
 	$(call need,MODEL,zoo name of a trained model)
@@ -184,7 +193,7 @@ explain: $(STAMP) ## Grad-CAM, Guided Backprop, DeconvNet, Guided Grad-CAM panel
 	  $(call opt,--top,$(TOP)) $(call opt,--label,$(LABEL)) $(call opt,--device,$(DEVICE))
 
 report: $(STAMP) ## one self-contained HTML page: every model's scores side by side, ROC/PR/threshold plots, curves, explanations
-	$(PY) -m reports.html_report --data $(DATA) $(work_opt)
+	$(PY) -m reports.html_report --data $(DATA) $(work_opt) --submissions-log $(LOG)
 
 predict: $(STAMP) ## per-slice and per-study calls for the DICOM series under STUDY, with report.html (BUNDLE= or DATA/WORK; MODELS OUT DEVICE TOP)
 	$(call need,STUDY,folder of DICOM files)

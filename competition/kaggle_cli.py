@@ -77,3 +77,18 @@ def run_kaggle(args: list[str]) -> None:
     result = subprocess.run(cmd, check=False)
     if result.returncode != 0:
         raise KaggleError(f"`{' '.join(cmd)}` failed with exit code {result.returncode} (see its output above)")
+
+
+def kaggle_output(args: list[str], echo: bool = False) -> str:
+    """Run the kaggle client after checking credentials and return its stdout (``echo``: print it too).
+
+    Its stderr streams to the terminal; a failure raises KaggleError with the client's last line."""
+    check_credentials()
+    cmd = kaggle_command(args)
+    result = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, text=True)
+    if echo and result.stdout:
+        print(result.stdout, end="" if result.stdout.endswith("\n") else "\n", flush=True)
+    if result.returncode != 0:
+        last = (result.stdout.strip().splitlines() or [""])[-1]
+        raise KaggleError(f"`{' '.join(cmd)}` failed with exit code {result.returncode}{': ' + last if last else ''}")
+    return result.stdout

@@ -34,6 +34,7 @@ from competition.constants import LABELS
 from competition.metric import per_label_log_loss, weighted_log_loss
 from competition.paths import WorkPaths
 from competition.stamp import is_current, write_stamp
+from reports.leaderboard import PLOT_NAME, leaderboard_section
 from competition.study_level import DEFAULT_TARGET_SENSITIVITY, study_report_from_slices
 from reports.plots import (
     OOF_FILE, PLOT_FILES, aligned_truth, operating_point, write_prediction_plots,
@@ -324,6 +325,7 @@ def build_report(
     max_panels: int = 4,
     target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY,
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+    submissions_log: Path | None = None,
 ) -> Path:
     """Score every output folder, refresh their plots, and write ``reports/index.html``; returns its path."""
     from competition.labels import read_labels
@@ -342,10 +344,11 @@ def build_report(
     out = paths.reports / REPORT_FILE
     stamp = paths.reports / STAMP_FILE
     options = {"explain_top": explain_top, "max_panels": max_panels, "target_sensitivity": target_sensitivity}
+    board = [submissions_log, submissions_log.parent / PLOT_NAME] if submissions_log else []  # the CV-LB section
 
     def inputs() -> list[Path]:
         folders = (paths.models, paths.stack, paths.reports / "explain")
-        return [paths.labels, paths.metadata, *([answers_path] if answers_path else []),
+        return [paths.labels, paths.metadata, *([answers_path] if answers_path else []), *board,
                 *(f for d in folders if d.is_dir() for f in d.rglob("*") if not f.name.startswith("."))]
 
     if is_current(stamp, [out], inputs(), options):
@@ -391,6 +394,8 @@ def build_report(
                 + ("; test scores use the dataset's answers file" if answers is not None else ""))
     page = render_html(f"RSNA intracranial hemorrhage: {Path(data_dir).resolve().name}", subtitle, sources, notes,
                        _data_summary(labels, metadata), figures, panels, target_sensitivity, answers is not None)
+    if submissions_log is not None:
+        page = page.replace("</body></html>", leaderboard_section(submissions_log) + "</body></html>")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(page, encoding="utf-8")
@@ -409,8 +414,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-panels", type=int, default=4, help="explanation panels shown per model")
     p.add_argument("--target-sensitivity", type=float, default=DEFAULT_TARGET_SENSITIVITY,
                    help="operating point of the threshold tables")
+    p.add_argument("--submissions-log", type=Path, default=None,
+                   help="the submissions log: adds its table and CV-vs-leaderboard figure (make leaderboard)")
     args = p.parse_args(argv)
-    print(build_report(args.data, args.work, args.explain_top, args.max_panels, args.target_sensitivity))
+    print(build_report(args.data, args.work, args.explain_top, args.max_panels, args.target_sensitivity,
+                       submissions_log=args.submissions_log))
     return 0
 
 

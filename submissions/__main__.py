@@ -2,7 +2,9 @@
 
   write    --data DATA [--work WORK] (--model NAME | --stack)   -> prints the written path
   validate FILE --data DATA                                      -> refuses a bad file, naming its first bad row
-  submit   --file FILE --message MSG [--data DATA]               -> kaggle competitions submit (validates first with --data)
+  submit   --file FILE --message MSG [--data DATA] [--force] [--wait S] [--poll S]
+           -> validates (with --data), refuses a file already in the log, submits, logs it, waits for the scores
+  leaderboard --log LOG                                          -> refreshes pending scores, prints the log
 """
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ from pathlib import Path
 
 from competition.cli import run_main
 from competition.layout import Layout
-from submissions.kaggle_submit import submit
-from submissions.validate import validate_submission
+from submissions.kaggle_submit import submit_and_log
+from submissions.leaderboard import leaderboard
+from submissions.scores import DEFAULT_POLL_S, DEFAULT_WAIT_S
+from submissions.validate import SubmissionError, validate_submission
 from submissions.write import DEFAULT_CLIP, DEFAULT_OUT_DIR, write_from_work
 
 
@@ -39,6 +43,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     s.add_argument("--file", required=True, type=Path)
     s.add_argument("--message", required=True)
     s.add_argument("--data", type=Path, default=None, help="validate against this folder's sample submission first")
+    s.add_argument("--work", type=Path, default=None, help="work folder of DATA (default work/<basename of DATA>)")
+    s.add_argument("--force", action="store_true", help="submit even if this very file was submitted before")
+    s.add_argument("--wait", type=float, default=DEFAULT_WAIT_S, help="seconds to wait for the score (0: do not wait)")
+    s.add_argument("--poll", type=float, default=DEFAULT_POLL_S, help="seconds between two looks at the score")
+
+    lb = sub.add_parser("leaderboard", help="refresh pending scores from Kaggle and print the submissions log")
+    lb.add_argument("--log", required=True, type=Path)
+    lb.add_argument("--no-refresh", action="store_true", help="print the log as it is, without asking Kaggle")
     return ap.parse_args(argv)
 
 
@@ -52,8 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         layout.require("sample_submission")
         rows = validate_submission(args.file, layout.sample_submission)
         print(f"valid: {args.file} ({rows} rows)")
+    elif args.command == "leaderboard":
+        leaderboard(args.log, refresh=not args.no_refresh)
     else:
-        submit(args.file, args.message, args.data)
+        if args.wait < 0 or args.poll <= 0:
+            raise SubmissionError(f"WAIT must be >= 0 and the poll interval > 0 (got {args.wait:g}, {args.poll:g})")
+        submit_and_log(args.file, args.message, args.data, args.work, args.force, args.wait, args.poll)
     return 0
 
 

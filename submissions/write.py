@@ -16,6 +16,7 @@ from competition.constants import LABELS
 from competition.labels import LabelError, split_long_ids
 from competition.layout import Layout
 from competition.paths import WorkPaths
+from submissions.provenance import record_written
 from submissions.validate import SubmissionError, read_sample_ids, validate_submission
 
 DEFAULT_CLIP = 1e-5
@@ -96,4 +97,6 @@ def write_from_work(data_dir: Path | str, work_dir: Path | str | None = None, mo
     layout.require("sample_submission")
     paths = WorkPaths.for_data(data_dir, work_dir)
     test = source_predictions(paths, model)
-    return write_submission(test, layout.sample_submission, submission_path(data_dir, model or STACK_SOURCE, out_dir), clip)
+    path = write_submission(test, layout.sample_submission, submission_path(data_dir, model or STACK_SOURCE, out_dir), clip)
+    record_written(paths, path, model)  # what `make submit` logs beside the file's scores
+    return path
