@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         raise FileNotFoundError(f"no submissions log at {args.log}; `make submit FILE=...` writes it")
     out = args.log.parent / PLOT_NAME
     found = plot_cv_vs_lb(read_log(args.log), out)
-    print(f"{out}: CV against LB, r public {found['public']:.3f}, r private {found['private']:.3f}")
+    shown = {board: "n/a (under 3 scored submissions)" if np.isnan(r) else f"{r:.3f}" for board, r in found.items()}
+    print(f"{out}: CV against LB, r public {shown['public']}, r private {shown['private']}")
     return 0
 
 

@@ -21,7 +21,11 @@ from competition.constants import COMPETITION
 from competition.paths import WorkPaths
 from dicom_factory import write_mini_competition
 from kaggle_standin import Standin, StandinState
+from competition.__main__ import main as competition_main
+from competition.cli import run_main
 from reports.leaderboard import correlation, leaderboard_section, plot_cv_vs_lb
+from reports.leaderboard import main as leaderboard_main
+from submissions.__main__ import main as submissions_main
 from submissions.log import COLUMNS, LOG_VERSION, read_log, write_log
 from submissions.write import write_from_work
 from test_submissions import make_data, predictions
@@ -30,17 +34,24 @@ REPO = Path(__file__).resolve().parents[1]
 USER, KEY = "standin-user", "standin-key"
 
 
-def run(module: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """``python -m module args`` from the repo root, as the Makefile's recipes run it."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("KAGGLE_") and k.lower() != "http_proxy"}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
-                          env={**base, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=120)
+def cli(main, args: list[str], capfd) -> tuple[int, str, str]:
+    """A command's main as its `make` recipe runs it (one-line errors, exit 2), in this process; the
+    `kaggle` client it calls is a real subprocess, so its output is captured at the descriptors."""
+    code = run_main(main, [str(a) for a in args], prog="cli")
+    out, err = capfd.readouterr()
+    return code, out, err
 
 
 @pytest.fixture()
-def standin():
+def standin(monkeypatch, tmp_path: Path):
+    """The stand-in, and this process's environment pointing the kaggle client at it."""
     state = StandinState(COMPETITION, USER, KEY)
+    for var in [v for v in os.environ if v.startswith("KAGGLE_")]:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no kaggle.json of the machine's user
     with Standin(state) as server:
+        for var, value in server.env.items():
+            monkeypatch.setenv(var, value)
         yield server
 
 
@@ -54,27 +65,28 @@ def zip_folder(folder: Path, padding: bytes) -> bytes:
     return buf.getvalue()
 
 
-def test_download_is_cut_resumed_and_unzipped_byte_for_byte_then_prepared(standin, tmp_path: Path) -> None:
+def test_download_is_cut_resumed_and_unzipped_byte_for_byte_then_prepared(standin, tmp_path: Path, capfd) -> None:
     source = write_mini_competition(tmp_path / "served")
     archive = zip_folder(source, np.random.default_rng(0).bytes(3 << 20))
     standin.state.archive, standin.state.cut_after = archive, (3 << 20) // 2
     standin.state.files = {"stage_2_train.csv": (source / "stage_2_train.csv").stat().st_size}
 
     listed = subprocess.run([str(REPO / ".venv/bin/kaggle"), "competitions", "files", "-c", COMPETITION],
-                            capture_output=True, text=True, env={**os.environ, **standin.env}, timeout=60)
+                            capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0 and "stage_2_train.csv" in listed.stdout
 
     data = tmp_path / "rsna"
-    got = run("competition", "download", "--data", str(data), env=standin.env)
-    assert got.returncode == 0, got.stderr
+    code, _, err = cli(competition_main, ["download", "--data", data], capfd)
+    assert code == 0, err
     ranges = [r for r in standin.state.requests if r.startswith("GET") and "bytes=" in r]
     assert ranges and int(ranges[0].split("bytes=")[1].split("-")[0]) > 0  # resumed mid-file, not restarted
     assert (data / f"{COMPETITION}.zip").read_bytes() == archive
     for f in (p for p in source.rglob("*") if p.is_file()):
         assert (data / f.relative_to(source)).read_bytes() == f.read_bytes(), f
 
-    prepared = run("competition", "prepare", "--data", str(data), "--work", str(tmp_path / "work"), "--workers", "1", "--n-folds", "2")
-    assert prepared.returncode == 0, prepared.stderr
+    code, _, err = cli(competition_main, ["prepare", "--data", data, "--work", tmp_path / "work", "--workers", "1",
+                                          "--n-folds", "2"], capfd)
+    assert code == 0, err
     labels = pd.read_parquet(tmp_path / "work" / "labels.parquet")
     assert len(labels) == pd.read_csv(source / "stage_2_train.csv")["ID"].str.rsplit("_", n=1).str[0].nunique()
 
@@ -95,19 +107,20 @@ def stacked(tmp_path: Path):
     return data, paths, file
 
 
-def submit(data: Path, paths: WorkPaths, file: Path, env: dict, *extra: str) -> subprocess.CompletedProcess:
-    return run("submissions", "submit", "--file", str(file), "--message", "blend v1", "--data", str(data),
-               "--work", str(paths.root), "--poll", "0.2", *extra, env=env)
-
-
-def test_submit_logs_waits_for_the_score_refuses_a_repeat_and_the_leaderboard_fills_in(standin, stacked) -> None:
+def submit(stacked, capfd, *extra: str) -> tuple[int, str, str]:
     data, paths, file = stacked
-    done = submit(data, paths, file, standin.env, "--wait", "30")
-    assert done.returncode == 0, done.stderr
+    return cli(submissions_main, ["submit", "--file", file, "--message", "blend v1", "--data", data,
+                                  "--work", paths.root, "--poll", "0.2", *extra], capfd)
+
+
+def test_submit_logs_waits_for_the_score_refuses_a_repeat_and_the_leaderboard_fills_in(standin, stacked, capfd) -> None:
+    data, paths, file = stacked
+    code, out, err = submit(stacked, capfd, "--wait", "30")
+    assert code == 0, err
     served = standin.state.submissions[-1]
     assert served["content"] == file.read_bytes() and served["description"] == "blend v1"
-    assert f"public {served['public']}  private {served['private']}" in done.stdout
-    assert "OOF weighted log loss 0.06125 (stack)" in done.stdout
+    assert f"public {served['public']}  private {served['private']}" in out
+    assert "OOF weighted log loss 0.06125 (stack)" in out
     assert sum(r == "POST ListSubmissions" for r in standin.state.requests) == 2  # pending, then complete
 
     log = read_log(file.parent / "log.csv")
@@ -121,42 +134,42 @@ def test_submit_logs_waits_for_the_score_refuses_a_repeat_and_the_leaderboard_fi
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
     assert row["git_commit"] and head.startswith(row["git_commit"].removesuffix("+dirty"))
 
-    again = submit(data, paths, file, standin.env, "--wait", "0")
-    assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1
-    assert "already submitted" in again.stderr and "FORCE=1" in again.stderr
+    code, out, err = submit(stacked, capfd, "--wait", "0")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "already submitted" in err and "FORCE=1" in err
     assert len(standin.state.submissions) == 1 and len(read_log(file.parent / "log.csv")) == 1
 
-    forced = submit(data, paths, file, standin.env, "--wait", "0", "--force")
-    assert forced.returncode == 0, forced.stderr
-    assert "not scored yet" in forced.stdout and "make leaderboard" in forced.stdout
+    code, out, err = submit(stacked, capfd, "--wait", "0", "--force")
+    assert code == 0, err
+    assert "not scored yet" in out and "make leaderboard" in out
     assert len(standin.state.submissions) == 2
     assert list(read_log(file.parent / "log.csv")["status"]) == ["complete", "pending"]
 
     # `make leaderboard`, later: the pending row is filled in, the table printed, the figure drawn.
     standin.state.pending_polls = 0
     log_path = file.parent / "log.csv"
-    table = run("submissions", "leaderboard", "--log", str(log_path), env=standin.env)
-    assert table.returncode == 0, table.stderr
-    header, *lines = table.stdout.strip().splitlines()
+    code, out, err = cli(submissions_main, ["leaderboard", "--log", log_path], capfd)
+    assert code == 0, err
+    header, *lines = out.strip().splitlines()
     assert header.split()[:4] == ["time", "file", "source", "OOF"] and len(lines) == 2
     for line, served in zip(lines, standin.state.submissions):
         assert file.name in line and "0.06125" in line and f"{served['public']} " in line and f"{served['private']} " in line
     assert read_log(log_path)["status"].tolist() == ["complete", "complete"]
 
-    plotted = run("reports.leaderboard", "--log", str(log_path))
-    assert plotted.returncode == 0, plotted.stderr
+    code, out, err = cli(leaderboard_main, ["--log", log_path], capfd)
+    assert code == 0 and "r public n/a" in out, err  # two points: no correlation claimed
     assert (log_path.parent / "cv_vs_lb.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     section = leaderboard_section(log_path)
     assert "data:image/png;base64," in section and "blend v1" in section
 
 
-def test_no_credentials_is_one_line_and_nothing_is_sent(standin, stacked, tmp_path: Path) -> None:
-    data, paths, file = stacked
-    env = {k: v for k, v in standin.env.items() if not k.startswith("KAGGLE_USERNAME") and k != "KAGGLE_KEY"}
-    env["HOME"] = str(tmp_path / "home")
-    got = submit(data, paths, file, env)
-    assert got.returncode == 2 and len(got.stderr.strip().splitlines()) == 1
-    assert "no Kaggle credentials found" in got.stderr
+def test_no_credentials_is_one_line_and_nothing_is_sent(standin, stacked, monkeypatch, capfd) -> None:
+    _, _, file = stacked
+    monkeypatch.delenv("KAGGLE_USERNAME")
+    monkeypatch.delenv("KAGGLE_KEY")
+    code, _, err = submit(stacked, capfd)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "no Kaggle credentials found" in err
     assert standin.state.requests == [] and not (file.parent / "log.csv").exists()
 
 
@@ -191,3 +204,26 @@ def test_progress_in_a_log_file_is_lines_not_carriage_return_frames(tmp_path: Pa
     assert "\r" not in text and text.endswith("\n")
     assert all(line.startswith("work:") for line in lines) and 2 <= len(lines) <= 20
     assert "20/20" in lines[-1]
+
+
+def test_report_embeds_the_submissions_log_and_the_cv_vs_lb_figure(tmp_path: Path, capfd) -> None:
+    from competition.constants import LABELS
+    from reports.html_report import main as report_main
+
+    data, work = tmp_path / "comp", tmp_path / "work"
+    (data / "stage_2_train").mkdir(parents=True)
+    work.mkdir()
+    pd.DataFrame({"image_id": ["ID_000000001"], **{lb: [0] for lb in LABELS}}).to_parquet(work / "labels.parquet")
+    pd.DataFrame({"image_id": ["ID_000000001"], "split": ["train"], "study_id": ["s"]}).to_parquet(work / "metadata.parquet")
+    log = pd.DataFrame({c: ["x"] for c in COLUMNS}).assign(oof_weighted_log_loss="0.061", public_score="0.071",
+                                                           private_score="0.052", message="blend <v2>")
+    write_log(tmp_path / "subs" / "log.csv", log)
+    args = ["--data", data, "--work", work, "--submissions-log", tmp_path / "subs" / "log.csv"]
+    code, out, err = cli(report_main, args, capfd)
+    assert code == 0, err
+    page = Path(out.strip()).read_text()
+    assert page.count('id="leaderboard"') == 1 and "blend &lt;v2&gt;" in page and "make leaderboard" in page
+    code, out, _ = cli(leaderboard_main, ["--log", tmp_path / "subs" / "log.csv"], capfd)
+    code, out, err = cli(report_main, args, capfd)  # the new figure is an input: the page is rebuilt with it
+    page = Path(out.strip()).read_text()
+    assert code == 0 and "data:image/png;base64," in page.split('id="leaderboard"')[1]
