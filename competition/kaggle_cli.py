@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from competition.progress import is_terminal
+
 HOWTO = (
     "put your API token in ~/.kaggle/kaggle.json (chmod 600; Kaggle > Settings > Create New Token) "
     "or set KAGGLE_USERNAME and KAGGLE_KEY"
@@ -67,6 +69,9 @@ def kaggle_executable() -> str:
 
 
 def kaggle_command(args: list[str]) -> list[str]:
+    """The command line; off a terminal, the client's tqdm bars redraw every 15 s, not 10 times a second."""
+    if not is_terminal(sys.stderr):  # a log file would keep every carriage-return frame (tqdm reads TQDM_*)
+        os.environ.setdefault("TQDM_MININTERVAL", "15")
     return [kaggle_executable(), *args]
 
 

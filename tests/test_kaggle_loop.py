@@ -49,6 +49,7 @@ def standin(monkeypatch, tmp_path: Path):
     for var in [v for v in os.environ if v.startswith("KAGGLE_")]:
         monkeypatch.delenv(var)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no kaggle.json of the machine's user
+    monkeypatch.setenv("TQDM_MININTERVAL", "15")  # what kaggle_cli sets off a terminal; undone after the test
     with Standin(state) as server:
         for var, value in server.env.items():
             monkeypatch.setenv(var, value)
@@ -227,3 +228,13 @@ def test_report_embeds_the_submissions_log_and_the_cv_vs_lb_figure(tmp_path: Pat
     code, out, err = cli(report_main, args, capfd)  # the new figure is an input: the page is rebuilt with it
     page = Path(out.strip()).read_text()
     assert code == 0 and "data:image/png;base64," in page.split('id="leaderboard"')[1]
+
+
+def test_the_kaggle_client_redraws_its_bars_rarely_off_a_terminal(monkeypatch) -> None:
+    from competition.kaggle_cli import kaggle_command
+
+    monkeypatch.setenv("TQDM_MININTERVAL", "0")
+    monkeypatch.delenv("TQDM_MININTERVAL")  # restored (absent) after the test
+    assert not sys.stderr.isatty()  # pytest captures it
+    assert kaggle_command(["competitions", "files"])[1:] == ["competitions", "files"]
+    assert os.environ["TQDM_MININTERVAL"] == "15"  # tqdm reads TQDM_* as its defaults, in the client too
