@@ -40,6 +40,12 @@ class LineBar(tqdm):
                 file.flush()
         return print_line
 
+    def display(self, msg=None, pos=None):
+        if msg is None and self.n == getattr(self, "_shown_n", None):
+            return True  # closing redraws the last count: one line per count is enough
+        self._shown_n = self.n
+        return super().display(msg, pos)
+
 
 def is_terminal(stream: Any) -> bool:
     try:

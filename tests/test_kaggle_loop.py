@@ -204,7 +204,7 @@ def test_progress_in_a_log_file_is_lines_not_carriage_return_frames(tmp_path: Pa
     lines = text.splitlines()
     assert "\r" not in text and text.endswith("\n")
     assert all(line.startswith("work:") for line in lines) and 2 <= len(lines) <= 20
-    assert "20/20" in lines[-1]
+    assert "20/20" in lines[-1] and "20/20" not in lines[-2]  # the final frame once, not redrawn at close
 
 
 def test_report_embeds_the_submissions_log_and_the_cv_vs_lb_figure(tmp_path: Path, capfd) -> None:
@@ -238,3 +238,18 @@ def test_the_kaggle_client_redraws_its_bars_rarely_off_a_terminal(monkeypatch) -
     assert not sys.stderr.isatty()  # pytest captures it
     assert kaggle_command(["competitions", "files"])[1:] == ["competitions", "files"]
     assert os.environ["TQDM_MININTERVAL"] == "15"  # tqdm reads TQDM_* as its defaults, in the client too
+
+
+def test_a_model_submission_records_its_oof_and_an_edited_file_is_unknown(tmp_path: Path) -> None:
+    from submissions.provenance import facts_for, file_sha256
+
+    data = make_data(tmp_path / "rsna")
+    paths = WorkPaths.for_data(data, tmp_path / "work")
+    paths.model_dir("cnn_a").mkdir(parents=True)
+    predictions(1).to_parquet(paths.model_dir("cnn_a") / "test.parquet", index=False)
+    (paths.model_dir("cnn_a") / "metrics.json").write_text(json.dumps({"pooled": {"weighted_log_loss": 0.0712}}))
+    file = write_from_work(data, paths.root, "cnn_a", tmp_path / "subs")
+    facts = facts_for(paths, file_sha256(file))
+    assert facts == {"source": "cnn_a", "models": "cnn_a", "level2": "", "oof_weighted_log_loss": 0.0712}
+    file.write_bytes(file.read_bytes() + b"\n")  # edited after writing: no longer that model's output
+    assert facts_for(paths, file_sha256(file))["source"] == "unknown"
