@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from competition.kaggle_cli import check_credentials
+from competition.kaggle_cli import KaggleCredentialsError, check_credentials
 from submissions.log import PENDING, read_log
 from submissions.scores import refresh_log
 
@@ -30,7 +30,11 @@ def leaderboard(log_path: Path | str, refresh: bool = True) -> pd.DataFrame:
         raise FileNotFoundError(f"no submissions log at {log_path}; `make submit FILE=...` writes it (or pass LOG=)")
     log = read_log(log_path)
     if refresh and (log["status"] == PENDING).any():
-        check_credentials()
-        log = refresh_log(log_path)
+        try:
+            check_credentials()
+        except KaggleCredentialsError as exc:  # the table is still worth printing
+            print(f"pending scores not refreshed: {exc}")
+        else:
+            log = refresh_log(log_path)
     print(log_table(log))
     return log

@@ -170,8 +170,12 @@ def test_no_credentials_is_one_line_and_nothing_is_sent(standin, stacked, monkey
     monkeypatch.delenv("KAGGLE_KEY")
     code, _, err = submit(stacked, capfd)
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "no Kaggle credentials found" in err
-    assert standin.state.requests == [] and not (file.parent / "log.csv").exists()
+    assert "no Kaggle credentials found" in err and not (file.parent / "log.csv").exists()
+    pending = {c: "x" for c in COLUMNS} | {"status": "pending", "message": "old one"}
+    write_log(file.parent / "log.csv", pd.DataFrame([pending]))
+    code, out, _ = cli(submissions_main, ["leaderboard", "--log", file.parent / "log.csv"], capfd)
+    assert code == 0 and out.startswith("pending scores not refreshed: no Kaggle credentials found") and "old one" in out
+    assert standin.state.requests == []
 
 
 def test_cv_vs_lb_correlation_matches_numpy_and_scipy(tmp_path: Path) -> None:
