@@ -47,7 +47,9 @@ class LineBar(tqdm):
         return super().display(msg, pos)
 
 
-def is_terminal(stream: Any) -> bool:
+def is_terminal(stream: Any = None) -> bool:
+    """Whether ``stream`` (default: stderr, where bars go) is a terminal."""
+    stream = sys.stderr if stream is None else stream
     try:
         return bool(stream.isatty())
     except (AttributeError, ValueError):  # closed or not a file

@@ -22,6 +22,7 @@ from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
 from competition.atomic import write_json
+from competition.progress import is_terminal
 from level2_stacking.lgbm import DEFAULT_PARAMS, EARLY_STOPPING_ROUNDS, FIXED_PARAMS, NUM_BOOST_ROUND, cross_validate
 
 BEST_PARAMS_FILE = "best_params.json"
@@ -131,7 +132,7 @@ def tune(
             n_trials=trials - finished,
             callbacks=[MaxTrialsCallback(trials, states=FINISHED)],  # other workers count too
             gc_after_trial=True,
-            show_progress_bar=progress,
+            show_progress_bar=progress and is_terminal(),  # a log gets optuna's per-trial lines
         )
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         raise RuntimeError(f"study {name!r} has no completed trial yet; run more trials")
