@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 EVIDENCE = {"slice_location": "SliceLocation", "instance_number": "InstanceNumber"}
+NO_EVIDENCE = "nothing: no ImagePositionPatient, SliceLocation or InstanceNumber; put after the placed slices, by image id"
 POSITION_DECIMALS = 2  # z values equal to 0.01 mm are the same position
 
 
@@ -48,7 +49,7 @@ def _series_key(group: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
             how[need] = f"{tag} (no slice of the series has ImagePositionPatient)"
     unplaced = key.isna()
     key[unplaced] = np.inf
-    how[unplaced] = "nothing: no ImagePositionPatient, SliceLocation or InstanceNumber; put after the placed slices, by image id"
+    how[unplaced] = NO_EVIDENCE
     return key, how
 
 

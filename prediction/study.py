@@ -21,6 +21,7 @@ from competition.dicom import (MULTI_FRAME, DicomReadError, frames, header_field
                                no_pixels_reason, read_dataset)
 from competition.metadata import COLUMNS
 from competition.slice_order import add_slice_order, duplicate_positions
+from prediction.placement import place_unplaced
 
 MAX_TILT_DEGREES = 45.0  # gantry tilt of head CT stays well below; scouts and reformats are ~90
 SKIPPED_COLUMNS = ["path", "reason"]
@@ -219,6 +220,7 @@ def read_study(root: Path | str) -> Study:
     table = _drop_repeats(pd.DataFrame(rows), hus, skipped)
     order: list[tuple[str, str]] = []
     table = add_slice_order(table.drop(columns=["slice_index", "n_slices"], errors="ignore"), order)
+    table = place_unplaced(table, hus, order)  # slices no header places, by their pixels
     table = table[[*COLUMNS, "readable"]].sort_values(["study_id", "series_id", "slice_index"], ignore_index=True)
     return Study(root=root, metadata=table, hu=hus, skipped=pd.DataFrame(skipped, columns=SKIPPED_COLUMNS),
                  warnings=pd.DataFrame(warnings + order, columns=WARNING_COLUMNS))

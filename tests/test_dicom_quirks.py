@@ -118,11 +118,21 @@ def test_only_the_slope_missing_assumes_one(tmp_path):
 
 
 # --- partial and repeated positions ------------------------------------------------------------
+def head_slice(i: int, n: int, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """Slice i of n through a synthetic head: a disc growing along the series (so neighbours look
+    alike and no two slices far apart do), soft tissue inside, air outside, a little noise."""
+    yy, xx = np.mgrid[:size, :size]
+    radius = size * (0.1 + 0.35 * (i + 0.5) / n)
+    inside = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < radius**2
+    return (np.where(inside, 1064, 24) + rng.integers(0, 8, (size, size))).astype(np.uint16)
+
+
 def write_series(folder: Path, z: list[float], **per_slice) -> list[Path]:
-    """One 16 x 16 slice per z, named in no z order; ``per_slice`` lists of write_ct arguments."""
+    """One slice per z (``head_slice`` in list order), named in no z order; ``per_slice`` lists of
+    write_ct arguments."""
     rng = np.random.default_rng(len(z))
     names = [f"ID_{h:09x}" for h in rng.permutation(len(z)) * 7919 + 4096]
-    return [write_ct(folder / f"{name}.dcm", rng.integers(0, 4096, (16, 16)).astype(np.uint16), z=zi,
+    return [write_ct(folder / f"{name}.dcm", head_slice(i, len(z), rng), z=zi,
                      **{k: v[i] for k, v in per_slice.items()}) for i, (name, zi) in enumerate(zip(names, z))]
 
 
@@ -145,11 +155,18 @@ def test_slice_location_then_nothing(tmp_path):
         if i != 5:
             edit(path, SliceLocation=50.0 - z[i])
     study = read_study(tmp_path / "s")
-    placed = [p.stem for zi, p in sorted(zip(z, paths)) if zi != z[5]]
-    assert study.metadata["image_id"].tolist() == placed + [paths[5].stem]
+    assert study.metadata["image_id"].tolist() == [p.stem for p in paths]  # the true order
     warned = study.warnings.set_index("path")["warning"]
     assert "by SliceLocation (fitted to z on 6 slices" in warned[paths[2].name]
-    assert "no ImagePositionPatient, SliceLocation or InstanceNumber" in warned[paths[5].name]
+    assert warned[paths[5].name] == (
+        f"no ImagePositionPatient, SliceLocation or InstanceNumber: placed in series ID_00000000bb next to "
+        f"{paths[4].name} and {paths[6].name} by image similarity (its pixels fit best there)")
+    # The metadata pass has no pixels: there the slice goes after the placed ones, by image id.
+    from competition.slice_order import NO_EVIDENCE, add_slice_order
+    notes: list = []
+    ordered = add_slice_order(study.metadata.drop(columns=["slice_index", "n_slices"]), notes).sort_values("slice_index")
+    assert ordered["image_id"].tolist()[-1] == paths[5].stem and notes[-1] == (
+        paths[5].name, f"no ImagePositionPatient: placed in series ID_00000000bb by {NO_EVIDENCE}")
 
 
 def test_repeated_positions_keep_one_in_predict_and_both_in_prepare(tmp_path):
@@ -204,7 +221,7 @@ def test_unreadable_folder_is_listed_with_the_permission_reason(tmp_path, monkey
 def test_truncated_header_and_multi_frame_say_so(tmp_path):
     paths = write_series(tmp_path / "s", [0.0, 5.0, 10.0])
     paths[0].write_bytes(paths[0].read_bytes()[:300])
-    edit(paths[1], NumberOfFrames=2, Rows=8)  # the 16 x 16 pixels as two 8 x 16 frames
+    edit(paths[1], NumberOfFrames=2, Rows=16)  # the 32 x 32 pixels as two 16 x 32 frames
     skipped = read_study(tmp_path / "s").skipped.set_index("path")["reason"]
     assert skipped[paths[0].name].startswith("truncated file (300 bytes)")
     assert "multi-frame objects are not supported" in skipped[paths[1].name]
@@ -274,6 +291,53 @@ def test_real_series_with_partial_positions(real_sample, tmp_path):
         edit(path, drop=("ImagePositionPatient",))
     study = read_study(tmp_path / "s")
     kept = sorted((p.stem for p in paths if p not in dropped), key=z.get)
-    # No InstanceNumber or SliceLocation in these files: the 25 keep their z order, the 7 follow.
-    assert study.metadata["image_id"].tolist() == kept + sorted(p.stem for p in dropped)
-    assert len(study.warnings) == 7 and study.warnings["warning"].str.contains("put after the placed slices").all()
+    # No InstanceNumber or SliceLocation in these files: the 25 keep their z order, the 7 are
+    # placed by their pixels, each at its true place.
+    assert study.metadata["image_id"].tolist() == sorted(z, key=z.get)
+    assert study.metadata.set_index("image_id").loc[kept, "slice_index"].is_monotonic_increasing
+    assert len(study.warnings) == 7 and study.warnings["warning"].str.contains("by image similarity").all()
+
+
+# --- make prepare: the same reader, the same notes, the same pixels ------------------------------
+def test_prepare_notes_and_caches_what_predict_reads(tmp_path, capsys):
+    from competition.metadata import build_metadata
+    from dicom_factory import write_mini_competition
+    from features.cache import ImageCache, build_cache
+    from prediction.preprocess import MemoryCache
+
+    data = write_mini_competition(tmp_path / "data", patients=2, slices=2)
+    test = data / "stage_2_test"
+    rng = np.random.default_rng(9)
+    padded = [write_ct(test / f"ID_00000p{i:03d}.dcm", head_with_padding(rng)[0], series="ID_padseries", z=5.0 * i)
+              for i in range(3)]
+    for path in padded:
+        edit(path, PixelPaddingValue=PAD)
+    norescale = _without_rescale(test, rng.integers(0, 4096, (16, 16)).astype(np.uint16), "ID_00000n001",
+                                 series="ID_plainserie", z=None, instance_number=3)
+    for i in (1, 2):
+        write_ct(test / f"ID_00000n00{i + 1}.dcm", rng.integers(0, 4096, (16, 16)).astype(np.uint16),
+                 series="ID_plainserie", z=10.0 * i, instance_number=i)
+    edit(test / "ID_00000n002.dcm", test / "ID_00000n009.dcm", SOPInstanceUID="ID_00000n009")  # same position
+
+    work = tmp_path / "work"
+    meta = build_metadata(data, work / "metadata.parquet", workers=1, progress=False, bad_files_csv=work / "bad_files.csv")
+    err = capsys.readouterr().err
+    notes = pd.read_csv(work / "reader_notes.csv").groupby("path")["note"].agg(" | ".join)
+    line = next(x for x in err.splitlines() if "pixel padding" in x)  # one line for the series' three files
+    assert line.startswith("note: 3 files (stage_2_test/ID_00000p000.dcm, ") and line.endswith(
+        "): pixel padding (PixelPaddingValue 63536) set to air, -1000 HU")
+    assert "intercept -1024 applied" in notes[f"stage_2_test/{norescale.name}"]
+    assert "placed in series ID_plainserie by InstanceNumber" in notes[f"stage_2_test/{norescale.name}"]
+    assert "same position as stage_2_test/ID_00000n002.dcm" in notes["stage_2_test/ID_00000n009.dcm"]
+    assert len(notes) == 5  # the three padded, the one without rescale or position, the repeat
+    assert "ID_00000n009" in set(meta["image_id"])  # kept: the submission needs every image's row
+    plain = meta[meta["series_id"] == "ID_plainserie"].sort_values("slice_index")["image_id"].tolist()
+    assert plain[:2] == ["ID_00000n002", "ID_00000n009"] and plain[-2:] == ["ID_00000n003", "ID_00000n001"]
+
+    build_cache(data, meta, work / "cache", size=32, workers=1, progress=False)
+    cache = ImageCache(work / "cache", 32)
+    study = read_study(test)
+    memory = MemoryCache(study.metadata, study.hu, 32)
+    for path in padded + [norescale]:
+        np.testing.assert_array_equal(cache.read_hu(path.stem), memory.read_hu(path.stem))
+    assert cache.read_hu(padded[0].stem).min() == AIR_HU
