@@ -49,7 +49,7 @@ def list_images(layout: Layout) -> pd.DataFrame:
     for split, folder in layout.image_dirs().items():
         with os.scandir(folder) as entries:
             for e in entries:
-                if e.name.endswith(".dcm") and e.is_file():
+                if e.name.endswith(".dcm") and (e.is_file() or e.is_symlink()):  # a dangling link is listed as bad
                     rows.append((e.name[:-4], split, f"{folder.name}/{e.name}"))
     table = pd.DataFrame(rows, columns=["image_id", "split", "path"]).sort_values("image_id", ignore_index=True)
     dup = table["image_id"][table["image_id"].duplicated()]

@@ -341,3 +341,56 @@ def test_prepare_notes_and_caches_what_predict_reads(tmp_path, capsys):
     for path in padded + [norescale]:
         np.testing.assert_array_equal(cache.read_hu(path.stem), memory.read_hu(path.stem))
     assert cache.read_hu(padded[0].stem).min() == AIR_HU
+
+
+# --- make predict end to end: the terminal, run.json and the report say the same -----------------
+@pytest.mark.slow
+def test_predict_says_each_case_in_terminal_run_json_and_report(tmp_path, capsys):
+    import json
+
+    from conftest import prepare_tiny_competition
+    from level1_models.train import run_model
+    from prediction.run import predict_folder
+
+    data, paths = prepare_tiny_competition(tmp_path / "c")
+    run_model("tiny_resnet", data, paths.root, dict(epochs=1, img_size=32, batch_size=16, workers=0, device="cpu",
+                                                     augment=False, pretrained=False))
+    study = tmp_path / "study"
+    series = write_series(tmp_path / "series", [0.0, 5.0, None, 15.0], instance_number=[1, 2, 3, 4])
+    (study / "linked").parent.mkdir(parents=True)
+    (study / "linked").symlink_to(tmp_path / "series", target_is_directory=True)
+    edit(series[1], study / "again.dcm", SOPInstanceUID="ID_again0001", InstanceNumber=9)
+    (study / "gone").symlink_to(tmp_path / "nowhere")
+    capsys.readouterr()
+    out = predict_folder(study, paths, out=tmp_path / "out", device="cpu", top=1)
+    err = capsys.readouterr().err
+    run = json.loads((out / "run.json").read_text())
+    page = (out / "report.html").read_text()
+    expected_skips = {"again.dcm": "same position as linked/", "gone": "dangling symbolic link"}
+    expected_warnings = {f"linked/{series[2].name}": "placed in series ID_00000000bb by InstanceNumber"}
+    for kind, expected, listed in (("skipped", expected_skips, run["skipped"]), ("warning", expected_warnings, run["warnings"])):
+        for path, words in expected.items():
+            line = next(x for x in err.splitlines() if x.startswith(f"{kind}: {path}: "))
+            assert words in line
+            assert any(r["path"] == path and words in r["reason" if kind == "skipped" else "warning"] for r in listed)
+            assert html_escape(path) in page
+    assert "<h2>Warnings" in page and "<h2>Skipped files (2)</h2>" in page
+    assert pd.read_csv(out / "slices.csv")["image_id"].tolist() == [p.stem for p in series]
+
+
+def html_escape(text: str) -> str:
+    import html
+
+    return html.escape(text)
+
+
+def test_prepare_lists_a_dangling_link_as_a_bad_file(tmp_path):
+    from competition.metadata import build_metadata
+    from dicom_factory import write_mini_competition
+
+    data = write_mini_competition(tmp_path / "data", patients=2, slices=2)
+    (data / "stage_2_train" / "ID_00000dead.dcm").symlink_to(tmp_path / "moved" / "ID_00000dead.dcm")
+    build_metadata(data, tmp_path / "w" / "metadata.parquet", workers=1, progress=False,
+                   bad_files_csv=tmp_path / "w" / "bad_files.csv")
+    bad = pd.read_csv(tmp_path / "w" / "bad_files.csv").set_index("image_id")["reason"]
+    assert bad["ID_00000dead"].startswith("dangling symbolic link (its target ") and "moved" in bad["ID_00000dead"]
