@@ -225,6 +225,10 @@ def read_dataset(path: Path | str, *, stop_before_pixels: bool = False) -> Datas
         raise DicomReadError(path, "permission denied: the file cannot be read by this user (check its mode/owner)") from exc
     except InvalidDicomError as exc:
         raise DicomReadError(path, f"not a DICOM file ({exc})") from exc
+    except OSError as exc:
+        if exc.errno is None:  # pydicom's own OSErrors: a header it could not parse
+            raise DicomReadError(path, f"unreadable DICOM header, probably truncated ({_size(path)}; {exc})") from exc
+        raise DicomReadError(path, f"cannot be read: {exc.strerror} (errno {exc.errno})") from exc
     except Exception as exc:  # truncated headers raise EOFError, struct.error, OSError...
         raise DicomReadError(path, f"unreadable DICOM header, probably truncated ({_size(path)}; {type(exc).__name__}: {exc})") from exc
 
