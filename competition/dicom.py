@@ -10,8 +10,11 @@ One function, :func:`read_hu`, is the only way pixels enter the pipeline. It han
 - compressed transfer syntaxes (JPEG baseline, extended and lossless, JPEG-LS, JPEG 2000, RLE),
   decoded by pydicom with the codec packages in the project's dependencies (pylibjpeg and its
   plugins, gdcm);
-- files that cannot be decoded: a :class:`DicomReadError` naming the file, never a crash
-  deep inside numpy.
+- pixel padding (becomes air) and missing rescale tags (a stated convention or a refusal): see
+  ``competition.hu_rules``; each case gives a note that the callers print and list;
+- files that cannot be used: a :class:`DicomReadError` naming the file and why (a dangling link, no
+  permission, a header cut short, a multi-frame object, pixels that do not decode), never a
+  crash deep inside numpy.
 """
 from __future__ import annotations
 

@@ -1,7 +1,11 @@
 """A folder of DICOM files as it comes off a scanner: the axial CT slices to predict, grouped and
 ordered like the competition's metadata pass, and every other file listed with why it was skipped.
 
-Files are found recursively, whatever their names. A slice is kept when its header reads, it is CT
+Files are found recursively, whatever their names; links to folders are followed, a folder
+reached again (a loop) and a folder this user may not list are listed as skipped with the reason.
+One slice per position of a series is kept (``competition.slice_order.duplicate_positions``);
+slices no header places are placed by their pixels (``prediction.placement``). Files used with a
+caveat (padding, a missing rescale tag, a placed slice) are listed in ``Study.warnings``. A slice is kept when its header reads, it is CT
 (or says no modality), it is not a scout (ImageType LOCALIZER, or a plane more than
 ``MAX_TILT_DEGREES`` from axial) and its pixels decode to one 2-D image. The table has the columns
 of ``competition.metadata.COLUMNS`` with ``image_id`` = SOPInstanceUID (the competition's file

@@ -394,3 +394,18 @@ def test_prepare_lists_a_dangling_link_as_a_bad_file(tmp_path):
                    bad_files_csv=tmp_path / "w" / "bad_files.csv")
     bad = pd.read_csv(tmp_path / "w" / "bad_files.csv").set_index("image_id")["reason"]
     assert bad["ID_00000dead"].startswith("dangling symbolic link (its target ") and "moved" in bad["ID_00000dead"]
+
+
+def test_unreadable_file_says_permission_denied(tmp_path, monkeypatch):
+    paths = write_series(tmp_path / "s", [0.0, 5.0])
+    if os.geteuid() == 0:  # root reads any file: make this one refuse as it would for a user
+        import pydicom.filereader as reader
+        real = reader.dcmread
+        monkeypatch.setattr(pydicom, "dcmread", lambda fp, *a, **k: (_ for _ in ()).throw(
+            PermissionError(13, "Permission denied", str(fp))) if Path(str(fp)) == paths[0] else real(fp, *a, **k))
+    paths[0].chmod(0)
+    try:
+        skipped = read_study(tmp_path / "s").skipped.set_index("path")["reason"]
+    finally:
+        paths[0].chmod(0o644)
+    assert skipped[paths[0].name].startswith("permission denied: the file cannot be read")
