@@ -10,12 +10,16 @@ One function, :func:`read_hu`, is the only way pixels enter the pipeline. It han
 - compressed transfer syntaxes (JPEG baseline, extended and lossless, JPEG-LS, JPEG 2000, RLE),
   decoded by pydicom with the codec packages in the project's dependencies (pylibjpeg and its
   plugins, gdcm);
-- files that cannot be decoded: a :class:`DicomReadError` naming the file, never a crash
-  deep inside numpy.
+- pixel padding (becomes air) and missing rescale tags (a stated convention or a refusal): see
+  ``competition.hu_rules``; each case gives a note that the callers print and list;
+- files that cannot be used: a :class:`DicomReadError` naming the file and why (a dangling link, no
+  permission, a header cut short, a multi-frame object, pixels that do not decode), never a
+  crash deep inside numpy.
 """
 from __future__ import annotations
 
 import io
+import os
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +35,8 @@ from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pydicom.errors import InvalidDicomError
 
+from competition import hu_rules
+
 # The competition's UIDs are "ID_<hex>" strings, not valid DICOM UIDs: validating them on every
 # access only floods the log with warnings (and costs time in the header pass).
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
@@ -43,6 +49,7 @@ HEADER_TAGS = (
     "SeriesInstanceUID",
     "ImagePositionPatient",
     "InstanceNumber",
+    "SliceLocation",
     "Rows",
     "Columns",
     "PixelSpacing",
@@ -92,6 +99,7 @@ def has_12bit_quirk(ds: Dataset) -> bool:
     return (
         int(ds.get("BitsStored", 16)) == 12
         and int(ds.get("PixelRepresentation", 0)) == 0
+        and "RescaleIntercept" in ds  # without one, hu_rules.rescale decides
         and first_number(ds.get("RescaleIntercept"), 0.0) > -100
     )
 
@@ -99,8 +107,9 @@ def has_12bit_quirk(ds: Dataset) -> bool:
 _NATIVE_LE = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
 
 
-def _native_pixels(ds: Dataset) -> np.ndarray | None:
-    """The stored values of an uncompressed little-endian 16-bit single-frame slice, or None.
+def _native_pixels(ds: Dataset) -> tuple[np.ndarray, np.ndarray] | None:
+    """The stored values of an uncompressed little-endian 16-bit single-frame slice and the 16-bit
+    words as written (which padding is compared with), or None.
 
     The competition's files are all of this kind, and decoding them straight from the bytes is
     about 20x faster than ``ds.pixel_array``. It does what pydicom does to them: bits above
@@ -121,9 +130,10 @@ def _native_pixels(ds: Dataset) -> np.ndarray | None:
         return None
     if int(ds.get("PixelRepresentation", 0)) == 1:
         shift = 16 - bits  # sign-extend from BitsStored
-        return (np.frombuffer(data, "<i2").reshape(rows, cols) << shift) >> shift
-    raw = np.frombuffer(data, "<u2").reshape(rows, cols)
-    return raw & np.uint16((1 << bits) - 1) if bits < 16 else raw
+        words = np.frombuffer(data, "<i2").reshape(rows, cols)
+        return (words << shift) >> shift, words
+    words = np.frombuffer(data, "<u2").reshape(rows, cols)
+    return (words & np.uint16((1 << bits) - 1) if bits < 16 else words), words
 
 
 CODEC_PACKAGES = "pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle python-gdcm"
@@ -139,20 +149,52 @@ def _decode_failure(ds: Dataset, exc: Exception) -> str:
     return reason
 
 
-def hu_from_dataset(ds: Dataset, path: Path | str = "<dataset>") -> np.ndarray:
-    """The HU image (float32, rows x columns) of an already-read dataset."""
+def frames(ds: Dataset) -> int:
+    """NumberOfFrames (1 when absent or unreadable)."""
+    try:
+        return int(first_number(ds.get("NumberOfFrames"), 1.0))
+    except (TypeError, ValueError):
+        return 1
+
+
+MULTI_FRAME = "multi-frame object ({n} frames in one file): multi-frame objects are not supported; export the series as single-frame slices"
+
+
+def _stored(ds: Dataset, path: Path | str) -> tuple[np.ndarray, np.ndarray | None]:
+    """The stored values (masked to BitsStored) and, for native files, the words as written."""
     if "PixelData" not in ds:
-        raise DicomReadError(path, "no pixel data (tag 7FE0,0010 missing); re-download the file")
-    pixels = _native_pixels(ds)
-    if pixels is None:
-        try:
-            pixels = ds.pixel_array
-        except Exception as exc:  # pydicom raises ValueError/AttributeError/... for broken pixel data
-            raise DicomReadError(path, _decode_failure(ds, exc)) from exc
+        raise DicomReadError(path, no_pixels_reason(ds, path))
+    if frames(ds) > 1:
+        raise DicomReadError(path, MULTI_FRAME.format(n=frames(ds)))
+    native = _native_pixels(ds)
+    if native is not None:
+        return native
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:  # pydicom raises ValueError/AttributeError/... for broken pixel data
+        raise DicomReadError(path, _decode_failure(ds, exc)) from exc
     if pixels.ndim != 2:
         raise DicomReadError(path, f"expected one 2-D slice, got pixel array of shape {pixels.shape}")
-    slope = first_number(ds.get("RescaleSlope"), 1.0)
-    intercept = first_number(ds.get("RescaleIntercept"), 0.0)
+    return pixels, None
+
+
+def _tag_number(ds: Dataset, keyword: str) -> float | None:
+    value = first_number(ds.get(keyword)) if keyword in ds else float("nan")
+    return None if np.isnan(value) else value
+
+
+def hu_from_dataset(ds: Dataset, path: Path | str = "<dataset>", notes: list[str] | None = None) -> np.ndarray:
+    """The HU image (float32, rows x columns) of an already-read dataset. Pixel padding becomes air
+    and missing rescale tags follow ``hu_rules``; each such case appends one line to ``notes``."""
+    pixels, words = _stored(ds, path)
+    padded, what = hu_rules.padding_mask(ds, pixels, words)
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    try:
+        slope, intercept, note = hu_rules.rescale(_tag_number(ds, "RescaleSlope"), _tag_number(ds, "RescaleIntercept"),
+                                                  signed, pixels if padded is None else pixels[~padded],
+                                                  ct=str(ds.get("Modality", "CT") or "CT").upper() == "CT")
+    except ValueError as exc:
+        raise DicomReadError(path, str(exc)) from None
     image = pixels.astype(np.float32)
     if has_12bit_quirk(ds):
         image += 1000.0
@@ -160,6 +202,11 @@ def hu_from_dataset(ds: Dataset, path: Path | str = "<dataset>") -> np.ndarray:
         intercept = -1000.0
     image *= np.float32(slope)
     image += np.float32(intercept)
+    if padded is not None and padded.any():
+        image[padded] = hu_rules.AIR_HU
+        note = "; ".join(filter(None, [hu_rules.padding_note(what), note]))
+    if note and notes is not None:
+        notes.append(note)
     return image
 
 
@@ -176,11 +223,40 @@ def read_dataset(path: Path | str, *, stop_before_pixels: bool = False) -> Datas
                 return pydicom.dcmread(io.BytesIO(head), stop_before_pixels=True)
         return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
     except FileNotFoundError as exc:
-        raise DicomReadError(path, "file not found; check DATA points at the Kaggle layout") from exc
+        raise DicomReadError(path, _not_found(path)) from exc
+    except PermissionError as exc:
+        raise DicomReadError(path, "permission denied: the file cannot be read by this user (check its mode/owner)") from exc
     except InvalidDicomError as exc:
         raise DicomReadError(path, f"not a DICOM file ({exc})") from exc
+    except OSError as exc:
+        if exc.errno is None:  # pydicom's own OSErrors: a header it could not parse
+            raise DicomReadError(path, f"unreadable DICOM header, probably truncated ({_size(path)}; {exc})") from exc
+        raise DicomReadError(path, f"cannot be read: {exc.strerror} (errno {exc.errno})") from exc
     except Exception as exc:  # truncated headers raise EOFError, struct.error, OSError...
-        raise DicomReadError(path, f"unreadable DICOM ({type(exc).__name__}: {exc})") from exc
+        raise DicomReadError(path, f"unreadable DICOM header, probably truncated ({_size(path)}; {type(exc).__name__}: {exc})") from exc
+
+
+def _not_found(path: Path) -> str:
+    if path.is_symlink():
+        return f"dangling symbolic link (its target {os.readlink(path)} does not exist)"
+    return "file not found (moved or deleted?); for the competition's files, check DATA points at the Kaggle layout"
+
+
+def _size(path: Path | str) -> str:
+    try:
+        return f"{Path(path).stat().st_size} bytes"
+    except OSError:
+        return "size unknown"
+
+
+def no_pixels_reason(ds: Dataset, path: Path | str) -> str:
+    """Why a dataset read without error has no PixelData: cut short (an image's header, or nothing
+    after the file meta) or an object that is not an image at all."""
+    sop = str(ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "") or "")
+    image_class = "Image Storage" in getattr(pydicom.uid.UID(sop), "name", "") if sop else False
+    if len(ds) == 0 or "Rows" in ds or image_class:
+        return f"truncated file ({_size(path)}): no pixel data, the file ends inside its header; copy it again"
+    return "no pixel data (not an image)"
 
 
 def read_hu(path: Path | str) -> np.ndarray:
@@ -227,6 +303,7 @@ def header_fields(ds: Dataset) -> dict[str, Any]:
         "series_id": str(text["SeriesInstanceUID"][0]) if text["SeriesInstanceUID"] else "",
         "z": _float(position, 2),
         "instance_number": _float(_raw_values(ds, "InstanceNumber")),
+        "slice_location": _float(_raw_values(ds, "SliceLocation")),
         "rows": int(_float(_raw_values(ds, "Rows"), default=0)),
         "columns": int(_float(_raw_values(ds, "Columns"), default=0)),
         "pixel_spacing_row": _float(spacing, 0),

@@ -4,30 +4,35 @@ Resumable: finished chunks are kept in ``<out>.parts/`` until the table is writt
 dataset whose table already covers every file reads nothing. A table written by an older version
 (lacking a column) is read again from the files.
 
-Slice order within a series (``slice_index``) follows z (ImagePositionPatient). A series in which
-some slice has no position is ordered by InstanceNumber instead, turned to run the way z does in
-its slices that have both; a series without either in some slice is ordered by file name. ``z``
-itself stays NaN where the header has no position: it is not invented.
+Slice order within a series (``slice_index``): ``competition.slice_order``. Every image keeps its
+row, also one at the same position as another of its series (the submission needs every id); such
+repeats, slices placed without their own position, pixel padding and missing rescale tags are
+printed (one line per reason) and listed in ``reader_notes.csv`` beside ``bad_files.csv``.
 """
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from competition.progress import progress_bar
+from pydicom.dataset import Dataset
 
+from competition import hu_rules
 from competition.atomic import write_parquet
-from competition.badfiles import record_bad_files
-from competition.dicom import HEADER_TAGS, DicomReadError, header_fields, read_dataset
+from competition.badfiles import NOTES_NAME, record_bad_files, record_notes, summary_lines
+from competition.dicom import DicomReadError, header_fields, hu_from_dataset, read_dataset
 from competition.layout import Layout
+from competition.progress import progress_bar
 from competition.locks import stage_lock
 from competition.pools import worker_pool
+from competition.slice_order import add_slice_order, duplicate_positions
 
+EXTRA = ["slice_location", "reader_note"]  # read and used here, not kept in the table
 CHUNK = 2000  # files per resumable part; also the unit of work handed to a process
 
 COLUMNS = [
@@ -43,7 +48,7 @@ def list_images(layout: Layout) -> pd.DataFrame:
     for split, folder in layout.image_dirs().items():
         with os.scandir(folder) as entries:
             for e in entries:
-                if e.name.endswith(".dcm") and e.is_file():
+                if e.name.endswith(".dcm") and (e.is_file() or e.is_symlink()):  # a dangling link is listed as bad
                     rows.append((e.name[:-4], split, f"{folder.name}/{e.name}"))
     table = pd.DataFrame(rows, columns=["image_id", "split", "path"]).sort_values("image_id", ignore_index=True)
     dup = table["image_id"][table["image_id"].duplicated()]
@@ -52,42 +57,46 @@ def list_images(layout: Layout) -> pd.DataFrame:
     return table
 
 
+def reader_note(ds: Dataset, path: Path) -> str:
+    """What ``hu_from_dataset`` will note for this file when the cache reads it ("" for nearly all):
+    its pixel padding, or a missing rescale tag, for which the file is read whole now so that the
+    note (or the refusal, raised) is the one predict gives."""
+    if "RescaleSlope" in ds and "RescaleIntercept" in ds:
+        what = hu_rules.padding_what(ds)
+        return hu_rules.padding_note(what) if what else ""
+    notes: list[str] = []
+    hu_from_dataset(read_dataset(path), path, notes)
+    return "; ".join(notes)
+
+
 def read_headers(root: str, rel_paths: Sequence[str]) -> tuple[list[dict], list[dict]]:
-    """Header fields of each file; unreadable ones go to the second list with the reason."""
+    """Header fields of each file (with its ``reader_note``); unreadable ones go to the second list
+    with the reason."""
     good, bad = [], []
     for rel in rel_paths:
         try:
             ds = read_dataset(Path(root) / rel, stop_before_pixels=True)
-            good.append({"path": rel, **header_fields(ds)})
+            good.append({"path": rel, **header_fields(ds), "reader_note": reader_note(ds, Path(root) / rel)})
         except DicomReadError as exc:
             bad.append({"image_id": Path(rel).stem, "path": rel, "reason": exc.reason})
     return good, bad
 
 
-def slice_order_key(table: pd.DataFrame) -> np.ndarray:
-    """Per row, the value its series is sorted by (see the module docstring): z where the whole
-    series has it, else the InstanceNumber (negated when z falls as it rises), else NaN for the
-    whole series (file-name order)."""
-    series = table["series_id"]
-    size = series.map(series.value_counts())
-    z, inst = table["z"], table["instance_number"]
-    z_complete = z.groupby(series).transform("count") == size
-    inst_complete = inst.groupby(series).transform("count") == size
-    both = z.notna() & inst.notna()
-    zc = z.where(both) - z.where(both).groupby(series).transform("mean")
-    ic = inst.where(both) - inst.where(both).groupby(series).transform("mean")
-    falling = (zc * ic).groupby(series).transform("sum") < 0  # covariance of z and InstanceNumber
-    by_instance = np.where(falling, -inst, inst)
-    return np.where(z_complete, z, np.where(inst_complete, by_instance, np.nan))
-
-
-def add_slice_order(table: pd.DataFrame) -> pd.DataFrame:
-    """slice_index (by :func:`slice_order_key` within the series, ties broken by image_id) and n_slices."""
-    table = table.assign(_key=slice_order_key(table))
-    table = table.sort_values(["series_id", "_key", "image_id"], kind="mergesort").drop(columns="_key")
-    table["slice_index"] = table.groupby("series_id", sort=False).cumcount().astype(np.int32)
-    table["n_slices"] = table.groupby("series_id", sort=False)["image_id"].transform("size").astype(np.int32)
-    return table.sort_values("image_id", ignore_index=True)
+def report_notes(table: pd.DataFrame, order_notes: list[tuple[str, str]], reread: set[str],
+                 bad_files_csv: Path | str | None) -> None:
+    """Print the reader's notes, one line per reason, and list them in reader_notes.csv."""
+    read = table.loc[table["path"].isin(reread) & table["reader_note"].fillna("").ne(""), ["path", "reader_note"]]
+    file_notes = list(read.itertuples(index=False, name=None))
+    repeats = duplicate_positions(table)
+    order_notes = order_notes + [
+        (r.path, f"same position as {r.kept_path} (z = {r.z:g} mm in series {r.series_id}): both kept, every image needs its row")
+        for r in repeats.itertuples()]
+    for line in summary_lines(file_notes + order_notes):
+        print(f"note: {line}", file=sys.stderr)
+    if bad_files_csv is not None:
+        notes_csv = Path(bad_files_csv).with_name(NOTES_NAME)
+        record_notes(notes_csv, file_notes, stage="metadata", reread=reread)
+        record_notes(notes_csv, order_notes, stage="slice_order")
 
 
 def build_metadata(
@@ -145,7 +154,7 @@ def _build_metadata(layout: Layout, out_path: Path, workers: int | None, progres
         else:  # in-process: no pool start-up for small datasets, and easy to debug
             results = (read_headers(root, chunk) for chunk in chunks)
         for n, (good, bad) in enumerate(results):
-            part = pd.DataFrame(good, columns=["path", *COLUMNS[3:]]).drop(columns=["slice_index", "n_slices"])
+            part = pd.DataFrame(good, columns=["path", *COLUMNS[3:], *EXTRA]).drop(columns=["slice_index", "n_slices"])
             write_parquet(parts_dir / f"part-{n_parts + n:06d}.parquet", part)  # whole or absent
             kept.append(part)
             bad_rows += bad
@@ -153,7 +162,10 @@ def _build_metadata(layout: Layout, out_path: Path, workers: int | None, progres
 
     headers = pd.concat(kept, ignore_index=True).drop_duplicates("path")
     table = files.merge(headers, on="path", how="inner", validate="one_to_one")
-    table = add_slice_order(table)[COLUMNS]
+    order_notes: list[tuple[str, str]] = []
+    table = add_slice_order(table.assign(**{c: table[c] if c in table else np.nan for c in EXTRA}), order_notes)
+    report_notes(table, order_notes, set(todo), bad_files_csv)
+    table = table[COLUMNS]
     if bad_files_csv is not None:
         record_bad_files(bad_files_csv, bad_rows, stage="metadata")
     write_parquet(out_path, table)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import textwrap
 import warnings
 
 import numpy as np
@@ -63,8 +64,31 @@ def series_plot(series: pd.DataFrame, threshold: float | None) -> str:
     return _png(fig)
 
 
+TITLE_CHARS = 100  # characters a line of the panel's title holds (10.5 in at 9 pt)
+
+
+def shorten_middle(text: str, width: int = TITLE_CHARS) -> str:
+    """``text`` cut to ``width`` characters in the middle, keeping both ends (a UID's root and its
+    distinguishing tail)."""
+    if len(text) <= width:
+        return text
+    head = (width - 3 + 1) // 2
+    return f"{text[:head]}...{text[len(text) - (width - 3 - head):]}"
+
+
+def panel_title(image_id: str, caption: str, width: int = TITLE_CHARS) -> str:
+    """The slice's id on its own line (a 64-character UID fits whole; longer ones lose their middle),
+    then the caption wrapped to the figure's width."""
+    return "\n".join([shorten_middle(image_id, width), *textwrap.wrap(caption, width)])
+
+
 def slice_panel(hu: np.ndarray, cam: np.ndarray, guided: np.ndarray, title: str) -> str:
     """The slice (brain window), Grad-CAM over it, Guided Grad-CAM |attribution| over it."""
+    return _png(panel_figure(hu, cam, guided, title))
+
+
+def panel_figure(hu: np.ndarray, cam: np.ndarray, guided: np.ndarray, title: str):
+    """:func:`slice_panel`'s figure; its height grows with the title's lines so none is cut."""
     plt = _pyplot()
     brain = window_linear(hu, PRESETS["brain"].center, PRESETS["brain"].width)
     fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.8))
@@ -79,9 +103,11 @@ def slice_panel(hu: np.ndarray, cam: np.ndarray, guided: np.ndarray, title: str)
         ax.set_title(name, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
+    lines = title.count("\n") + 1
+    fig.set_size_inches(10.5, 3.8 + 0.16 * lines)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    return _png(fig)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.16 * lines / (3.8 + 0.16 * lines) - 0.01))
+    return fig
 
 
 def explain_slices(result, predictor, ids: list[str]) -> list[tuple[str, str]]:
@@ -103,10 +129,11 @@ def explain_slices(result, predictor, ids: list[str]) -> list[tuple[str, str]]:
         cam = to_original(attrs.maps["grad_cam"][0], box, hu.shape)
         guided = to_original(magnitude(attrs.maps["guided_grad_cam"], centre), box, hu.shape)
         ensemble_any = float(result.slices.set_index("image_id").at[image_id, "any"])
-        title = (f"{image_id}: any = {ensemble_any:.3f} (ensemble); explained by {name} fold {fold} "
-                 f"(p = {attrs.probability:.3f}, one view), Grad-CAM layer {attrs.layer}")
+        caption = (f"any = {ensemble_any:.3f} (ensemble); explained by {name} fold {fold} "
+                   f"(p = {attrs.probability:.3f}, one view), Grad-CAM layer {attrs.layer}")
         if not cam.max() > 0:
-            title += "\nGrad-CAM is zero here: the model found no positive evidence for 'any' in its last feature map"
+            caption += ". Grad-CAM is zero here: the model found no positive evidence for 'any' in its last feature map"
+        title = panel_title(image_id, caption)
         panels.append((image_id, slice_panel(hu, cam, guided, title)))
     return panels
 
@@ -152,6 +179,10 @@ def write_report(path, result, studies: pd.DataFrame, predictor, top: int = 3) -
     parts += ["<h2>Models</h2>", _table(members), f"<p>From {html.escape(ensemble.source)}; device "
               f"{html.escape(str(predictor.device))}; hflip test-time augmentation; the fold models' "
               f"probabilities {html.escape(combined)}.</p>"]
+    warned = getattr(result.study, "warnings", None)
+    if warned is not None and len(warned):
+        parts += [f"<h2>Warnings ({len(warned)})</h2><p>These files were predicted, with the caveat given.</p>",
+                  _table(warned)]
     if len(result.study.skipped):
         parts += [f"<h2>Skipped files ({len(result.study.skipped)})</h2>", _table(result.study.skipped)]
     style = ("body{font-family:sans-serif;max-width:1100px;margin:1em auto;color:#222}"

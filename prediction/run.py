@@ -7,11 +7,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from competition.atomic import write_json
+from competition.badfiles import summary_lines
 from competition.paths import WorkPaths
 from prediction.ensemble import Ensemble, from_work
 from prediction.outputs import study_table, write_tables
 from prediction.predictor import Predictor
-from prediction.study import read_study
+from prediction.study import Study, read_study
 
 
 def load_ensemble(work: WorkPaths | None, bundle: Path | None, models: Sequence[str] | None) -> Ensemble:
@@ -28,14 +29,23 @@ def default_out(study: Path, work: WorkPaths | None, bundle: Path | None) -> Pat
     return root / "predict" / Path(study).resolve().name
 
 
+def print_scan(scan: Study) -> None:
+    """One line per reason a file or folder was skipped or read with a caveat (a reason shared by
+    many files, such as a series' padding, is one line naming the first few)."""
+    for kind, table in (("skipped", scan.skipped), ("warning", scan.warnings)):
+        for line in summary_lines(table.itertuples(index=False, name=None)):
+            print(f"{kind}: {line}", file=sys.stderr)
+
+
 def predict_folder(study: Path, work: WorkPaths | None = None, bundle: Path | None = None,
                    models: Sequence[str] | None = None, out: Path | None = None, device: str = "auto",
                    batch_size: int = 64, top: int = 3, report: bool = True) -> Path:
     """Predict every CT series under ``study``; returns the output folder."""
     t0 = time.perf_counter()
+    scan = read_study(study)  # before the models load: a wrong STUDY fails in a second, not after them
+    print_scan(scan)
     ensemble = load_ensemble(work, bundle, models)
     predictor = Predictor(device, batch_size).load(ensemble)
-    scan = read_study(study)
     result = predictor.predict(scan)
     out = Path(out) if out is not None else default_out(study, work, bundle)
     studies = study_table(result.slices, ensemble.threshold)
@@ -47,6 +57,7 @@ def predict_folder(study: Path, work: WorkPaths | None = None, bundle: Path | No
     write_json(out / "run.json", {
         "study": str(study), "source": ensemble.source, "device": str(predictor.device), "level": result.level,
         **ensemble.to_json(), "n_slices": len(result.slices), "n_skipped": len(scan.skipped),
+        "skipped": scan.skipped.to_dict("records"), "warnings": scan.warnings.to_dict("records"),
         "predict_seconds": round(result.seconds, 3), "total_seconds": round(time.perf_counter() - t0, 3),
     })
     print(f"{len(result.slices)} slices of {studies.shape[0]} studies predicted ({result.level}) in "
