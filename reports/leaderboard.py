@@ -50,7 +50,9 @@ def plot_cv_vs_lb(log: pd.DataFrame, out: Path) -> dict[str, float]:
         y = points[col].to_numpy()
         found[board] = r = correlation(x, y)
         ax.scatter(x, y, color="tab:blue" if board == "public" else "tab:red")
-        for xi, yi, name in zip(x, y, points["source"]):
+        # The message tells submissions apart (most are "stack"); cut so that labels stay readable.
+        labels = [m if len(m) <= 24 else m[:23] + "…" for m in points["message"].fillna("").astype(str)]
+        for xi, yi, name in zip(x, y, labels):
             ax.annotate(name, (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
         if len(x):
             lo, hi = min(x.min(), y.min()), max(x.max(), y.max())
