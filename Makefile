@@ -195,10 +195,11 @@ explain: $(STAMP) ## Grad-CAM, Guided Backprop, DeconvNet, Guided Grad-CAM panel
 report: $(STAMP) ## one self-contained HTML page: every model's scores side by side, ROC/PR/threshold plots, curves, explanations
 	$(PY) -m reports.html_report --data $(DATA) $(work_opt) --submissions-log $(LOG)
 
-predict: $(STAMP) ## per-slice and per-study calls for the DICOM series under STUDY, with report.html (BUNDLE= or DATA/WORK; MODELS OUT DEVICE TOP)
+predict: $(STAMP) ## per-slice and per-study calls for the DICOM series under STUDY, with report.html (BUNDLE= or DATA/WORK; MODELS OUT DEVICE TOP; DICOM_OUT=1: SR + Grad-CAM images in OUT/dicom)
 	$(call need,STUDY,folder of DICOM files)
 	$(PY) -m prediction predict --study $(STUDY) $(if $(BUNDLE),--bundle $(BUNDLE),--data $(DATA) $(work_opt)) \
-	  $(call opt,--models,$(MODELS)) $(call opt,--out,$(OUT)) $(call opt,--device,$(DEVICE)) $(call opt,--top,$(TOP))
+	  $(call opt,--models,$(MODELS)) $(call opt,--out,$(OUT)) $(call opt,--device,$(DEVICE)) $(call opt,--top,$(TOP)) \
+	  $(if $(filter 1 yes true,$(DICOM_OUT)),--dicom)
 
 export: $(STAMP) ## one archive of the trained ensemble of DATA (MODELS; OUT=file): checkpoints, configs, fitted level 2, threshold, hashes
 	$(PY) -m prediction export --data $(DATA) $(work_opt) $(call opt,--models,$(MODELS)) $(call opt,--out,$(OUT))

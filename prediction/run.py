@@ -30,7 +30,7 @@ def default_out(study: Path, work: WorkPaths | None, bundle: Path | None) -> Pat
 
 def predict_folder(study: Path, work: WorkPaths | None = None, bundle: Path | None = None,
                    models: Sequence[str] | None = None, out: Path | None = None, device: str = "auto",
-                   batch_size: int = 64, top: int = 3, report: bool = True) -> Path:
+                   batch_size: int = 64, top: int = 3, report: bool = True, dicom: bool = False) -> Path:
     """Predict every CT series under ``study``; returns the output folder."""
     t0 = time.perf_counter()
     ensemble = load_ensemble(work, bundle, models)
@@ -44,6 +44,10 @@ def predict_folder(study: Path, work: WorkPaths | None = None, bundle: Path | No
         from prediction.report import write_report
 
         write_report(out / "report.html", result, studies, predictor, top=top)
+    if dicom:  # the SR and the Grad-CAM series, in the source study (prediction.dicom_outputs)
+        from prediction.dicom_outputs import write_dicom_results
+
+        write_dicom_results(out / "dicom", result, studies, predictor, top=top)
     write_json(out / "run.json", {
         "study": str(study), "source": ensemble.source, "device": str(predictor.device), "level": result.level,
         **ensemble.to_json(), "n_slices": len(result.slices), "n_skipped": len(scan.skipped),
