@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -262,13 +263,16 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    for noisy in ("pynetdicom", "highdicom"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     work = None if args.bundle else WorkPaths.for_data(args.data or ".", args.work)
     queue_root = args.queue or (work.root if work else Path("work") / args.bundle.name.split(".")[0]) / "listen"
     destination = Destination.parse(args.dest) if args.dest else None
     models = [m for m in args.models.split(",") if m.strip()] if args.models else None
     predict = ModelPredictor(work, args.bundle, models, args.device, args.top)
     listener = Listener(Queue(queue_root), predict, destination, args.settle, args.ae_title)
+    # SIGTERM (a service manager, `kill`) stops after the study in hand, like Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: listener.stop.set())
     listener.run(args.host, args.port, [a.strip() for a in args.allow.split(",") if a.strip()])
     return 0
 

@@ -148,7 +148,7 @@ def slice_groups(sr) -> list[str]:
 
 def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
@@ -195,3 +195,21 @@ def test_a_listener_killed_mid_study_finishes_it_exactly_once(tmp_path, receiver
     assert len(receiver.srs()) == 1
     assert slice_groups(srs[0]) == sorted(f"slice {f.stem}" for f in files)
     assert len(calls.read_text().splitlines()) == 1
+
+
+def test_destination_and_queue_rounds(tmp_path):
+    """DEST parsing, and a study that grows after it was claimed becomes a second round, not a merge."""
+    from prediction.listener import Destination, Queue
+
+    assert Destination.parse("pacs.local:4242:ORTHANC") == Destination("pacs.local", 4242, "ORTHANC")
+    with pytest.raises(ValueError, match="host:port:AE_TITLE"):
+        Destination.parse("pacs.local:ORTHANC")
+    queue = Queue(tmp_path / "q")
+    for sop in ("1.1", "1.2"):
+        queue.persist("1.2.3", sop, b"x")
+    assert queue.settled(5.0, now=time.time()) == []
+    assert queue.settled(5.0, now=time.time() + 10) == ["1.2.3"]
+    first = queue.claim("1.2.3")
+    assert first.name == "1.2.3.1" and sorted(p.name for p in (first / "input").iterdir()) == ["1.1.dcm", "1.2.dcm"]
+    queue.persist("1.2.3", "1.3", b"y")
+    assert queue.claim("1.2.3").name == "1.2.3.2" and list(queue.incoming.iterdir()) == []
