@@ -87,12 +87,12 @@ def read_sources(study) -> dict[str, Dataset]:
     return {row.image_id: read_source(root / row.path) for row in meta.itertuples()}
 
 
-def measurements(row: pd.Series, algo) -> list:
+def measurements(row: pd.Series) -> list:
+    """The six probabilities (the algorithm is named once per group, not per measurement: half the tree)."""
     import highdicom as hd
 
     unit = hd.sr.CodedConcept("1", "UCUM", "no units")
-    return [hd.sr.Measurement(name=label_code(label), value=float(row[label]), unit=unit, algorithm_id=algo)
-            for label in LABELS]
+    return [hd.sr.Measurement(name=label_code(label), value=float(row[label]), unit=unit) for label in LABELS]
 
 
 def study_group(row: pd.Series, sources: list[Dataset], algo):
@@ -105,7 +105,7 @@ def study_group(row: pd.Series, sources: list[Dataset], algo):
         evaluations.append(hd.sr.QualitativeEvaluation(codes.SCT.IntracranialHemorrhage, value))
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=f"study {row['study_id']}"),
-        finding_type=codes.SCT.IntracranialHemorrhage, algorithm_id=algo, measurements=measurements(row, algo),
+        finding_type=codes.SCT.IntracranialHemorrhage, algorithm_id=algo, measurements=measurements(row),
         qualitative_evaluations=evaluations or None,
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in sources])
 
@@ -115,7 +115,7 @@ def slice_group(row: pd.Series, source: Dataset, algo):
 
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=f"slice {row['image_id']}"),
-        finding_type=codes.SCT.IntracranialHemorrhage, algorithm_id=algo, measurements=measurements(row, algo),
+        finding_type=codes.SCT.IntracranialHemorrhage, algorithm_id=algo, measurements=measurements(row),
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)])
 
 
