@@ -213,3 +213,39 @@ def test_destination_and_queue_rounds(tmp_path):
     assert first.name == "1.2.3.1" and sorted(p.name for p in (first / "input").iterdir()) == ["1.1.dcm", "1.2.dcm"]
     queue.persist("1.2.3", "1.3", b"y")
     assert queue.claim("1.2.3").name == "1.2.3.2" and list(queue.incoming.iterdir()) == []
+
+
+def test_a_crash_while_predicting_or_sending_is_resumed_once(tmp_path, monkeypatch):
+    """In process, no network: a prediction that dies is run again after the restart (its partial output
+    never left); a send that dies is retried with the same files, without predicting again."""
+    import prediction.listener as listener_module
+    from prediction.listener import Destination, Listener, Queue
+
+    queue = Queue(tmp_path / "q")
+    queue.persist("1.2.3", "1.1", b"x")
+    predicted, sent = [], []
+
+    def predict(folder: Path, out: Path) -> list[Path]:
+        predicted.append(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "sr.dcm").write_bytes(b"result")
+        if len(predicted) == 1:
+            raise RuntimeError("killed while predicting")
+        return [out / "sr.dcm"]
+
+    def send(files, destination, calling_ae):
+        sent.append([f.name for f in files])
+        if len(sent) == 1:
+            raise ConnectionError("killed while sending")
+
+    monkeypatch.setattr(listener_module, "send", send)
+    dest = Destination("127.0.0.1", 1, "X")
+    for attempt in range(3):  # each a fresh listener over the same queue, as after a restart
+        node = Listener(queue, predict, dest, settle=0.0)
+        node.started = 0.0
+        try:
+            node.step()
+        except (RuntimeError, ConnectionError):
+            pass
+    assert len(predicted) == 2 and sent == [["sr.dcm"], ["sr.dcm"]]
+    assert [p.name for p in queue.done.iterdir()] == ["1.2.3.1"] and not any(queue.work.iterdir())
