@@ -2,6 +2,7 @@
 # `make help` lists the targets. Variables (the users' interface, see README):
 #   DATA WORK N_FOLDS MODEL MODELS FOLDS EPOCHS IMG_SIZE BATCH LIMIT DEVICE GPUS SPREAD WORKERS TUNE TRIALS STORAGE THREADS STACKER ROWS FILE MESSAGE IMAGE TOP LABEL
 #   STUDY OUT BUNDLE STACK_OPTS NNODES NODE_RANK RDZV_ENDPOINT RDZV_ID TRACKER FORCE WAIT POLL LOG
+#   DICOM_OUT AE_TITLE PORT LISTEN_HOST ALLOW SETTLE DEST QUEUE (DICOM results and the DICOM node)
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -85,7 +86,7 @@ launch = $(if $(and $(GPUS),$(if $(SPREAD),,ddp)),$(VENV)/bin/torchrun $(if $(NN
 need = @test -n "$($(1))" || { echo "make $@: set $(1)=<$(2)>"; exit 2; }
 
 .PHONY: help setup demo test test-all synthetic data prepare cache oof tensorboard list-models plan stack submission submit leaderboard \
-        explain report predict export bench bench-metadata bench-features bench-train gpu-check clean-work
+        explain report predict listen export bench bench-metadata bench-features bench-train gpu-check clean-work
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -195,10 +196,18 @@ explain: $(STAMP) ## Grad-CAM, Guided Backprop, DeconvNet, Guided Grad-CAM panel
 report: $(STAMP) ## one self-contained HTML page: every model's scores side by side, ROC/PR/threshold plots, curves, explanations
 	$(PY) -m reports.html_report --data $(DATA) $(work_opt) --submissions-log $(LOG)
 
-predict: $(STAMP) ## per-slice and per-study calls for the DICOM series under STUDY, with report.html (BUNDLE= or DATA/WORK; MODELS OUT DEVICE TOP)
+predict: $(STAMP) ## per-slice and per-study calls for the DICOM series under STUDY, with report.html (BUNDLE= or DATA/WORK; MODELS OUT DEVICE TOP; DICOM_OUT=1: SR + Grad-CAM images in OUT/dicom)
 	$(call need,STUDY,folder of DICOM files)
 	$(PY) -m prediction predict --study $(STUDY) $(if $(BUNDLE),--bundle $(BUNDLE),--data $(DATA) $(work_opt)) \
-	  $(call opt,--models,$(MODELS)) $(call opt,--out,$(OUT)) $(call opt,--device,$(DEVICE)) $(call opt,--top,$(TOP))
+	  $(call opt,--models,$(MODELS)) $(call opt,--out,$(OUT)) $(call opt,--device,$(DEVICE)) $(call opt,--top,$(TOP)) \
+	  $(if $(call yes,$(DICOM_OUT)),--dicom)
+
+listen: $(STAMP) ## DICOM node: C-STORE receiver (AE_TITLE PORT LISTEN_HOST; ALLOW= calling AEs), predicts each study SETTLE s after its last instance, sends the SR and Grad-CAM images to DEST=host:port:AE (BUNDLE= or DATA/WORK; QUEUE MODELS DEVICE TOP)
+	$(call need,ALLOW,comma list of calling AE titles allowed to send)
+	$(PY) -m prediction.listener $(if $(BUNDLE),--bundle $(BUNDLE),--data $(DATA) $(work_opt)) --allow $(ALLOW) \
+	  $(call opt,--ae-title,$(AE_TITLE)) $(call opt,--port,$(PORT)) $(call opt,--host,$(LISTEN_HOST)) \
+	  $(call opt,--settle,$(SETTLE)) $(call opt,--dest,$(DEST)) $(call opt,--queue,$(QUEUE)) \
+	  $(call opt,--models,$(MODELS)) $(call opt,--device,$(DEVICE)) $(call opt,--top,$(TOP))
 
 export: $(STAMP) ## one archive of the trained ensemble of DATA (MODELS; OUT=file): checkpoints, configs, fitted level 2, threshold, hashes
 	$(PY) -m prediction export --data $(DATA) $(work_opt) $(call opt,--models,$(MODELS)) $(call opt,--out,$(OUT))

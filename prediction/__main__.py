@@ -28,6 +28,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=64, help="slices per forward pass")
     p.add_argument("--top", type=int, default=3, help="slices per series explained in the report")
     p.add_argument("--no-report", action="store_true", help="write the tables only")
+    p.add_argument("--dicom", action="store_true",
+                   help="also DICOM results under OUT/dicom/<study>: an SR of the probabilities and Grad-CAM images")
     e = sub.add_parser("export", help="one archive of everything predict needs (checkpoints, configs, threshold, hashes)")
     e.add_argument("--data", type=Path)
     e.add_argument("--work", type=Path)
@@ -50,7 +52,7 @@ def predict(args: argparse.Namespace) -> int:
 
     out = predict_folder(args.study, work=None if args.bundle else work_paths(args), bundle=args.bundle,
                          models=_models(args.models), out=args.out, device=args.device, batch_size=args.batch,
-                         top=args.top, report=not args.no_report)
+                         top=args.top, report=not args.no_report, dicom=args.dicom)
     print(out)
     return 0
 

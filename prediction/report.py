@@ -110,9 +110,14 @@ def panel_figure(hu: np.ndarray, cam: np.ndarray, guided: np.ndarray, title: str
     return fig
 
 
-def explain_slices(result, predictor, ids: list[str]) -> list[tuple[str, str]]:
-    """(image_id, panel) for ``ids``, explained by the first fold model of the member with the best
-    OOF score."""
+def top_slices(series: pd.DataFrame, top: int) -> list[str]:
+    """The image ids of the ``top`` slices with the highest ``any`` probability (ties in z order)."""
+    return series.sort_values("any", ascending=False, kind="mergesort")["image_id"].head(top).tolist()
+
+
+def explanations(result, predictor, ids: list[str]):
+    """(image_id, hu, Grad-CAM, Guided Grad-CAM |attribution|, title) for ``ids``, each map on the
+    slice's own pixel grid, explained by the first fold model of the member with the best OOF score."""
     name = predictor.ensemble.best_member().name
     model, cfg, fold = predictor.fold_model(name)
     with warnings.catch_warnings():
@@ -120,7 +125,6 @@ def explain_slices(result, predictor, ids: list[str]) -> list[tuple[str, str]]:
         ds = predictor.dataset(result.study, name, result.caches)
     position = {image_id: i for i, image_id in enumerate(ds.image_ids)}
     centre = [c for c, ch in enumerate(ds.combination.channels) if ch.offset == 0] or [0]
-    panels = []
     for image_id in ids:
         i = position[image_id]
         attrs = attribute(model, unit_float(ds[i][0]), "any", device=predictor.device)
@@ -133,9 +137,13 @@ def explain_slices(result, predictor, ids: list[str]) -> list[tuple[str, str]]:
                    f"(p = {attrs.probability:.3f}, one view), Grad-CAM layer {attrs.layer}")
         if not cam.max() > 0:
             caption += ". Grad-CAM is zero here: the model found no positive evidence for 'any' in its last feature map"
-        title = panel_title(image_id, caption)
-        panels.append((image_id, slice_panel(hu, cam, guided, title)))
-    return panels
+        yield image_id, hu, cam, guided, panel_title(image_id, caption)
+
+
+def explain_slices(result, predictor, ids: list[str]) -> list[tuple[str, str]]:
+    """(image_id, panel) for ``ids`` (see ``explanations``)."""
+    return [(image_id, slice_panel(hu, cam, guided, title))
+            for image_id, hu, cam, guided, title in explanations(result, predictor, ids)]
 
 
 def _figure(value: float | None) -> str:
@@ -166,7 +174,7 @@ def write_report(path, result, studies: pd.DataFrame, predictor, top: int = 3) -
     for series_id, series in result.slices.groupby("series_id", sort=False):
         parts.append(f"<h2>Series {html.escape(str(series_id))} (study {html.escape(str(series['study_id'].iloc[0]))}, "
                      f"{len(series)} slices)</h2><img src='{series_plot(series, t)}'>")
-        ids = series.sort_values("any", ascending=False, kind="mergesort")["image_id"].head(top).tolist()
+        ids = top_slices(series, top)
         if ids:
             what = "The slice" if len(ids) == 1 else f"The {len(ids)} slices"
             parts.append(f"<h3>{what} with the highest <i>any</i> probability</h3>")

@@ -39,7 +39,7 @@ def print_scan(scan: Study) -> None:
 
 def predict_folder(study: Path, work: WorkPaths | None = None, bundle: Path | None = None,
                    models: Sequence[str] | None = None, out: Path | None = None, device: str = "auto",
-                   batch_size: int = 64, top: int = 3, report: bool = True) -> Path:
+                   batch_size: int = 64, top: int = 3, report: bool = True, dicom: bool = False) -> Path:
     """Predict every CT series under ``study``; returns the output folder."""
     t0 = time.perf_counter()
     scan = read_study(study)  # before the models load: a wrong STUDY fails in a second, not after them
@@ -54,6 +54,10 @@ def predict_folder(study: Path, work: WorkPaths | None = None, bundle: Path | No
         from prediction.report import write_report
 
         write_report(out / "report.html", result, studies, predictor, top=top)
+    if dicom:  # the SR and the Grad-CAM series, in the source study (prediction.dicom_outputs)
+        from prediction.dicom_outputs import write_dicom_results
+
+        write_dicom_results(out / "dicom", result, studies, predictor, top=top)
     write_json(out / "run.json", {
         "study": str(study), "source": ensemble.source, "device": str(predictor.device), "level": result.level,
         **ensemble.to_json(), "n_slices": len(result.slices), "n_skipped": len(scan.skipped),
