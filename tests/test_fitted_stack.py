@@ -91,7 +91,7 @@ def test_inputs_the_stack_was_not_fit_on_are_refused(stacked, tmp_path) -> None:
     copy = tmp_path / "stack"
     shutil.copytree(stacked.stack / "fitted", copy / "fitted")
     manifest = copy / "fitted" / "manifest.json"
-    manifest.write_text(manifest.read_text().replace('"format": 1', '"format": 99'))
+    manifest.write_text(manifest.read_text().replace('"format": 2', '"format": 99'))
     with pytest.raises(FittedStackError, match="another version"):
         load_fitted(copy)
 
