@@ -44,7 +44,7 @@ def fit_simplex(y: np.ndarray, p: np.ndarray) -> np.ndarray:
     result = minimize(_loss_and_grad, np.full(n_cand, 1.0 / n_cand), args=(y, p), jac=True, method="SLSQP",
                       bounds=[(0.0, 1.0)] * n_cand, constraints=({"type": "eq", "fun": lambda w: w.sum() - 1.0},),
                       options={"ftol": 1e-12, "maxiter": 500})
-    w = np.clip(result.x, 0.0, None)
+    w = np.where(result.x > 1e-9, result.x, 0.0)  # the optimiser's round-off below zero or near it: none
     w = w / w.sum() if w.sum() > 0 else vertices[0]
     # A single candidate when it is at least as good: the optimiser can stop short of a vertex.
     options = [w, *vertices]

@@ -388,7 +388,9 @@ def _test_report(data_dir: Path | str, frame: StackFrame, test: dict, components
 
 def _choice_facts(choice: Level2Choices, y_test: np.ndarray | None) -> dict:
     final = choice.blend.final
+    lgbm = final.weights_table().get(LGBM_ROW) if len(final.names) > 1 else None
     return {
+        "blend_weights_lightgbm": lgbm,  # as before the blend had more inputs (reports/html_report.py reads it)
         "blend": {"candidates": choice.blend_names, "weights": final.weights_table(), "fitted_on": FINAL_NOTE,
                   "by_fold": {k: c.weights_table() for k, c in choice.blend.by_fold.items()}},
         "any_rule": {"applied": final.any_rule, "oof_gain": final.any_gain,

@@ -141,3 +141,16 @@ def test_a_study_split_over_folds_is_refused() -> None:
     folds[0] = (folds[0] + 1) % 4
     with pytest.raises(ValueError, match="several folds"):
         nested_study(["a", "b", "c"], candidates, y[:, -1], folds, study)
+
+
+def test_optuna_tuning_patients_are_scored_apart() -> None:
+    from level2_stacking.pipeline import _headline
+
+    rows, notes = _headline(None, 5)
+    assert rows.all() and "nested" in notes[0]
+    tuned = np.array([True, False, False, True, False])
+    rows, notes = _headline(tuned, 5)
+    np.testing.assert_array_equal(rows, ~tuned)
+    assert "3 rows of the patients Optuna never saw" in notes[-1]
+    rows, notes = _headline(np.ones(5, bool), 5)
+    assert rows.all() and "tuned on themselves" in notes[-1]
