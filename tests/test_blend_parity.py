@@ -15,12 +15,12 @@ from competition.constants import LABEL_WEIGHTS, LABELS
 from competition.paths import WorkPaths
 from level2_stacking.blend import choose_blend
 from level2_stacking.fitted import load_fitted
-from level2_stacking.pipeline import StackSettings, run_stack
+from level2_stacking.pipeline import StackSettings
 from level2_stacking.sequence import SequenceSettings
-from level2_stacking.synthetic import FabricatedModel, fabricate_competition, write_fabricated_data, write_fabricated_work
+from level2_stacking.synthetic import FabricatedModel
 from prediction.ensemble import oof_threshold
 from prediction.outputs import study_table
-from test_fitted_stack import level1_test_outputs
+from test_fitted_stack import fit_fabricated, level1_test_outputs
 
 pytestmark = pytest.mark.slow  # one stack fit (~45 s on 1 thread)
 
@@ -29,16 +29,11 @@ CANDIDATES = ["lightgbm", "sequence model", "a", "b", "mean of level 1"]
 
 @pytest.fixture(scope="module")
 def stacked(tmp_path_factory) -> WorkPaths:
-    root = tmp_path_factory.mktemp("blend")
-    paths = WorkPaths(root / "work")
-    comp = fabricate_competition(n_patients=40, n_test_patients=12, slices=(10, 20), seed=11)
-    write_fabricated_work(paths, comp, {"a": FabricatedModel(1.35, embedding_dim=12), "b": FabricatedModel(2.5)}, seed=11)
-    data = write_fabricated_data(root / "rsna-fake", comp)
     settings = StackSettings(stacker="blend", num_threads=1, k_neighbours=2, num_boost_round=3, early_stopping_rounds=None,
                              params={"learning_rate": 0.02}, embedding_dim=6, progress=False,
                              sequence=SequenceSettings(hidden=16, layers=1, embedding_proj=8, epochs=8, threads=1))
-    run_stack(data, paths.root, settings)
-    return paths
+    return fit_fabricated(tmp_path_factory.mktemp("blend"),
+                          {"a": FabricatedModel(1.35, embedding_dim=12), "b": FabricatedModel(2.5)}, settings, seed=11)
 
 
 def _oof(paths: WorkPaths, table_path) -> np.ndarray:
