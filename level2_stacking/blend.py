@@ -4,7 +4,8 @@ The candidates are LightGBM, the sequence model, each level-1 model and the leve
 label the blend is ``sum_c w_c p_c`` with ``w`` on the simplex (non-negative, summing to 1),
 fitted to minimise that label's log loss: a convex problem (the log loss of a mixture is convex in
 its weights) solved by SLSQP from the uniform mix, then compared with every single candidate, so
-on the rows it is fitted on the blend is never worse than its best input.
+on the rows it is fitted on the blend is never worse than its best input. A label too rare in the
+rows fitted on (MIN_CLASS_ROWS) takes the weights fitted on the other labels pooled.
 
 `any` is at least every subtype's probability (a slice with a subtype bleeds); raising `any` to
 the largest subtype probability is kept only where it lowers the loss.
@@ -24,6 +25,9 @@ from competition.constants import LABELS
 from competition.metric import EPS, weighted_log_loss
 
 ANY = LABELS.index("any")
+# Fewer positive (or negative) rows than this and a label borrows the pooled weights: on the demo
+# (30 patients) every intraparenchymal slice lay in one fold, and fit without it LightGBM's zeros won.
+MIN_CLASS_ROWS = 10
 
 
 def _loss_and_grad(w: np.ndarray, y: np.ndarray, p: np.ndarray) -> tuple[float, np.ndarray]:
@@ -52,12 +56,24 @@ def fit_simplex(y: np.ndarray, p: np.ndarray) -> np.ndarray:
     return options[int(np.argmin(losses))]
 
 
-def fit_simplex_weights(y: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-    """(C, L) weights per label: column j minimises label j's log loss of the mix. y (N, L), candidates (C, N, L)."""
+def fit_simplex_weights(y: np.ndarray, candidates: np.ndarray, min_rows: int = MIN_CLASS_ROWS) -> np.ndarray:
+    """(C, L) weights per label: column j minimises label j's log loss of the mix. y (N, L), candidates (C, N, L).
+
+    A label with fewer than ``min_rows`` positive (or negative) rows cannot rank the candidates (with
+    no positive at all, the lowest predictor wins); it takes the weights fitted on the other labels
+    pooled (uniform where no label has enough)."""
     y, candidates = np.asarray(y, np.float64), np.asarray(candidates, np.float64)
     if candidates.ndim != 3 or candidates.shape[1:] != y.shape:
         raise ValueError(f"candidates must be (C, N, L) with (N, L) = the labels' {y.shape}, got {candidates.shape}")
-    return np.stack([fit_simplex(y[:, j], candidates[:, :, j]) for j in range(y.shape[1])], axis=1)
+    n_cand, positives = len(candidates), y.sum(axis=0)
+    enough = (positives >= min_rows) & (len(y) - positives >= min_rows)
+    weights = np.full((n_cand, y.shape[1]), 1.0 / n_cand)
+    for j in np.flatnonzero(enough):
+        weights[:, j] = fit_simplex(y[:, j], candidates[:, :, j])
+    if enough.any() and not enough.all():
+        pooled = fit_simplex(y[:, enough].T.ravel(), candidates[:, :, enough].transpose(0, 2, 1).reshape(n_cand, -1))
+        weights[:, ~enough] = pooled[:, None]
+    return weights
 
 
 def mix(candidates: np.ndarray, weights: np.ndarray) -> np.ndarray:

@@ -154,3 +154,18 @@ def test_optuna_tuning_patients_are_scored_apart() -> None:
     assert "3 rows of the patients Optuna never saw" in notes[-1]
     rows, notes = _headline(np.ones(5, bool), 5)
     assert rows.all() and "tuned on themselves" in notes[-1]
+
+
+def test_a_label_without_positives_borrows_the_pooled_weights() -> None:
+    """Fit where one label has no positive row, the lowest predictor would win that label; it takes
+    the weights fitted on the other labels pooled instead."""
+    rng = np.random.default_rng(9)
+    y = _labels(rng, 1500)
+    y[:, 1] = 0
+    candidates = np.stack([_noisy(rng, y, sd) for sd in (1.0, 2.0)])
+    candidates[1, :, 1] = 1e-6  # candidate 1 "knows" label 1 never fires here
+    weights = fit_simplex_weights(y, candidates)
+    others = [0, 2, 3, 4, 5]
+    pooled = fit_simplex_weights(y[:, others].T.reshape(-1, 1), candidates[:, :, others].transpose(0, 2, 1).reshape(2, -1, 1))
+    np.testing.assert_allclose(weights[:, 1], pooled[:, 0])
+    assert weights[0, 1] > 0.5  # the better candidate, not the one predicting zeros
