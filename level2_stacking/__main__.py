@@ -1,9 +1,12 @@
 """python -m level2_stacking --data DATA [--work WORK] [--models a,b] [--stacker blend] [--tune] [--trials N]
 
 Stacks every level-1 model folder present (or --models) with LightGBM on neighbour and study
-features, a sequence model over each series, or their blend (the default); prints the OOF report
-(each level-1 model, their plain mean, each stacker, the final stack; overall and per label;
-study-level diagnosis) and writes oof.parquet, test.parquet, metrics.json (and best_params.json,
+features, a sequence model over each series, or their blend (the default: per label, simplex
+weights over LightGBM, the sequence model, each level-1 model and their mean); prints the nested
+OOF report (fold k's weights, `any` rule and study model chosen on the other folds; each level-1
+model, their plain mean, each stacker, the final stack; overall and per label; the blend weights;
+study-level diagnosis with level 2's study model) and writes oof.parquet, test.parquet,
+oof_studies.parquet, test_studies.parquet, metrics.json (and best_params.json,
 optuna.db with --tune; lightgbm/ and sequence/ with each stacker's own predictions) under the
 work folder's stack/, each file atomically. The submission file is written by
 `python -m submissions write --stack`.
@@ -34,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--work", type=Path, default=None, help="work folder (default work/<basename of DATA>)")
     ap.add_argument("--models", default="", help="comma list of level-1 models (default: every model folder present)")
     ap.add_argument("--stacker", choices=STACKERS, default="blend",
-                    help="lgbm, seq (the sequence model) or blend (both, weights fit on OOF; default)")
+                    help="lgbm, seq (the sequence model) or blend (of both and every level-1 model, nested weights; default)")
     ap.add_argument("--tune", action="store_true", help="run the Optuna study first and stack with its best parameters")
     ap.add_argument("--tune-share", type=float, default=TUNE_SHARE,
                     help="share of the train patients Optuna tunes on (at least 200 patients); refit on all")

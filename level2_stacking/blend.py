@@ -1,27 +1,89 @@
-"""Blending the stackers and the `any` post-processing, both decided on OOF predictions only.
+"""The blend over candidates and the `any` post-processing, both chosen out of fold.
 
-The blend is, per label, ``w * p_a + (1 - w) * p_b`` with ``w`` on a grid of 0.05 steps chosen
-for the lowest OOF log loss of that label: six numbers fitted on 750k rows (or a few thousand on
-the demo) leave little to overfit, and the test figure is reported beside it.
+The candidates are LightGBM, the sequence model, each level-1 model and the level-1 mean. Per
+label the blend is ``sum_c w_c p_c`` with ``w`` on the simplex (non-negative, summing to 1),
+fitted to minimise that label's log loss: a convex problem (the log loss of a mixture is convex in
+its weights) solved by SLSQP from the uniform mix, then compared with every single candidate, so
+on the rows it is fitted on the blend is never worse than its best input. A label too rare in the
+rows fitted on (MIN_CLASS_ROWS) takes the weights fitted on the other labels pooled.
 
 `any` is at least every subtype's probability (a slice with a subtype bleeds); raising `any` to
-the largest subtype probability is kept only where it lowers the OOF loss.
+the largest subtype probability is kept only where it lowers the loss.
+
+Nested (``nested_blend``): fold k's weights and `any` rule are chosen on the other folds' rows
+only, so the concatenated fold-k predictions are an honest OOF figure; the weights for test and
+for `make predict` are then fitted on every OOF row.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+from scipy.optimize import minimize
 
 from competition.constants import LABELS
-from competition.metric import pairwise_log_loss, weighted_log_loss
+from competition.metric import EPS, weighted_log_loss
 
-GRID = np.round(np.linspace(0.0, 1.0, 21), 2)
 ANY = LABELS.index("any")
+# Fewer positive (or negative) rows than this and a label borrows the pooled weights: on the demo
+# (30 patients) every intraparenchymal slice lay in one fold, and fit without it LightGBM's zeros won.
+MIN_CLASS_ROWS = 10
+
+
+def _loss_and_grad(w: np.ndarray, y: np.ndarray, p: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean binary log loss of the mix ``w @ p`` (p: (C, N)) and its gradient in ``w``."""
+    q = w @ p
+    clipped = np.clip(q, EPS, 1 - EPS)
+    loss = -(y * np.log(clipped) + (1 - y) * np.log1p(-clipped)).mean()
+    slope = np.where((q > EPS) & (q < 1 - EPS), (1 - y) / (1 - clipped) - y / clipped, 0.0)
+    return float(loss), p @ slope / len(y)
+
+
+def fit_simplex(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """(C,) simplex weights minimising the mean log loss of ``w @ p`` for binary ``y`` (N,), p (C, N)."""
+    n_cand = len(p)
+    vertices = np.eye(n_cand)
+    if n_cand == 1:
+        return vertices[0]
+    result = minimize(_loss_and_grad, np.full(n_cand, 1.0 / n_cand), args=(y, p), jac=True, method="SLSQP",
+                      bounds=[(0.0, 1.0)] * n_cand, constraints=({"type": "eq", "fun": lambda w: w.sum() - 1.0},),
+                      options={"ftol": 1e-12, "maxiter": 500})
+    w = np.where(result.x > 1e-9, result.x, 0.0)  # the optimiser's round-off below zero or near it: none
+    w = w / w.sum() if w.sum() > 0 else vertices[0]
+    # A single candidate when it is at least as good: the optimiser can stop short of a vertex.
+    options = [w, *vertices]
+    losses = [_loss_and_grad(v, y, p)[0] for v in options]
+    return options[int(np.argmin(losses))]
+
+
+def fit_simplex_weights(y: np.ndarray, candidates: np.ndarray, min_rows: int = MIN_CLASS_ROWS) -> np.ndarray:
+    """(C, L) weights per label: column j minimises label j's log loss of the mix. y (N, L), candidates (C, N, L).
+
+    A label with fewer than ``min_rows`` positive (or negative) rows cannot rank the candidates (with
+    no positive at all, the lowest predictor wins); it takes the weights fitted on the other labels
+    pooled (uniform where no label has enough)."""
+    y, candidates = np.asarray(y, np.float64), np.asarray(candidates, np.float64)
+    if candidates.ndim != 3 or candidates.shape[1:] != y.shape:
+        raise ValueError(f"candidates must be (C, N, L) with (N, L) = the labels' {y.shape}, got {candidates.shape}")
+    n_cand, positives = len(candidates), y.sum(axis=0)
+    enough = (positives >= min_rows) & (len(y) - positives >= min_rows)
+    weights = np.full((n_cand, y.shape[1]), 1.0 / n_cand)
+    for j in np.flatnonzero(enough):
+        weights[:, j] = fit_simplex(y[:, j], candidates[:, :, j])
+    if enough.any() and not enough.all():
+        pooled = fit_simplex(y[:, enough].T.ravel(), candidates[:, :, enough].transpose(0, 2, 1).reshape(n_cand, -1))
+        weights[:, ~enough] = pooled[:, None]
+    return weights
+
+
+def mix(candidates: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """(N, L) blend of candidates (C, N, L) with weights (C, L)."""
+    return np.einsum("cnl,cl->nl", np.asarray(candidates, np.float64), weights)
 
 
 def fit_blend_weights(y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray) -> np.ndarray:
-    """(6,) weight of ``p_a`` per label minimising each label's OOF log loss."""
-    losses = np.stack([pairwise_log_loss(y, w * p_a + (1 - w) * p_b).mean(axis=0) for w in GRID])  # (grid, 6)
-    return GRID[np.argmin(losses, axis=0)]
+    """(6,) weight of ``p_a`` per label in a two-candidate blend with ``p_b``."""
+    return fit_simplex_weights(y, np.stack([p_a, p_b]))[0]
 
 
 def blend(p_a: np.ndarray, p_b: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -35,5 +97,54 @@ def any_at_least_subtypes(p: np.ndarray) -> np.ndarray:
 
 
 def any_rule_gain(y: np.ndarray, p: np.ndarray) -> float:
-    """OOF weighted log loss saved by the `any` rule (positive: it helps)."""
+    """Weighted log loss saved by the `any` rule on these rows (positive: it helps)."""
     return weighted_log_loss(y, p) - weighted_log_loss(y, any_at_least_subtypes(p))
+
+
+@dataclass(frozen=True)
+class BlendChoice:
+    """Simplex weights per label over the candidates and whether the `any` rule applies."""
+    names: list[str]
+    weights: np.ndarray  # (C, 6)
+    any_rule: bool
+    any_gain: float      # the rule's gain on the rows it was chosen on
+
+    def apply(self, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(blend, blend after the `any` rule) of candidates (C, N, 6)."""
+        p = mix(candidates, self.weights)
+        return p, any_at_least_subtypes(p) if self.any_rule else p
+
+    def weights_table(self) -> dict[str, dict[str, float]]:
+        return {name: dict(zip(LABELS, row.tolist())) for name, row in zip(self.names, self.weights)}
+
+
+def choose_blend(names: list[str], y: np.ndarray, candidates: np.ndarray) -> BlendChoice:
+    """Weights and `any` rule, both chosen on these rows."""
+    weights = fit_simplex_weights(y, candidates)
+    gain = any_rule_gain(y, mix(candidates, weights))
+    return BlendChoice(list(names), weights, gain > 0, gain)
+
+
+@dataclass(frozen=True)
+class NestedBlend:
+    final: BlendChoice                  # fitted on every OOF row: for test and `make predict`
+    by_fold: dict[int, BlendChoice]     # fold k's, fitted on the other folds' rows
+    oof_blend: np.ndarray               # (N, 6) nested blend before the `any` rule
+    oof: np.ndarray                     # (N, 6) nested, after fold k's `any` rule
+    in_sample_oof: np.ndarray           # (N, 6) the final choice scored on the rows it was fitted on
+
+
+def nested_blend(names: list[str], y: np.ndarray, folds: np.ndarray, candidates: np.ndarray) -> NestedBlend:
+    """Fold k's rows predicted by the weights and rule chosen on the other folds' rows only."""
+    folds = np.asarray(folds)
+    oof_blend, oof = np.zeros(y.shape), np.zeros(y.shape)
+    by_fold = {}
+    for k in np.unique(folds):
+        held = folds == k
+        if held.all():
+            raise ValueError(f"a nested blend needs at least two folds, got only fold {k}")
+        by_fold[int(k)] = choice = choose_blend(names, y[~held], candidates[:, ~held])
+        oof_blend[held], oof[held] = choice.apply(candidates[:, held])
+    final = choose_blend(names, y, candidates)
+    return NestedBlend(final, by_fold, oof_blend, oof, final.apply(candidates)[1])
+

@@ -2,12 +2,15 @@
 
 `make stack` keeps what produced its test predictions under ``stack/fitted/``: LightGBM booster k
 for each label (LightGBM's own text format), sequence model k (a weights-only state dict), each
-model's fold-k map into the shared embedding space, the blend weights and whether the `any` rule
-was kept. ``FittedStack.predict`` repeats for a new study exactly what the pipeline did for a
-test image: booster k reads the features built from fold model k's own probabilities, sequence
-model k reads fold model k's probabilities and embeddings, both are averaged over k, blended,
-and the `any` rule applied. So `make predict` on a competition test image gives the stacked
-submission's row (tests/test_prediction.py).
+model's fold-k map into the shared embedding space, the blend weights over the candidates
+(level2_stacking.choices), whether the `any` rule was kept and the study model's weights.
+``FittedStack.predict`` repeats for a new study exactly what the pipeline did for a test image:
+booster k reads the features built from fold model k's own probabilities, sequence model k reads
+fold model k's probabilities and embeddings, both are averaged over k; each level-1 model is the
+mean of its fold models, and the level-1 mean theirs; these candidates are blended and the `any`
+rule applied; the study probability mixes their per-study max of `any`. So `make predict` on a
+competition test image gives the stacked submission's row and the stack's study call
+(tests/test_prediction.py, tests/test_blend_parity.py).
 """
 from __future__ import annotations
 
@@ -26,14 +29,17 @@ import torch
 from competition.atomic import write_json
 from competition.constants import LABELS
 from features.tabular import TabularFeatureConfig, build_tabular_features
-from level2_stacking.blend import any_at_least_subtypes, blend
+from level2_stacking.blend import any_at_least_subtypes
+from level2_stacking.choices import candidate_names
+from level2_stacking.report import LGBM_ROW, MEAN_ROW, SEQ_ROW
 from level2_stacking.embeddings import LinearMap
 from level2_stacking.sequence import SequenceSettings, SeriesModel, predict_series
 from level2_stacking.sequence_data import mapped, series_bounds, slice_inputs
+from level2_stacking.study_model import study_features
 
 FITTED_DIR = "fitted"
 MANIFEST = "manifest.json"
-FORMAT = 1  # bump when a folder written before cannot be read the same way
+FORMAT = 2  # bump when a folder written before cannot be read the same way
 
 
 class FittedStackError(ValueError):
@@ -51,8 +57,11 @@ class FittedStack:
     sequence: dict[int, SeriesModel]       # fold -> model; {} without the sequence model
     sequence_settings: SequenceSettings
     maps: dict[str, dict[int, LinearMap]]  # model -> fold -> its map into the shared space (models with embeddings)
-    blend_weights: np.ndarray | None       # (6,) weight of LightGBM per label, blend only
+    blend_names: list[str]                 # the candidates the slice blend mixes (level2_stacking.choices)
+    blend_weights: np.ndarray              # (len(blend_names), 6) simplex weights per label
     any_rule: bool
+    study_names: list[str]                 # every candidate, in candidate_names order
+    study_weights: np.ndarray              # (len(study_names),) the study model's weights
 
     # -- prediction -------------------------------------------------------------------------
 
@@ -72,15 +81,32 @@ class FittedStack:
         ``per_fold[model][k]``: (rows, 6) probabilities of fold model k; ``embeddings[model][k]``:
         (rows, D) its pooled features (float16, as level 1 saves them); ``metadata`` needs
         image_id, study_id, series_id, slice_index, n_slices."""
+        return self.predict_with_studies(per_fold, metadata, embeddings)[0]
+
+    def predict_with_studies(self, per_fold: Mapping[str, Mapping[int, np.ndarray]], metadata: pd.DataFrame,
+                             embeddings: Mapping[str, Mapping[int, np.ndarray]] | None = None,
+                             ) -> tuple[np.ndarray, pd.DataFrame]:
+        """(the slices' stacked probabilities as ``predict``, the study model's probability per
+        study: a table of study_id and probability, sorted by study_id)."""
+        candidates = self.candidates(per_fold, metadata, embeddings)
+        p = np.einsum("cnl,cl->nl", np.stack([candidates[n] for n in self.blend_names]), self.blend_weights)
+        studies, x = study_features(np.stack([candidates[n] for n in self.study_names]), metadata["study_id"].to_numpy())
+        p = any_at_least_subtypes(p) if self.any_rule else p
+        return p, pd.DataFrame({"study_id": studies, "probability": self.study_weights @ x})
+
+    def candidates(self, per_fold: Mapping[str, Mapping[int, np.ndarray]], metadata: pd.DataFrame,
+                   embeddings: Mapping[str, Mapping[int, np.ndarray]] | None = None) -> dict[str, np.ndarray]:
+        """name -> (rows, 6): the stackers, each level-1 model (mean of its folds) and the level-1 mean."""
         self.check_inputs(per_fold)
-        parts = {}
+        out = {}
         if self.boosters:
-            parts["lgbm"] = self._boosters(per_fold, metadata)
+            out[LGBM_ROW] = self._boosters(per_fold, metadata)
         if self.sequence:
-            parts["seq"] = self._sequence(per_fold, metadata, embeddings or {})
-        p = (blend(parts["lgbm"], parts["seq"], self.blend_weights) if self.stacker == "blend"
-             else parts[self.stacker])
-        return any_at_least_subtypes(p) if self.any_rule else p
+            out[SEQ_ROW] = self._sequence(per_fold, metadata, embeddings or {})
+        level1 = {m: np.mean([np.asarray(per_fold[m][k], np.float64) for k in self.folds], axis=0) for m in self.models}
+        out = {**out, **level1, MEAN_ROW: np.mean([level1[m] for m in self.models], axis=0)}
+        assert list(out) == candidate_names(list(out), self.models)  # the pipeline's order
+        return out
 
     def _boosters(self, per_fold, metadata: pd.DataFrame) -> np.ndarray:
         ids = metadata["image_id"].to_numpy()
@@ -124,7 +150,8 @@ class FittedStack:
             "format": FORMAT, "models": self.models, "folds": self.folds, "stacker": self.stacker,
             "feature_config": asdict(self.feature_config), "feature_names": self.feature_names,
             "labels": list(LABELS), "any_rule": self.any_rule,
-            "blend_weights": None if self.blend_weights is None else self.blend_weights.tolist(),
+            "blend": {"names": self.blend_names, "weights": np.asarray(self.blend_weights).tolist()},
+            "study_model": {"names": self.study_names, "weights": np.asarray(self.study_weights).tolist()},
             "lightgbm": {}, "sequence": {}, "maps": {},
             "sequence_settings": asdict(self.sequence_settings),
         }
@@ -215,7 +242,8 @@ def load_fitted(stack_dir: Path, device: str = "cpu") -> FittedStack:
         for k, name in files.items():
             with np.load(root / name) as arrays:
                 maps[m][int(k)] = LinearMap(arrays["mean"], arrays["weight"])
-    weights = manifest["blend_weights"]
+    blend, study = manifest["blend"], manifest["study_model"]
     return FittedStack(manifest["models"], [int(k) for k in manifest["folds"]], manifest["stacker"], feature_config,
-                       manifest["feature_names"], boosters, sequence, settings, maps,
-                       None if weights is None else np.asarray(weights), bool(manifest["any_rule"]))
+                       manifest["feature_names"], boosters, sequence, settings, maps, list(blend["names"]),
+                       np.asarray(blend["weights"], np.float64), bool(manifest["any_rule"]), list(study["names"]),
+                       np.asarray(study["weights"], np.float64))

@@ -1,8 +1,10 @@
-"""`make stack`: frame -> (Optuna) -> cross-validated LightGBM -> stack outputs and the report.
+"""`make stack`: frame -> (Optuna) -> cross-validated LightGBM and sequence model -> the nested
+blend over them and level 1, the study model (level2_stacking.choices) -> outputs and the report.
 
 Writes under WorkPaths.stack the same files a level-1 model folder holds (``oof.parquet`` with
 its fold, ``test.parquet``), so the submission writer treats the stacker like any model, plus
-``metrics.json`` (the report tables, the parameters and where they came from), ``fitted/`` (what
+``oof_studies.parquet`` / ``test_studies.parquet`` (the study model's probability per study),
+``metrics.json`` (the report tables, the weights, the parameters and where they came from), ``fitted/`` (what
 `make predict` applies to new studies, level2_stacking.fitted) and ``.inputs.json`` (a stamp of
 every input: a rerun with nothing changed reuses the outputs instead of fitting again).
 """
@@ -18,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from competition.constants import LABELS
+from competition.metric import weighted_log_loss
 from competition.labels import read_labels
 from competition.layout import Layout, LayoutError
 from competition.paths import WorkPaths
@@ -28,13 +31,16 @@ from competition.atomic import write_json, write_parquet
 from competition.stamp import is_current, write_stamp
 from level2_stacking.fitted import MANIFEST as FITTED_MANIFEST
 from level2_stacking.fitted import FittedStack, fitted_dir
-from level2_stacking.blend import any_at_least_subtypes, any_rule_gain, blend, fit_blend_weights
+from level2_stacking.blend import any_rule_gain
+from level2_stacking.choices import Level2Choices, choose
 from level2_stacking.frame import (
     EMBEDDINGS_OOF_FILE, EMBEDDINGS_TEST_FILE, OOF_FILE, TEST_FILE, StackFrame, StackFrameError, align_exact,
     build_stack_frame, fold_dir, resolve_models,
 )
 from level2_stacking.lgbm import DEFAULT_PARAMS, EARLY_STOPPING_ROUNDS, NUM_BOOST_ROUND, cross_validate, default_threads
-from level2_stacking.report import STACK_ROW, format_table, oof_sources, score_table, study_table
+from level2_stacking.report import (
+    BLEND_ROW, LGBM_ROW, SEQ_ROW, STACK_ROW, STACK_SLICES_ROW, format_table, oof_sources, score_table, study_table,
+)
 from level2_stacking.sequence import SequenceSettings, cross_validate_sequence
 from level2_stacking.sequence_data import build_sequence_inputs
 from level2_stacking.tune import (
@@ -43,17 +49,21 @@ from level2_stacking.tune import (
 )
 
 METRICS_FILE = "metrics.json"
+OOF_STUDIES_FILE = "oof_studies.parquet"    # the study model's nested OOF probability per study (and fold)
+TEST_STUDIES_FILE = "test_studies.parquet"  # its probability per test study
+NESTED_NOTE = ("nested OOF: fold k's blend weights, `any` rule and study model were chosen on the other folds' "
+               "rows only; the stacker's OOF rows are the concatenation of these fold-k predictions")
+FINAL_NOTE = "fitted on every OOF row: the weights, rule and study model that test and `make predict` use"
 
 
 STACKERS = ("lgbm", "seq", "blend")
-LGBM_ROW, SEQ_ROW, BLEND_ROW = "lightgbm", "sequence model", "blend"
 COMPONENT_DIRS = {LGBM_ROW: "lightgbm", SEQ_ROW: "sequence"}  # each stacker's own outputs under stack/
 
 
 @dataclass(frozen=True)
 class StackSettings:
     models: Sequence[str] | None = None
-    stacker: str = "blend"                 # lgbm, seq or blend (both, weights fit on OOF)
+    stacker: str = "blend"                 # lgbm, seq or blend (of both and level 1, weights fit on OOF)
     tune: bool = False
     trials: int = 20
     storage: str | None = None
@@ -84,13 +94,22 @@ class StackOutcome:
     params_source: str
     test_scores: pd.DataFrame | None = None       # only where DATA has the answers (synthetic data)
     test_study_level: pd.DataFrame | None = None
+    weights: pd.DataFrame | None = None           # the final blend weights, input x label
+    tuning_scores: pd.DataFrame | None = None     # OOF of Optuna's tuning patients, apart from the headline
+    notes: tuple[str, ...] = ()
 
     def report(self) -> str:
-        lines = [
-            "OOF log loss (weighted = the competition metric):",
-            format_table(self.scores),
+        lines = [*(f"note: {n}" for n in self.notes), "",
+                 "OOF log loss, nested (weighted = the competition metric):", format_table(self.scores)]
+        if self.tuning_scores is not None:
+            lines += ["", "OOF log loss of Optuna's tuning patients (not the headline):", format_table(self.tuning_scores)]
+        if self.weights is not None:
+            lines += ["", "Blend weights per input and label (fitted on every OOF row; used for test and `make predict`):",
+                      format_table(self.weights, 3)]
+        lines += [
             "",
-            "Study-level diagnosis on OOF (per-study max of `any`, threshold chosen for the target sensitivity):",
+            f"Study-level diagnosis on OOF (\"{STACK_ROW}\": level 2's study model, nested; the others: per-study max "
+            f"of `any`; threshold chosen for the target sensitivity):",
             format_table(self.study_level),
         ]
         if self.test_scores is not None and self.test_study_level is not None:
@@ -122,12 +141,13 @@ def _test_answers(data_dir: Path | str, test_ids: np.ndarray) -> np.ndarray | No
     return aligned[list(LABELS)].to_numpy(np.float64)
 
 
-def _choose_params(paths: WorkPaths, frame, s: StackSettings) -> tuple[dict[str, object], str]:
+def _choose_params(paths: WorkPaths, frame, s: StackSettings) -> tuple[dict[str, object], str, np.ndarray | None]:
+    """(LightGBM parameters, where they came from, the mask of the rows of Optuna's tuning patients
+    or None when the parameters were not tuned)."""
     best_path = paths.stack / BEST_PARAMS_FILE
     if s.tune:
         name = study_name(frame.models)
-        metadata = pd.read_parquet(paths.metadata, columns=["image_id", "patient_id"])
-        rows = patient_subsample(frame.train_ids, metadata, s.tune_share)
+        rows = _tuning_rows(paths, frame, s.tune_share)
         print(f"tuning on {rows.sum()} of {len(rows)} train rows ({s.tune_share:.0%} of the patients, at least "
               f"the tuning minimum); the best parameters are then refit on every row", flush=True)
         params, loss, study = tune(
@@ -135,15 +155,21 @@ def _choose_params(paths: WorkPaths, frame, s: StackSettings) -> tuple[dict[str,
             storage=s.storage or default_storage(paths.stack), name=name, num_threads=s.num_threads,
             num_boost_round=s.num_boost_round, early_stopping_rounds=s.early_stopping_rounds, progress=s.progress,
         )
-        save_best_params(best_path, params, loss, name, frame.models, len(study.trials))
+        save_best_params(best_path, params, loss, name, frame.models, len(study.trials), s.tune_share)
         print(f"tuned: best CV weighted log loss {loss:.5f} over {len(study.trials)} trials -> {best_path}")
-        return params, f"tuned ({best_path.name})"
+        return params, f"tuned ({best_path.name})", rows
     saved = load_best_params(best_path)
     if saved is None:
-        return dict(DEFAULT_PARAMS), "default"
+        return dict(DEFAULT_PARAMS), "default", None
     if sorted(saved.get("models", [])) != sorted(frame.models):
         print(f"note: {best_path.name} was tuned on models {saved.get('models')}, stacking {frame.models}")
-    return {**saved["params"], "num_threads": s.num_threads}, f"tuned ({best_path.name})"
+    rows = _tuning_rows(paths, frame, float(saved.get("tune_share", TUNE_SHARE)))
+    return {**saved["params"], "num_threads": s.num_threads}, f"tuned ({best_path.name})", rows
+
+
+def _tuning_rows(paths: WorkPaths, frame, share: float) -> np.ndarray:
+    metadata = pd.read_parquet(paths.metadata, columns=["image_id", "patient_id"])
+    return patient_subsample(frame.train_ids, metadata, share)
 
 
 def _table(ids: np.ndarray, p: np.ndarray, folds: np.ndarray | None = None) -> pd.DataFrame:
@@ -157,11 +183,11 @@ def _table(ids: np.ndarray, p: np.ndarray, folds: np.ndarray | None = None) -> p
 
 def _fit_stackers(paths: WorkPaths, frame: StackFrame, s: StackSettings) -> tuple[dict, dict, dict, dict]:
     """(oof by stacker, test by stacker, facts for metrics.json, the fitted models for FittedStack)
-    for the stackers ``s.stacker`` asks for."""
+    for the stackers ``s.stacker`` asks for (the blend over them and level 1 comes after)."""
     oof, test, facts = {}, {}, {}
-    fitted = {"boosters": {}, "sequence": {}, "maps": {}, "blend_weights": None}
+    fitted = {"boosters": {}, "sequence": {}, "maps": {}}
     if s.stacker in ("lgbm", "blend"):
-        params, source = _choose_params(paths, frame, s)
+        params, source, tuned = _choose_params(paths, frame, s)
         params = {**params, **(s.params or {}), "num_threads": s.num_threads}
         start = time.perf_counter()
         result = cross_validate(
@@ -171,7 +197,7 @@ def _fit_stackers(paths: WorkPaths, frame: StackFrame, s: StackSettings) -> tupl
         oof[LGBM_ROW], test[LGBM_ROW] = result.oof, result.test
         fitted["boosters"] = result.models
         facts.update(params=params, params_source=source, n_features=int(frame.x_train.shape[1]),
-                     lgbm_seconds=time.perf_counter() - start,
+                     lgbm_seconds=time.perf_counter() - start, tuning_rows=tuned,
                      fold_weighted_log_loss=result.fold_losses,
                      best_iterations={label: result.best_iterations[:, j].tolist() for j, label in enumerate(LABELS)})
     if s.stacker in ("seq", "blend"):
@@ -184,12 +210,6 @@ def _fit_stackers(paths: WorkPaths, frame: StackFrame, s: StackSettings) -> tupl
         fitted["sequence"], fitted["maps"] = seq.models, inputs.maps
         facts.update(sequence=asdict(s.sequence), sequence_note=inputs.note, sequence_seconds=time.perf_counter() - start,
                      sequence_seconds_per_epoch=seq.seconds_per_epoch, sequence_fold_weighted_log_loss=seq.fold_losses)
-    if s.stacker == "blend":
-        weights = fit_blend_weights(frame.y, oof[LGBM_ROW], oof[SEQ_ROW])
-        oof[BLEND_ROW] = blend(oof[LGBM_ROW], oof[SEQ_ROW], weights)
-        test[BLEND_ROW] = blend(test[LGBM_ROW], test[SEQ_ROW], weights)
-        facts["blend_weights_lightgbm"] = dict(zip(LABELS, weights.tolist()))
-        fitted["blend_weights"] = weights
     return oof, test, facts, fitted
 
 
@@ -224,7 +244,7 @@ def run_stack(data_dir: Path | str, work_dir: Path | str | None = None, settings
     names = resolve_models(paths, settings.models)
     stamp, inputs = paths.stack / STAMP_FILE, stack_inputs(paths, names)
     outputs = [paths.stack / OOF_FILE, paths.stack / TEST_FILE, paths.stack / METRICS_FILE,
-               fitted_dir(paths.stack) / FITTED_MANIFEST]
+               paths.stack / OOF_STUDIES_FILE, fitted_dir(paths.stack) / FITTED_MANIFEST]
     options = _stamp_options(settings, data_dir)
     if not refit and is_current(stamp, outputs, inputs, options):
         print(f"{paths.stack}: up to date (no level-1 output, table, setting or code changed since it was fit); "
@@ -247,9 +267,11 @@ def _outcome_from_metrics(paths: WorkPaths) -> StackOutcome:
         frame.index.name = "source"
         return frame
 
+    weights = metrics.get("blend", {}).get("weights")
     return StackOutcome(table("scores"), table("study_level"), paths.stack / OOF_FILE, paths.stack / TEST_FILE,
                         paths.stack / METRICS_FILE, metrics.get("params_source", "none"),
-                        table("test_scores"), table("test_study_level"))
+                        table("test_scores"), table("test_study_level"), None if weights is None else _weights_frame(weights),
+                        table("tuning_scores"), tuple(metrics.get("notes", ())))
 
 
 def _fit_and_write(paths: WorkPaths, data_dir: Path | str, settings: StackSettings) -> StackOutcome:
@@ -262,14 +284,13 @@ def _fit_and_write(paths: WorkPaths, data_dir: Path | str, settings: StackSettin
           f"(features in {time.perf_counter() - start:.1f} s)", flush=True)
     paths.stack.mkdir(parents=True, exist_ok=True)
     oof, test, facts, fitted = _fit_stackers(paths, frame, settings)
-    final = {"lgbm": LGBM_ROW, "seq": SEQ_ROW, "blend": BLEND_ROW}[settings.stacker]
-    # The `any` rule is kept only where it lowers the OOF loss of the final predictions.
-    gain = any_rule_gain(frame.y, oof[final])
-    stack_oof, stack_test = oof[final], test[final]
-    if gain > 0:
-        stack_oof, stack_test = any_at_least_subtypes(stack_oof), any_at_least_subtypes(stack_test)
-    print(f"`any` >= the largest subtype: OOF loss {'-' if gain > 0 else '+'}{abs(gain):.5f} -> "
-          f"{'kept' if gain > 0 else 'not applied'}", flush=True)
+    tuned = facts.pop("tuning_rows", None)
+    metadata = pd.read_parquet(paths.metadata, columns=["image_id", "study_id"])
+    choice = choose(frame, settings.stacker, oof, test, metadata.drop_duplicates("image_id").set_index("image_id")["study_id"])
+    _print_any_rule(choice)
+    if settings.stacker == "blend":
+        oof[BLEND_ROW], test[BLEND_ROW] = choice.blend.oof_blend, choice.test_blend
+    stack_oof, stack_test = choice.blend.oof, choice.test
 
     for name, p in oof.items():  # each stacker's own outputs, for the report
         if name in COMPONENT_DIRS and len(oof) > 1:
@@ -279,26 +300,25 @@ def _fit_and_write(paths: WorkPaths, data_dir: Path | str, settings: StackSettin
     oof_path, test_path = paths.stack / OOF_FILE, paths.stack / TEST_FILE
     write_parquet(oof_path, _table(frame.train_ids, stack_oof, frame.folds))
     write_parquet(test_path, _table(frame.test_ids, stack_test))
+    write_parquet(paths.stack / OOF_STUDIES_FILE, choice.oof_studies())
+    write_parquet(paths.stack / TEST_STUDIES_FILE, choice.test_studies())
     # What produced the test predictions, for `make predict` on new studies.
     FittedStack(frame.models, sorted(int(k) for k in np.unique(frame.folds)), settings.stacker, feature_config,
                 [str(c) for c in frame.x_train.columns], sequence_settings=settings.sequence,
-                any_rule=gain > 0, **fitted).save(paths.stack)
+                blend_names=choice.blend_names, blend_weights=choice.blend.final.weights,
+                any_rule=choice.blend.final.any_rule, study_names=choice.names,
+                study_weights=choice.study.final.weights, **fitted).save(paths.stack)
 
     components = {name: p for name, p in oof.items() if len(oof) > 1}
     sources = oof_sources(frame.level1_oof, stack_oof, components)
-    scores = score_table(frame.y, sources)
-    metadata = pd.read_parquet(paths.metadata, columns=["image_id", "study_id"])
-    studies = study_table(frame.train_ids, frame.y, sources, metadata, settings.target_sensitivity)
-    test_scores = test_studies = None
-    y_test = _test_answers(data_dir, frame.test_ids)
-    any_test_gain = None
-    if y_test is not None:
-        test_sources = oof_sources(frame.level1_test, stack_test, {n: p for n, p in test.items() if n in components})
-        test_scores = score_table(y_test, test_sources)
-        test_studies = study_table(frame.test_ids, y_test, test_sources, metadata, settings.target_sensitivity,
-                                   thresholds=studies["threshold"].to_dict())
-        any_test_gain = any_rule_gain(y_test, test[final])
+    report = _oof_report(frame, sources, choice, metadata, tuned, settings.target_sensitivity)
+    test_report = _test_report(data_dir, frame, test, components, choice, metadata, report["study_level"],
+                               settings.target_sensitivity)
     metrics_path = paths.stack / METRICS_FILE
+    outcome = StackOutcome(report["scores"], report["study_level"], oof_path, test_path, metrics_path,
+                           facts.get("params_source", "none"), test_report.get("test_scores"),
+                           test_report.get("test_study_level"), _weights_frame(choice.blend.final.weights_table()),
+                           report.get("tuning_scores"), tuple(report["notes"]))
     write_json(metrics_path, _jsonable({
         "models": frame.models,
         "stacker": settings.stacker,
@@ -306,18 +326,93 @@ def _fit_and_write(paths: WorkPaths, data_dir: Path | str, settings: StackSettin
         **facts,
         "feature_config": asdict(feature_config),
         "test_features": "per fold model" if frame.test_per_fold else "mean of the fold models (no fold<k>/test.parquet)",
-        "any_rule": {"applied": gain > 0, "oof_gain": gain, "test_gain": any_test_gain},
-        "oof_weighted_log_loss": float(scores.loc[STACK_ROW, "weighted"]),
-        "scores": scores.to_dict(orient="index"),
-        "study_level": studies.to_dict(orient="index"),
+        **_choice_facts(choice, test_report.get("y_test")),
+        "notes": report["notes"],
+        "oof_weighted_log_loss": float(report["scores"].loc[STACK_ROW, "weighted"]),
+        "in_sample_oof_weighted_log_loss": report["in_sample"],
+        "scores": report["scores"].to_dict(orient="index"),
+        **({} if "tuning_scores" not in report else {"tuning_scores": report["tuning_scores"].to_dict(orient="index")}),
+        "study_level": report["study_level"].to_dict(orient="index"),
         "target_sensitivity": settings.target_sensitivity,
-        **({} if test_scores is None else {
-            "test_scores": test_scores.to_dict(orient="index"),
-            "test_study_level": test_studies.to_dict(orient="index"),
-        }),
+        **{key: table.to_dict(orient="index") for key, table in test_report.items() if key != "y_test"},
     }))
-    return StackOutcome(scores, studies, oof_path, test_path, metrics_path, facts.get("params_source", "none"),
-                        test_scores, test_studies)
+    return outcome
+
+
+def _headline(tuned: np.ndarray | None, n: int) -> tuple[np.ndarray, list[str]]:
+    """The rows the headline OOF scores (Optuna's untouched patients where there are any) and what to say."""
+    notes = [NESTED_NOTE, FINAL_NOTE]
+    if tuned is None:
+        return np.ones(n, bool), notes
+    if tuned.all():
+        return tuned, notes + ["every train patient was among Optuna's tuning patients: the LightGBM-based OOF "
+                               "figures are tuned on themselves (the test figure is the honest one)"]
+    return ~tuned, notes + [f"OOF scores: the {int((~tuned).sum())} rows of the patients Optuna never saw; the "
+                            f"{int(tuned.sum())} rows of its tuning patients are scored apart (tuning_scores)"]
+
+
+def _oof_report(frame: StackFrame, sources: dict, choice: Level2Choices, metadata: pd.DataFrame,
+                tuned: np.ndarray | None, target_sensitivity: float) -> dict:
+    rows, notes = _headline(tuned, len(frame.y))
+    y = frame.y
+    out = {"scores": score_table(y[rows], {n: p[rows] for n, p in sources.items()}), "notes": notes}
+    if tuned is not None and tuned.any() and not tuned.all():
+        out["tuning_scores"] = score_table(y[tuned], {n: p[tuned] for n, p in sources.items()})
+    out["in_sample"] = weighted_log_loss(y[rows], choice.blend.in_sample_oof[rows])
+    notes.append(f"stacker OOF weighted log loss: nested {out['scores'].loc[STACK_ROW, 'weighted']:.5f}; the final "
+                 f"weights and rule scored on the rows they were fitted on (in-sample, optimistic) {out['in_sample']:.5f}")
+    study_sources, scores = _study_sources(sources, choice.study.study_ids, choice.study.oof)
+    out["study_level"] = study_table(frame.train_ids, y, study_sources, metadata, target_sensitivity, study_scores=scores)
+    return out
+
+
+def _study_sources(sources: dict, study_ids: np.ndarray, score: np.ndarray) -> tuple[dict, dict]:
+    """The study table's sources: the stack's slices by their max and, as "stacker", its study model."""
+    stack = sources[STACK_ROW]
+    rest = {n: p for n, p in sources.items() if n != STACK_ROW}
+    return {**rest, STACK_SLICES_ROW: stack, STACK_ROW: stack}, {STACK_ROW: pd.Series(score, index=study_ids)}
+
+
+def _test_report(data_dir: Path | str, frame: StackFrame, test: dict, components: dict, choice: Level2Choices,
+                 metadata: pd.DataFrame, oof_studies: pd.DataFrame, target_sensitivity: float) -> dict:
+    """Test scores where DATA has the answers (synthetic data), the study thresholds chosen on OOF."""
+    y_test = _test_answers(data_dir, frame.test_ids)
+    if y_test is None:
+        return {}
+    sources = oof_sources(frame.level1_test, choice.test, {n: p for n, p in test.items() if n in components})
+    study_sources, scores = _study_sources(sources, choice.test_study_ids, choice.test_study)
+    studies = study_table(frame.test_ids, y_test, study_sources, metadata, target_sensitivity,
+                          thresholds=oof_studies["threshold"].to_dict(), study_scores=scores)
+    return {"y_test": y_test, "test_scores": score_table(y_test, sources), "test_study_level": studies}
+
+
+def _choice_facts(choice: Level2Choices, y_test: np.ndarray | None) -> dict:
+    final = choice.blend.final
+    lgbm = final.weights_table().get(LGBM_ROW) if len(final.names) > 1 else None
+    return {
+        "blend_weights_lightgbm": lgbm,  # as before the blend had more inputs (reports/html_report.py reads it)
+        "blend": {"candidates": choice.blend_names, "weights": final.weights_table(), "fitted_on": FINAL_NOTE,
+                  "by_fold": {k: c.weights_table() for k, c in choice.blend.by_fold.items()}},
+        "any_rule": {"applied": final.any_rule, "oof_gain": final.any_gain,
+                     "by_fold": {k: c.any_rule for k, c in choice.blend.by_fold.items()},
+                     "test_gain": None if y_test is None else any_rule_gain(y_test, choice.test_blend)},
+        "study_model": {**choice.study.final.as_dict(), "fitted_on": FINAL_NOTE,
+                        "by_fold": {k: c.as_dict() for k, c in choice.study.by_fold.items()}},
+    }
+
+
+def _print_any_rule(choice: Level2Choices) -> None:
+    kept = [k for k, c in choice.blend.by_fold.items() if c.any_rule]
+    final = choice.blend.final
+    print(f"`any` >= the largest subtype: kept for folds {kept} of {sorted(choice.blend.by_fold)} (each chosen on "
+          f"the other folds); on every OOF row {'-' if final.any_gain > 0 else '+'}{abs(final.any_gain):.5f} -> "
+          f"{'kept' if final.any_rule else 'not applied'} for test and `make predict`", flush=True)
+
+
+def _weights_frame(weights: dict[str, dict[str, float]]) -> pd.DataFrame:
+    frame = pd.DataFrame.from_dict(weights, orient="index", columns=list(LABELS))
+    frame.index.name = "input"
+    return frame
 
 
 def _jsonable(value):

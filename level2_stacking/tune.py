@@ -30,6 +30,7 @@ BEST_PARAMS_FILE = "best_params.json"
 # fixed seed; the best parameters are then refit on every row. On the competition (~17k patients)
 # that is ~150k rows: a trial costs a fifth of a full cross-validation. Small datasets (the demo)
 # tune on every patient, so their OOF figure is tuned on itself; the test figure is the honest one.
+# The stack's report scores the untouched patients apart from the tuning ones (pipeline.py).
 TUNE_SHARE = 0.2
 TUNE_MIN_PATIENTS = 200
 STUDY_DB_FILE = "optuna.db"
@@ -141,9 +142,11 @@ def tune(
     return params, float(best.value), study
 
 
-def save_best_params(path: Path, params: dict[str, object], loss: float, name: str, models: Sequence[str], n_trials: int) -> None:
+def save_best_params(path: Path, params: dict[str, object], loss: float, name: str, models: Sequence[str], n_trials: int,
+                     tune_share: float = TUNE_SHARE) -> None:
+    """``tune_share``: which patients Optuna saw (patient_subsample), so the report sets them apart."""
     write_json(path, {"params": params, "cv_weighted_log_loss": loss, "study": name, "models": sorted(models),
-                      "finished_trials": n_trials})
+                      "finished_trials": n_trials, "tune_share": tune_share})
 
 
 def load_best_params(path: Path) -> dict[str, object] | None:

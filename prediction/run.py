@@ -48,7 +48,7 @@ def predict_folder(study: Path, work: WorkPaths | None = None, bundle: Path | No
     predictor = Predictor(device, batch_size).load(ensemble)
     result = predictor.predict(scan)
     out = Path(out) if out is not None else default_out(study, work, bundle)
-    studies = study_table(result.slices, ensemble.threshold)
+    studies = study_table(result.slices, ensemble.threshold, result.studies)
     write_tables(out, result.slices, studies, scan.skipped)
     if report:
         from prediction.report import write_report

@@ -20,16 +20,21 @@ from level2_stacking.synthetic import FabricatedModel, fabricate_competition, wr
 SEQ = SequenceSettings(hidden=16, layers=1, embedding_proj=8, epochs=3, threads=1)
 
 
-@pytest.fixture(scope="module")
-def stacked(tmp_path_factory) -> WorkPaths:
-    root = tmp_path_factory.mktemp("fitted")
+def fit_fabricated(root, models: dict, settings: StackSettings, seed: int) -> WorkPaths:
+    """A stack fit on a small fabricated competition (40 + 12 patients) under ``root``."""
     paths = WorkPaths(root / "work")
-    comp = fabricate_competition(n_patients=40, n_test_patients=12, slices=(10, 20), seed=5)
-    write_fabricated_work(paths, comp, {"a": FabricatedModel(2.0, embedding_dim=12), "b": FabricatedModel(2.5)}, seed=5)
-    settings = StackSettings(stacker="blend", num_threads=1, k_neighbours=2, num_boost_round=60,
-                             early_stopping_rounds=10, sequence=SEQ, embedding_dim=6, progress=False)
+    comp = fabricate_competition(n_patients=40, n_test_patients=12, slices=(10, 20), seed=seed)
+    write_fabricated_work(paths, comp, models, seed=seed)
     run_stack(root / "rsna-fake", paths.root, settings)
     return paths
+
+
+@pytest.fixture(scope="module")
+def stacked(tmp_path_factory) -> WorkPaths:
+    settings = StackSettings(stacker="blend", num_threads=1, k_neighbours=2, num_boost_round=60,
+                             early_stopping_rounds=10, sequence=SEQ, embedding_dim=6, progress=False)
+    return fit_fabricated(tmp_path_factory.mktemp("fitted"),
+                          {"a": FabricatedModel(2.0, embedding_dim=12), "b": FabricatedModel(2.5)}, settings, seed=5)
 
 
 def level1_test_outputs(paths: WorkPaths, models=("a", "b"), folds=range(5)):
@@ -91,7 +96,7 @@ def test_inputs_the_stack_was_not_fit_on_are_refused(stacked, tmp_path) -> None:
     copy = tmp_path / "stack"
     shutil.copytree(stacked.stack / "fitted", copy / "fitted")
     manifest = copy / "fitted" / "manifest.json"
-    manifest.write_text(manifest.read_text().replace('"format": 1', '"format": 99'))
+    manifest.write_text(manifest.read_text().replace('"format": 2', '"format": 99'))
     with pytest.raises(FittedStackError, match="another version"):
         load_fitted(copy)
 

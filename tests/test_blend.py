@@ -1,0 +1,171 @@
+"""The blend over candidates and the study model: the simplex fit against a brute-force grid and
+sklearn's log loss, nested choices blind to the held-out fold's labels, and a blend that falls back
+on one strong input."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from sklearn.metrics import log_loss, roc_auc_score
+
+from competition.constants import LABELS
+from level2_stacking.blend import fit_simplex_weights, mix, nested_blend
+from level2_stacking.study_model import choose_study, nested_study
+
+
+def _labels(rng, n: int) -> np.ndarray:
+    return (rng.random((n, len(LABELS))) < 0.25).astype(float)
+
+
+def _noisy(rng, y: np.ndarray, sd: float) -> np.ndarray:
+    """Probabilities of a model with logit = truth (+/-2) plus noise of sd ``sd``."""
+    return 1 / (1 + np.exp(-(4 * y - 2 + rng.normal(0, sd, y.shape))))
+
+
+def _simplex_grid(n_cand: int, step: float = 0.01) -> np.ndarray:
+    ticks = np.round(np.arange(0, 1 + step / 2, step), 6)
+    points = [w for w in itertools.product(ticks, repeat=n_cand - 1) if sum(w) <= 1 + 1e-9]
+    return np.array([[*w, max(0.0, 1 - sum(w))] for w in points])
+
+
+@pytest.mark.parametrize("sds", [(1.0, 1.5), (1.0, 1.5, 3.0), (0.5, 4.0, 4.0)])
+def test_weights_match_a_brute_force_grid(sds) -> None:
+    rng = np.random.default_rng(len(sds) * 7 + int(sds[0] * 10))
+    y = _labels(rng, 1500)
+    candidates = np.stack([_noisy(rng, y, sd) for sd in sds])
+    weights = fit_simplex_weights(y, candidates)
+    assert weights.shape == (len(sds), len(LABELS))
+    assert (weights >= 0).all() and np.allclose(weights.sum(axis=0), 1)
+    grid = _simplex_grid(len(sds), 0.01 if len(sds) == 2 else 0.02)
+    for j in range(len(LABELS)):
+        mixes = np.clip(grid @ candidates[:, :, j], 1e-7, 1 - 1e-7)  # (grid points, rows)
+        grid_losses = -(y[:, j] * np.log(mixes) + (1 - y[:, j]) * np.log1p(-mixes)).mean(axis=1)
+        best = np.argmin(grid_losses)
+        assert grid_losses[best] == pytest.approx(log_loss(y[:, j], mixes[best], labels=[0, 1]), rel=1e-9)
+        fitted = log_loss(y[:, j], np.clip(weights[:, j] @ candidates[:, :, j], 1e-7, 1 - 1e-7), labels=[0, 1])
+        assert fitted <= grid_losses[best] + 1e-9  # never worse than the best grid point
+        assert np.abs(weights[:, j] - grid[best]).max() <= 0.05  # and near it
+
+
+def _nested_inputs(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y = _labels(rng, 1200)
+    folds = np.repeat(np.arange(4), 300)
+    candidates = np.stack([_noisy(rng, y, sd) for sd in (1.2, 1.6, 2.5)])
+    return y, folds, candidates
+
+
+def test_fold_k_predictions_ignore_fold_k_labels() -> None:
+    y, folds, candidates = _nested_inputs()
+    names = ["a", "b", "c"]
+    before = nested_blend(names, y, folds, candidates)
+    for k in range(4):
+        flipped = y.copy()
+        flipped[folds == k] = 1 - flipped[folds == k]
+        after = nested_blend(names, flipped, folds, candidates)
+        held = folds == k
+        np.testing.assert_array_equal(after.oof[held], before.oof[held])
+        np.testing.assert_array_equal(after.by_fold[k].weights, before.by_fold[k].weights)
+        assert not np.array_equal(after.oof[~held], before.oof[~held])  # the other folds did see them
+    # Each fold's prediction is its own weights' mix; the final weights are fitted on every row.
+    held = folds == 2
+    np.testing.assert_allclose(before.oof_blend[held], mix(candidates[:, held], before.by_fold[2].weights))
+    np.testing.assert_allclose(before.final.weights, fit_simplex_weights(y, candidates))
+
+
+def test_the_blend_falls_back_on_one_strong_input() -> None:
+    """LightGBM and the sequence model (here: weak, correlated stand-ins) are much worse than one
+    level-1 model: the nested blend's OOF loss is within noise of that model's."""
+    rng = np.random.default_rng(3)
+    y = _labels(rng, 3000)
+    folds = rng.integers(0, 5, len(y))
+    shared = rng.normal(0, 1.5, y.shape)
+    lgbm, seq = (1 / (1 + np.exp(-(2 * y - 1 + shared + rng.normal(0, 1, y.shape)))) for _ in range(2))
+    strong, weak = _noisy(rng, y, 0.8), _noisy(rng, y, 3.0)
+    candidates = np.stack([lgbm, seq, strong, weak, (strong + weak) / 2])
+    nested = nested_blend(["lightgbm", "sequence model", "strong", "weak", "mean"], y, folds, candidates)
+
+    def per_row(p: np.ndarray) -> np.ndarray:  # weighted log loss per row, `any` counting twice
+        q = np.clip(p, 1e-7, 1 - 1e-7)
+        loss = -(y * np.log(q) + (1 - y) * np.log(1 - q))
+        return (loss[:, :5].sum(1) + 2 * loss[:, 5]) / 7
+
+    delta = per_row(nested.oof) - per_row(strong)
+    noise = 2 * delta.std() / np.sqrt(len(delta))
+    print(f"nested blend {per_row(nested.oof).mean():.4f}, strong input {per_row(strong).mean():.4f}, "
+          f"lightgbm {per_row(lgbm).mean():.4f}; noise {noise:.4f}")
+    assert delta.mean() <= noise + 1e-9
+    assert per_row(nested.oof).mean() < per_row(lgbm).mean() - 0.1
+    assert (nested.final.weights[2] > 0.5).all()  # the strong input carries the blend
+
+
+def _study_inputs(seed: int):
+    """120 studies of 10 slices; candidate 1 ranks studies best at the study level."""
+    rng = np.random.default_rng(seed)
+    n_studies, per = 120, 10
+    study = np.repeat(np.arange(n_studies), per).astype(str)
+    bleed = rng.random(n_studies) < 0.4
+    y = np.zeros((n_studies * per, len(LABELS)))
+    y[:, -1] = np.repeat(bleed, per) & (rng.random(n_studies * per) < 0.4)
+    y[:, -1] = np.maximum(y[:, -1], np.repeat(bleed, per) * (np.arange(n_studies * per) % per == 0))
+    candidates = np.stack([_noisy(rng, y, sd) for sd in (5.0, 3.0, 5.0)])
+    folds = np.repeat(rng.integers(0, 4, n_studies), per)
+    return y, folds, candidates, study
+
+
+def test_the_study_model_is_nested_and_ranks_like_the_best_input() -> None:
+    y, folds, candidates, study = _study_inputs(5)
+    names = ["a", "b", "c"]
+    before = nested_study(names, candidates, y[:, -1], folds, study)
+    maxima = candidates[:, :, -1].reshape(3, -1, 10).max(axis=2)  # studies are consecutive runs of 10 slices
+    truth = y[:, -1].reshape(-1, 10).max(axis=1)
+    order = np.argsort(np.arange(120).astype(str))  # study ids sort as strings
+    np.testing.assert_array_equal(before.truth, truth[order])
+    best_input = max(roc_auc_score(truth, m) for m in maxima)
+    nested_auc = roc_auc_score(before.truth, before.oof)
+    print(f"study AUC: nested study model {nested_auc:.4f}, best input {best_input:.4f}")
+    assert nested_auc >= best_input - 0.02
+    np.testing.assert_array_equal(before.final.weights, choose_study(names, truth[order], maxima[:, order]).weights)
+    for k in range(4):
+        flipped = y.copy()
+        flipped[folds == k, -1] = 1 - flipped[folds == k, -1]
+        after = nested_study(names, candidates, flipped[:, -1], folds, study)
+        held = before.folds == k
+        np.testing.assert_array_equal(after.oof[held], before.oof[held])
+
+
+def test_a_study_split_over_folds_is_refused() -> None:
+    y, folds, candidates, study = _study_inputs(1)
+    folds = folds.copy()
+    folds[0] = (folds[0] + 1) % 4
+    with pytest.raises(ValueError, match="several folds"):
+        nested_study(["a", "b", "c"], candidates, y[:, -1], folds, study)
+
+
+def test_optuna_tuning_patients_are_scored_apart() -> None:
+    from level2_stacking.pipeline import _headline
+
+    rows, notes = _headline(None, 5)
+    assert rows.all() and "nested" in notes[0]
+    tuned = np.array([True, False, False, True, False])
+    rows, notes = _headline(tuned, 5)
+    np.testing.assert_array_equal(rows, ~tuned)
+    assert "3 rows of the patients Optuna never saw" in notes[-1]
+    rows, notes = _headline(np.ones(5, bool), 5)
+    assert rows.all() and "tuned on themselves" in notes[-1]
+
+
+def test_a_label_without_positives_borrows_the_pooled_weights() -> None:
+    """Fit where one label has no positive row, the lowest predictor would win that label; it takes
+    the weights fitted on the other labels pooled instead."""
+    rng = np.random.default_rng(9)
+    y = _labels(rng, 1500)
+    y[:, 1] = 0
+    candidates = np.stack([_noisy(rng, y, sd) for sd in (1.0, 2.0)])
+    candidates[1, :, 1] = 1e-6  # candidate 1 "knows" label 1 never fires here
+    weights = fit_simplex_weights(y, candidates)
+    others = [0, 2, 3, 4, 5]
+    pooled = fit_simplex_weights(y[:, others].T.reshape(-1, 1), candidates[:, :, others].transpose(0, 2, 1).reshape(2, -1, 1))
+    np.testing.assert_allclose(weights[:, 1], pooled[:, 0])
+    assert weights[0, 1] > 0.5  # the better candidate, not the one predicting zeros
