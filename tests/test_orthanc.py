@@ -28,6 +28,7 @@ class Orthanc:
     def __init__(self, root: Path, listener_port: int):
         self.http, self.dicom = free_port(), free_port()
         storage = root / "storage"
+        storage.mkdir(parents=True, exist_ok=True)
         config = {"Name": "test", "StorageDirectory": str(storage), "IndexDirectory": str(storage),
                   "HttpPort": self.http, "DicomPort": self.dicom, "DicomAet": "ORTHANC",
                   "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomAlwaysAllowStore": True,
