@@ -85,7 +85,7 @@ rdzv = --nnodes=$(NNODES) --rdzv_backend=c10d --rdzv_endpoint=$(RDZV_ENDPOINT) -
 launch = $(if $(and $(GPUS),$(if $(SPREAD),,ddp)),$(VENV)/bin/torchrun $(if $(NNODES),$(rdzv),--standalone) --nproc_per_node=$(GPUS),$(PY))
 need = @test -n "$($(1))" || { echo "make $@: set $(1)=<$(2)>"; exit 2; }
 
-.PHONY: help setup demo test test-all synthetic data prepare cache oof tensorboard list-models plan stack submission submit leaderboard \
+.PHONY: help setup demo test test-all test-orthanc synthetic data prepare cache oof tensorboard list-models plan stack submission submit leaderboard \
         explain report predict listen export bench bench-metadata bench-features bench-train gpu-check clean-work
 
 help: ## list the targets
@@ -106,6 +106,9 @@ test: $(STAMP) ## run the fast test suite (what CI runs)
 
 test-all: $(STAMP) ## run every test, slow ones included
 	$(PY) -m pytest -q
+
+test-orthanc: $(STAMP) ## the DICOM node against a real Orthanc on 127.0.0.1 (apt-get install orthanc; skips without it)
+	$(PY) -m pytest -q -m slow tests/test_orthanc.py
 
 # The demo: three small CNNs that differ in architecture and window combination, a short Optuna study.
 DEMO_MODELS ?= tiny_resnet tiny_byobnet tiny_efficientnet

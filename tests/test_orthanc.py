@@ -58,6 +58,22 @@ class Orthanc:
         return json.loads(self.request(path, data))
 
 
+def as_a_scanner_sends(path: Path) -> bytes:
+    """The file's bytes with SOPClassUID in the dataset: Kaggle's de-identification stripped it from the
+    competition files (it survives only in the file meta), and Orthanc cannot C-STORE an instance
+    without it ("Unable to determine the SOP class/instance"); a scanner's or PACS's files carry it."""
+    import io
+
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    if "SOPClassUID" not in ds:
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
 def test_orthanc_routes_a_study_to_the_listener_and_gets_the_results(tmp_path):
     from conftest import prepare_tiny_competition
     from level1_models.train import run_model
@@ -77,7 +93,7 @@ def test_orthanc_routes_a_study_to_the_listener_and_gets_the_results(tmp_path):
         cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
     try:
         for f in files:
-            orthanc.post("/instances", f.read_bytes())
+            orthanc.post("/instances", as_a_scanner_sends(f))
         (study,) = orthanc.get("/studies")
         deadline = time.monotonic() + 300
         while not echo(port, "ORTHANC"):  # the listener loads its models before it listens
