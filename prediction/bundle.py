@@ -152,6 +152,16 @@ def check_preprocessing(manifest: dict, members: Sequence[Member], path: Path) -
                           f"differ): predictions would not be the models'; use the project version that exported it")
 
 
+def check_member_names(members: Sequence[Member], path: Path) -> None:
+    """Each model is read from ``models/<name>/fold<k>``: a name or fold that is not one plain part would leave it."""
+    for m in members:
+        if safe_name(m.name) is None or PurePosixPath(m.name).parts != (m.name,) or not all(
+                type(k) is int and k >= 0 for k in m.folds):
+            raise BundleError(f"{path}: refusing model {m.name!r} (folds {list(m.folds)}) of its manifest: a model is "
+                              f"one plain folder name with whole fold numbers; the archive was not written by "
+                              f"`make export`")
+
+
 def unpack(tar: tarfile.TarFile, manifest: dict, into: Path, path: Path) -> None:
     """Extract the listed files into ``into``, checking names, kinds and hashes."""
     listed = dict(manifest.get("files", {}))
@@ -189,6 +199,7 @@ def open_bundle(path: Path | str, models: Sequence[str] | None = None) -> Ensemb
     with tar:
         manifest = read_manifest(tar, path)
         members = [Member(**{**m, "folds": tuple(m["folds"])}) for m in manifest["members"]]
+        check_member_names(members, path)
         check_preprocessing(manifest, members, path)
         into = Path(tempfile.mkdtemp(prefix="rsna-bundle-"))
         atexit.register(shutil.rmtree, into, True)
