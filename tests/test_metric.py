@@ -20,6 +20,21 @@ def test_weighted_log_loss_equals_sklearn_with_sample_weights():
     assert weighted_log_loss(y, p) == pytest.approx(expected, rel=1e-12)
 
 
+def test_equals_sklearn_clipped_as_kaggle_did_with_literal_weights():
+    """Independent of the module's constants: Kaggle's log loss clipped at 1e-15, `any` (last) weighs 2."""
+    rng = np.random.default_rng(2)
+    y = (rng.random((400, 6)) < 0.3).astype(int)
+    p = rng.uniform(0.0, 1.0, size=(400, 6))
+    p[:40] = np.where(y[:40] == 1, 0.0, 1.0)  # confident mistakes: clipping decides their loss
+    p[40:80] = y[40:80].astype(float)  # confident hits, exactly 0 and 1
+    p[80:90] = 1e-9  # inside the competition's clip, outside a coarser one
+    clipped = np.clip(p, 1e-15, 1 - 1e-15)
+    weights = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 2.0])
+    per_label = [log_loss(y[:, j], clipped[:, j], labels=[0, 1]) for j in range(6)]
+    expected = float(np.dot(weights / weights.sum(), per_label))
+    assert weighted_log_loss(y, p) == pytest.approx(expected, rel=1e-9)
+
+
 def test_per_label_equals_sklearn():
     rng = np.random.default_rng(1)
     y = (rng.random((300, 6)) < 0.3).astype(int)
