@@ -1,7 +1,7 @@
 # RSNA Intracranial Hemorrhage Detection: from `kaggle competitions download` to `kaggle competitions submit`.
 # `make help` lists the targets. Variables (the users' interface, see README):
 #   DATA WORK N_FOLDS MODEL MODELS FOLDS EPOCHS IMG_SIZE BATCH LIMIT DEVICE GPUS SPREAD WORKERS TUNE TRIALS STORAGE THREADS STACKER ROWS FILE MESSAGE IMAGE TOP LABEL
-#   STUDY OUT BUNDLE STACK_OPTS NNODES NODE_RANK RDZV_ENDPOINT RDZV_ID TRACKER
+#   STUDY OUT BUNDLE STACK_OPTS NNODES NODE_RANK RDZV_ENDPOINT RDZV_ID TRACKER MUTATE_MODULES MUTATE_BUDGET MUTATE_JOBS
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -81,7 +81,7 @@ launch = $(if $(and $(GPUS),$(if $(SPREAD),,ddp)),$(VENV)/bin/torchrun $(if $(NN
 need = @test -n "$($(1))" || { echo "make $@: set $(1)=<$(2)>"; exit 2; }
 
 .PHONY: help setup demo test test-all synthetic data prepare cache oof tensorboard list-models plan stack submission submit \
-        explain report predict export bench bench-metadata bench-features bench-train gpu-check clean-work
+        explain report predict export mutate bench bench-metadata bench-features bench-train gpu-check clean-work
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -101,6 +101,16 @@ test: $(STAMP) ## run the fast test suite (what CI runs)
 
 test-all: $(STAMP) ## run every test, slow ones included
 	$(PY) -m pytest -q
+
+# make mutate: mutmut on the core modules, each against its own fast tests (tests/mutate.py), in a scratch
+# copy per module. MUTATE_MODULES picks some (metric dicom folds tabular bundle fold_split blend);
+# MUTATE_BUDGET is each module's wall-clock seconds (mutants not reached are reported as not run);
+# MUTATE_JOBS mutants at once (default: every core).
+MUTATE_MODULES ?=
+MUTATE_BUDGET  ?= 600
+MUTATE_JOBS    ?=
+mutate: $(STAMP) ## mutation score per core module: `mutate <module>: killed/total (score %)` + survivors (MUTATE_MODULES MUTATE_BUDGET MUTATE_JOBS)
+	$(PY) tests/mutate.py --budget $(MUTATE_BUDGET) $(if $(strip $(MUTATE_MODULES)),--modules "$(MUTATE_MODULES)") $(call opt,--jobs,$(MUTATE_JOBS))
 
 # The demo: three small CNNs that differ in architecture and window combination, a short Optuna study.
 DEMO_MODELS ?= tiny_resnet tiny_byobnet tiny_efficientnet
