@@ -36,8 +36,11 @@ TARGETS: dict[str, Target] = {
     "tabular": Target("features/tabular.py", ("tests/test_tabular_features.py",)),
     "bundle": Target("prediction/bundle.py", ("tests/test_bundle_safety.py",)),
     # the fold split of level 1: FoldData.build decides each fold's training and validation ids
-    "fold_split": Target("level1_models/train.py", ("tests/test_train.py",), "*FoldData*build*"),
-    "blend": Target("level2_stacking/blend.py", ("tests/test_stacker.py",)),
+    "fold_split": Target("level1_models/train.py", ("tests/test_train.py::test_fold_data_trains_only_on_other_folds",
+                                                    "tests/test_train.py::test_no_fold_model_sees_its_validation_labels"),
+                         "*FoldData*build*"),
+    "blend": Target("level2_stacking/blend.py", ("tests/test_stacker.py::test_blend_weights_and_the_any_rule",
+                                                "tests/test_blend_weights.py")),
 }
 
 DETECTED = {"killed", "timeout", "segfault", "caught by type check"}
@@ -119,8 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         score = 100.0 * killed / total if total else 0.0
         extra = f", {not_run} not run within {args.budget} s" if not_run else ""
         print(f"mutate {name}: {killed}/{total} ({score:.0f} %){extra}", flush=True)
+        by_function: dict[str, list[str]] = {}
         for s in survivors:
-            print(f"  survived: {s}", flush=True)
+            function, _, number = s.rpartition("__mutmut_")
+            by_function.setdefault(function, []).append(number)
+        for function, numbers in by_function.items():
+            print(f"  survived in {function}: {', '.join(numbers)}", flush=True)
     return 0
 
 
