@@ -81,7 +81,7 @@ launch = $(if $(and $(GPUS),$(if $(SPREAD),,ddp)),$(VENV)/bin/torchrun $(if $(NN
 need = @test -n "$($(1))" || { echo "make $@: set $(1)=<$(2)>"; exit 2; }
 
 .PHONY: help setup demo test test-all synthetic data prepare cache oof tensorboard list-models plan stack submission submit \
-        explain report predict export mutate bench bench-metadata bench-features bench-train gpu-check clean-work
+        explain report predict export mutate bench bench-checks bench-metadata bench-features bench-train gpu-check clean-work
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -220,6 +220,9 @@ gpu-check: $(STAMP) ## on a CUDA machine: resnet50 + efficientnet_b0 at 256 px f
 
 bench-stack: $(STAMP) ## level 2 at the real size (752k rows, 5 models, 256-dim embeddings; ROWS=n smaller): features, memory, LightGBM per thread count, sequence epoch, blend
 	$(PY) -m level2_stacking.bench $(call opt,--rows,$(ROWS)) $(call opt,--threads,$(THREADS))
+
+bench-checks: $(STAMP) ## speeds the tests no longer assert: a rerun of a finished synthetic generation, an offline missing-weights refusal
+	$(PY) tests/bench_checks.py
 
 bench: bench-metadata bench-features bench-stack ## every data benchmark, one `name: value unit` line per figure
 
