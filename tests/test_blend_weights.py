@@ -11,8 +11,9 @@ from level2_stacking.blend import any_at_least_subtypes, blend, fit_blend_weight
 def _probs(seed: int, n: int = 400) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     y = (rng.random((n, 6)) < 0.3).astype(float)
-    a = np.clip(0.7 * y + 0.3 * rng.random((n, 6)), 0.01, 0.99)  # a good stacker
-    b = np.clip(0.4 * y + 0.6 * rng.random((n, 6)), 0.01, 0.99)  # a weaker one
+    # Below 0.5: a mix whose weights do not sum to one is not clipped back into [0, 1].
+    a = np.clip(0.4 * y + 0.1 * rng.random((n, 6)), 0.01, 0.49)  # a good stacker
+    b = np.clip(0.25 * y + 0.25 * rng.random((n, 6)), 0.01, 0.49)  # a weaker one
     return y, a, b
 
 
