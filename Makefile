@@ -3,6 +3,7 @@
 #   DATA WORK N_FOLDS MODEL MODELS FOLDS EPOCHS IMG_SIZE BATCH LIMIT DEVICE GPUS SPREAD WORKERS TUNE TRIALS STORAGE THREADS STACKER ROWS FILE MESSAGE IMAGE TOP LABEL
 #   STUDY OUT BUNDLE STACK_OPTS NNODES NODE_RANK RDZV_ENDPOINT RDZV_ID TRACKER FORCE WAIT POLL LOG
 #   DICOM_OUT AE_TITLE PORT LISTEN_HOST ALLOW SETTLE DEST QUEUE (DICOM results and the DICOM node)
+#   MUTATE_MODULES MUTATE_BUDGET MUTATE_JOBS (make mutate)
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -86,7 +87,7 @@ launch = $(if $(and $(GPUS),$(if $(SPREAD),,ddp)),$(VENV)/bin/torchrun $(if $(NN
 need = @test -n "$($(1))" || { echo "make $@: set $(1)=<$(2)>"; exit 2; }
 
 .PHONY: help setup demo test test-all test-orthanc synthetic data prepare cache oof tensorboard list-models plan stack submission submit leaderboard \
-        explain report predict listen export bench bench-metadata bench-features bench-train gpu-check clean-work
+        explain report predict listen export mutate bench bench-checks bench-metadata bench-features bench-train gpu-check clean-work
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -109,6 +110,16 @@ test-all: $(STAMP) ## run every test, slow ones included
 
 test-orthanc: $(STAMP) ## the DICOM node against a real Orthanc on 127.0.0.1 (apt-get install orthanc; skips without it)
 	$(PY) -m pytest -q -m slow tests/test_orthanc.py
+
+# make mutate: mutmut on the core modules, each against its own fast tests (tests/mutate.py), in a scratch
+# copy per module. MUTATE_MODULES picks some (metric dicom folds tabular bundle fold_split blend);
+# MUTATE_BUDGET is each module's wall-clock seconds (mutants not reached are reported as not run);
+# MUTATE_JOBS mutants at once (default: every core).
+MUTATE_MODULES ?=
+MUTATE_BUDGET  ?= 600
+MUTATE_JOBS    ?=
+mutate: $(STAMP) ## mutation score per core module: `mutate <module>: killed/total (score %)` + survivors (MUTATE_MODULES MUTATE_BUDGET MUTATE_JOBS)
+	$(PY) tests/mutate.py --budget $(MUTATE_BUDGET) $(if $(strip $(MUTATE_MODULES)),--modules "$(MUTATE_MODULES)") $(call opt,--jobs,$(MUTATE_JOBS))
 
 # The demo: three small CNNs that differ in architecture and window combination, a short Optuna study.
 DEMO_MODELS ?= tiny_resnet tiny_byobnet tiny_efficientnet
@@ -231,6 +242,9 @@ gpu-check: $(STAMP) ## on a CUDA machine: resnet50 + efficientnet_b0 at 256 px f
 
 bench-stack: $(STAMP) ## level 2 at the real size (752k rows, 5 models, 256-dim embeddings; ROWS=n smaller): features, memory, LightGBM per thread count, sequence epoch, blend
 	$(PY) -m level2_stacking.bench $(call opt,--rows,$(ROWS)) $(call opt,--threads,$(THREADS))
+
+bench-checks: $(STAMP) ## speeds the tests no longer assert: a rerun of a finished synthetic generation, an offline missing-weights refusal
+	$(PY) tests/bench_checks.py
 
 bench: bench-metadata bench-features bench-stack ## every data benchmark, one `name: value unit` line per figure
 

@@ -1,7 +1,8 @@
 """The competition metric: weighted multi-label binary log loss.
 
 Each (image, label) pair contributes a binary log loss; `any` weighs 2, each subtype 1; the score
-is the weighted mean over all pairs. Probabilities are clipped away from 0 and 1.
+is the weighted mean over all pairs. Probabilities are clipped into [1e-15, 1 - 1e-15], as the
+competition's (Kaggle's) log loss did.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 
 from competition.constants import LABEL_WEIGHTS, LABELS
 
-EPS = 1e-7
+EPS = 1e-15  # as Kaggle's log loss clipped (not 1e-7: a confident miss costs 34.5 nats there, not 16.1)
 
 
 def _check(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

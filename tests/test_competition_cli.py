@@ -37,10 +37,12 @@ def test_prepare_writes_metadata_labels_folds(tmp_path, capsys):
     assert "kept" in again.stdout
 
 
-def test_default_work_folder_is_named_after_data(tmp_path, real_sample):
-    result = run("metadata", "--data", str(real_sample), "--workers", "1", cwd=tmp_path)
+def test_default_work_folder_is_named_after_data(tmp_path):
+    data = write_mini_competition(tmp_path / "data" / "rsna_mini")
+    (tmp_path / "here").mkdir()
+    result = run("metadata", "--data", str(data), "--workers", "1", cwd=tmp_path / "here")
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "work" / "rsna_sample" / "metadata.parquet").is_file()
+    assert (tmp_path / "here" / "work" / "rsna_mini" / "metadata.parquet").is_file()
 
 
 def test_errors_are_one_line(tmp_path, capsys):
