@@ -16,10 +16,12 @@ import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import prediction.bundle as bundle_module
 from competition.constants import LABELS
+from dicom_factory import random_stored, write_ct
 from level2_stacking.fitted import FORMAT as FITTED_FORMAT
 from level2_stacking.fitted import FittedStackError, load_fitted
 from prediction.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, BundleError, open_bundle, preprocessing, unpack
@@ -178,6 +180,8 @@ def test_make_predict_refuses_such_a_bundle_in_one_line(tmp_path):
     archive = _fitted_bundle(tmp_path / "fitted.tar", _booster_at("/etc/passwd"))
     study = tmp_path / "study"
     study.mkdir()
+    for k in range(3):  # a readable study: predict checks its input before it opens the bundle
+        write_ct(study / f"ID_0000000{k}.dcm", random_stored(np.random.default_rng(k)), z=float(k))
     run = subprocess.run([sys.executable, "-m", "prediction", "predict", "--bundle", str(archive), "--study",
                           str(study), "--device", "cpu", "--no-report"], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
