@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from sklearn.metrics import log_loss
 
 from level2_stacking.blend import any_at_least_subtypes, blend, fit_blend_weights
