@@ -1,7 +1,7 @@
 # RSNA Intracranial Hemorrhage Detection: from `kaggle competitions download` to `kaggle competitions submit`.
 # `make help` lists the targets. Variables (the users' interface, see README):
 #   DATA WORK N_FOLDS MODEL MODELS FOLDS EPOCHS IMG_SIZE BATCH LIMIT DEVICE GPUS SPREAD WORKERS TUNE TRIALS STORAGE THREADS STACKER ROWS FILE MESSAGE IMAGE TOP LABEL
-#   STUDY OUT BUNDLE STACK_OPTS NNODES NODE_RANK RDZV_ENDPOINT RDZV_ID TRACKER
+#   STUDY OUT BUNDLE STACK_OPTS NNODES NODE_RANK RDZV_ENDPOINT RDZV_ID TRACKER SCALE REHEARSAL_DIR
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -22,6 +22,8 @@ SUBMISSIONS ?= submissions
 SEED       ?= 0
 N          ?= 3000
 N_FOLDS    ?=
+SCALE      ?= 1.0
+REHEARSAL_DIR ?=
 
 # Level 1, level 2, submission and explanation options: empty means "the Python default".
 MODEL    ?=
@@ -81,7 +83,7 @@ launch = $(if $(and $(GPUS),$(if $(SPREAD),,ddp)),$(VENV)/bin/torchrun $(if $(NN
 need = @test -n "$($(1))" || { echo "make $@: set $(1)=<$(2)>"; exit 2; }
 
 .PHONY: help setup demo test test-all synthetic data prepare cache oof tensorboard list-models plan stack submission submit \
-        explain report predict export bench bench-metadata bench-features bench-train gpu-check clean-work
+        explain report predict export bench bench-metadata bench-features bench-train gpu-check clean-work rehearsal
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -212,6 +214,11 @@ bench-stack: $(STAMP) ## level 2 at the real size (752k rows, 5 models, 256-dim 
 	$(PY) -m level2_stacking.bench $(call opt,--rows,$(ROWS)) $(call opt,--threads,$(THREADS))
 
 bench: bench-metadata bench-features bench-stack ## every data benchmark, one `name: value unit` line per figure
+
+# The rehearsal: every stage at SCALE x the real counts (752,803 + 121,232 images) with the real code.
+rehearsal: $(STAMP) ## every stage at SCALE x the real 874k images (64 px; level 1 fabricated for the 5 recommended models + a real tiny CNN on LIMIT images): one line per stage (time, peak memory, rows, disk) and REHEARSAL_DIR/rehearsal.json (default work/rehearsal-SCALE; WORKERS LIMIT STACK_OPTS)
+	$(PY) -m rehearsal run --scale $(SCALE) $(call opt,--dir,$(REHEARSAL_DIR)) $(call opt,--workers,$(WORKERS)) \
+	  $(call opt,--limit,$(LIMIT)) $(if $(STACK_OPTS),--stack-opts "$(STACK_OPTS)")
 
 clean-work: ## delete the work folder of DATA (derived files only; DATA is never touched)
 	rm -rf $(if $(WORK),$(WORK),work/$(notdir $(abspath $(DATA))))

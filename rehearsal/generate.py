@@ -138,16 +138,16 @@ def write_series(task: tuple[str, list[dict]]) -> int:
     return written
 
 
-def _series_records(split: dict, ids: dict, rng: np.random.Generator, size: int) -> list[dict]:
+def _series_records(split: dict, ids: dict, rng: np.random.Generator, size: int, heads: int) -> list[dict]:
     starts = np.r_[0, np.cumsum(split["lengths"])[:-1]]
-    heads = rng.integers(0, HEADS, size=split["patient"].max() + 1)
+    head_of = rng.integers(0, heads, size=split["patient"].max() + 1)
     records = []
     for i, (start, n) in enumerate(zip(starts, split["lengths"])):
         p = split["patient"][i]
         records.append({
             "image_ids": ids["image"][start:start + n], "labels": split["labels"][start:start + n],
             "patient_id": ids["patient"][p], "study_id": ids["study"][i], "series_id": ids["series"][i],
-            "head": int(heads[p]), "x": -125.0, "y": round(float(rng.uniform(-140, -100)), 1),
+            "head": int(head_of[p]), "x": -125.0, "y": round(float(rng.uniform(-140, -100)), 1),
             "z0": round(float(rng.uniform(-150, 350)), 3), "pixel_spacing": round(230.0 / size, 6),
         })
     return records
@@ -200,7 +200,7 @@ def generate(out: Path | str, scale: float, *, size: int = 64, seed: int = 0, wo
                    "series": offsets["series"] + n_ser}
         folder = partial / f"stage_2_{s['split']}"
         folder.mkdir(parents=True)
-        records = _series_records(s, ids, rng, size)
+        records = _series_records(s, ids, rng, size, heads)
         tasks += [(str(folder), records[i:i + CHUNK]) for i in range(0, len(records), CHUNK)]
         _write_tables(partial, s["split"], ids["image"], s["labels"], rng)
     stacks = phantom_stacks(size, seed, heads)
