@@ -90,6 +90,7 @@ def test_runner_prints_a_line_per_stage_writes_json_and_resumes(tmp_path, monkey
     from rehearsal import run as run_module
 
     calls = tmp_path / "calls.txt"
+    monkeypatch.setattr(run_module, "baseline", lambda root: {"seconds": 0.01, "peak_mib": 10.0})  # no torch import
     monkeypatch.setattr(run_module.Rehearsal, "stages", lambda self: _stub_stages(self, calls, fail="beta"))
     with pytest.raises(SystemExit, match="stage 'beta' failed"):
         run_module.run(tmp_path / "r", 0.5, workers=1, limit=10, stack_opts=[])
@@ -102,7 +103,8 @@ def test_runner_prints_a_line_per_stage_writes_json_and_resumes(tmp_path, monkey
     assert saved["lines"] == summary["lines"] and [LINE.match(x).group(1) for x in saved["lines"]] == ["alpha", "beta", "gamma"]
     for r in saved["stages"].values():
         assert r["rows"] == 7 and r["peak_mib"] >= 30  # the child's 30 MiB buffer is in its stage's peak
-        assert r["seconds_scale_1"] == pytest.approx(r["seconds"] / 0.5)
+        start = min(r["seconds"], saved["baseline"]["seconds"])
+        assert r["seconds_scale_1"] == pytest.approx(start + (r["seconds"] - start) / 0.5)
 
 
 @pytest.mark.slow
