@@ -6,7 +6,7 @@ Each model gets, per fold, oof.parquet (its held-out rows), test.parquet (every 
 float16 embeddings of the model's real width (row i = row i of the table), then the assembled
 oof.parquet and the mean test.parquet, as level1_models writes them. Probabilities and embeddings
 are noisy views of the truth (level2_stacking.synthetic's FabricatedModel); embeddings are written
-in blocks of BLOCK rows into .npy memmaps, so memory stays bounded at the real size.
+in blocks of BLOCK rows, so memory stays bounded at the real size.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from level2_stacking.synthetic import FabricatedModel, _fold_views, _sigmoid, _t
 # 1024, the SE-ResNeXt / ResNeXt-101 ones 2048 (README: 2.8 GB and 5.6 GB of embeddings).
 WIDTHS = {"rsna1st_densenet121": 1024, "rsna1st_seresnext101": 2048, "rsna2nd_resnext101_wsl": 2048,
           "rsna3rd_seresnext50": 2048, "rsna11th_seresnext50": 2048}
-BLOCK = 65_536
+BLOCK = 16_384  # rows per block: 16,384 x 2048 float64 = 256 MiB at most
 
 
 def _truth(data: Path, paths: WorkPaths) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -44,13 +44,16 @@ def _truth(data: Path, paths: WorkPaths) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 def _write_embeddings(path: Path, y: np.ndarray, rows: np.ndarray, mix: np.ndarray, rng: np.random.Generator) -> None:
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(len(rows), mix.shape[1]))
-    for at in range(0, len(rows), BLOCK):
-        r = rows[at:at + BLOCK]
-        view = _true_logit(y[r]) + rng.normal(0.0, 1.5, size=(len(r), len(LABELS)))
-        out[at:at + len(r)] = (np.c_[view, rng.normal(size=(len(r), 2))] @ mix).astype(np.float16)
-    out.flush()
-    del out
+    """A float16 .npy written block by block with plain writes: neither the whole array nor a memmap's
+    dirty pages (which count as resident) are ever held."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,
+              "shape": (len(rows), mix.shape[1])}
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        for at in range(0, len(rows), BLOCK):
+            r = rows[at:at + BLOCK]
+            view = _true_logit(y[r]) + rng.normal(0.0, 1.5, size=(len(r), len(LABELS)))
+            f.write((np.c_[view, rng.normal(size=(len(r), 2))] @ mix).astype(np.float16).tobytes())
 
 
 def fabricate(data: Path, paths: WorkPaths, seed: int = 0, widths: dict[str, int] | None = None) -> int:
