@@ -35,8 +35,10 @@ RULES = {
 # Disk per image: a 64 px DICOM (8.8 kB, 12 KiB on disk) and its cache slice (7.4 KiB measured),
 # plus the five fabricated models' float16 embeddings (see warn).
 DISK_PER_IMAGE_KIB = 12 + 8
-# Measured at SCALE=0.05 on the shared 2-core machine (see the README's table), per 1,000 images.
-SECONDS_PER_1000_IMAGES = 8.0
+# Per 1,000 images, from SCALE=0.05 on the shared 2-core machine at a load average of 9 to 18
+# (2026-12-05): 15 s for generate to level 1, about 30 s for the tiny CNN's inference, level 2
+# about 15 s with 300 rounds and 2 sequence epochs. An idle machine is several times faster.
+SECONDS_PER_1000_IMAGES = 60.0
 
 
 @dataclass
