@@ -3,7 +3,7 @@
 #   DATA WORK N_FOLDS MODEL MODELS FOLDS EPOCHS IMG_SIZE BATCH LIMIT DEVICE GPUS SPREAD WORKERS TUNE TRIALS STORAGE THREADS STACKER ROWS FILE MESSAGE IMAGE TOP LABEL
 #   STUDY OUT BUNDLE STACK_OPTS NNODES NODE_RANK RDZV_ENDPOINT RDZV_ID TRACKER FORCE WAIT POLL LOG
 #   DICOM_OUT AE_TITLE PORT LISTEN_HOST ALLOW SETTLE DEST QUEUE (DICOM results and the DICOM node)
-#   MUTATE_MODULES MUTATE_BUDGET MUTATE_JOBS (make mutate)
+#   MUTATE_MODULES MUTATE_BUDGET MUTATE_JOBS (make mutate) SCALE REHEARSAL_DIR (make rehearsal)
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -28,6 +28,8 @@ FORCE ?=# 1: submit a file even if the log shows it was submitted before
 SEED       ?= 0
 N          ?= 3000
 N_FOLDS    ?=
+SCALE      ?= 1.0
+REHEARSAL_DIR ?=
 
 # Level 1, level 2, submission and explanation options: empty means "the Python default".
 MODEL    ?=
@@ -87,7 +89,7 @@ launch = $(if $(and $(GPUS),$(if $(SPREAD),,ddp)),$(VENV)/bin/torchrun $(if $(NN
 need = @test -n "$($(1))" || { echo "make $@: set $(1)=<$(2)>"; exit 2; }
 
 .PHONY: help setup demo test test-all test-orthanc synthetic data prepare cache oof tensorboard list-models plan stack submission submit leaderboard \
-        explain report predict listen export mutate bench bench-checks bench-metadata bench-features bench-train gpu-check clean-work
+        explain report predict listen export mutate bench bench-checks bench-metadata bench-features bench-train gpu-check clean-work rehearsal
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -247,6 +249,11 @@ bench-checks: $(STAMP) ## speeds the tests no longer assert: a rerun of a finish
 	$(PY) tests/bench_checks.py
 
 bench: bench-metadata bench-features bench-stack ## every data benchmark, one `name: value unit` line per figure
+
+# The rehearsal: every stage at SCALE x the real counts (752,803 + 121,232 images) with the real code.
+rehearsal: $(STAMP) ## every stage at SCALE x the real 874k images (64 px; level 1 fabricated for the 5 recommended models + a real tiny CNN on LIMIT images): one line per stage (time, peak memory, rows, disk) and REHEARSAL_DIR/rehearsal.json (default work/rehearsal-SCALE; WORKERS LIMIT STACK_OPTS)
+	$(PY) -m rehearsal run --scale $(SCALE) $(call opt,--dir,$(REHEARSAL_DIR)) $(call opt,--workers,$(WORKERS)) \
+	  $(call opt,--limit,$(LIMIT)) $(if $(STACK_OPTS),--stack-opts "$(STACK_OPTS)")
 
 clean-work: ## delete the work folder of DATA (derived files only; DATA is never touched)
 	rm -rf $(if $(WORK),$(WORK),work/$(notdir $(abspath $(DATA))))
