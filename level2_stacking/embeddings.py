@@ -15,6 +15,7 @@ about 3 x CHUNK_BYTES of chunks plus O(D^2) float64 moments (2048 dims: 32 MiB e
 """
 from __future__ import annotations
 
+import mmap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,15 @@ def chunk_rows(width: int) -> int:
     return max(1, CHUNK_BYTES // (4 * max(width, 1)))
 
 
+def release(array: np.ndarray) -> None:
+    """Unmap the pages of a memory-mapped file that this process has read (the page cache keeps
+    them): otherwise resident memory grows by every embedding file read, 25 GB for the five
+    recipes' models at the real size, which a memory limit would count."""
+    mapping = getattr(array, "_mmap", None)
+    if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
+
+
 def _moments(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean (D,) and centred Gram matrix (D, D) in float64, from float32 chunks of at most
     CHUNK_BYTES. Sums are taken about the first row (a shift), so that a large mean does not
@@ -78,6 +88,7 @@ def _moments(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     step = chunk_rows(d)
     for start in range(0, n, step):
         chunk = np.asarray(array[start:start + step], dtype=np.float32)
+        release(array)
         chunk -= shift
         total += chunk.sum(axis=0, dtype=np.float64)
         gram += chunk.T @ chunk
@@ -97,6 +108,7 @@ class LinearMap:
         step = chunk_rows(max(array.shape[1], weight.shape[1]))
         for start in range(0, len(array), step):
             chunk = np.asarray(array[start:start + step], dtype=np.float32)
+            release(array)
             chunk -= mean
             at = slice(start, start + len(chunk)) if rows is None else rows[start:start + len(chunk)]
             out[at] = chunk @ weight
@@ -135,6 +147,7 @@ def _cross(emb: FoldEmbeddings, mean_k: np.ndarray, reference: np.ndarray, to_re
         pair = at[start:start + step]
         rows = slice(start, start + len(pair)) if in_order else np.sort(pair)  # sorted: a memory map reads forward
         ek = np.asarray(emb.test[rows], dtype=np.float32)
+        release(emb.test)
         ek -= mean_k
         if not in_order:  # back to the reference's order within the chunk
             ek = ek[np.argsort(np.argsort(pair))]

@@ -167,3 +167,22 @@ def test_a_fold_whose_embeddings_are_another_folds_rows_is_refused(fabricated, t
     bad = frame.__class__(**{**frame.__dict__, "model_dirs": {**frame.model_dirs, "a": folder}})
     with pytest.raises(ValueError, match=r"a/fold1: the embedded OOF images are not exactly fold 1's rows"):
         build_sequence_inputs(bad, metadata)
+
+
+def _rss_file_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) / 1024
+    raise OSError("no RssFile")
+
+
+@pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_DONTNEED") or not __import__("os").path.exists(
+    "/proc/self/status"), reason="Linux only")
+def test_read_embedding_pages_do_not_stay_resident(tmp_path) -> None:
+    path = tmp_path / "emb.npy"
+    np.save(path, np.ones((16_384, 2048), np.float16))  # 64 MiB
+    array = np.load(path, mmap_mode="r")
+    before = _rss_file_mb()
+    mean, _ = _moments(array)
+    assert mean[0] == 1.0
+    assert _rss_file_mb() - before < 40  # without release() all 64 MiB of the file stay mapped in
