@@ -104,17 +104,21 @@ def _thread_counts(limit: int) -> list[int]:
 
 
 def _fabricate(root: Path, rows: int, widths: list[int]) -> WorkPaths:
+    paths = WorkPaths(root / "work")
+    _fabricate_into(paths, rows, widths)
+    return paths
+
+
+def _fabricate_into(paths: WorkPaths, rows: int, widths: list[int]) -> None:
     """Level 1's outputs: float64 probabilities (parquet) and float16 embeddings (width 0: none)."""
     slices = (20, 44)
     per_patient = sum(slices) / 2
     n_test = rows * REAL_TEST_ROWS / REAL_TRAIN_ROWS
     comp = fabricate_competition(n_patients=max(N_FOLDS, round(rows / per_patient)),
                                  n_test_patients=max(2, round(n_test / per_patient)), slices=slices, seed=0)
-    paths = WorkPaths(root / "work")
     names = [f"m{i}" for i in range(len(widths))]
     write_fabricated_work(paths, comp, {m: 1.5 + 0.2 * i for i, m in enumerate(names)}, seed=0)
     write_embeddings(paths.model_dir(names[0]).parent, comp.labels, {m: w for m, w in zip(names, widths) if w})
-    return paths
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,9 +134,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=20, help="boosting rounds timed per thread count")
     ap.add_argument("--seq-rows", type=int, default=50_000, help="train slices in the timed sequence epoch")
     ap.add_argument("--tmp", type=Path, default=None, help="folder for the fabricated work folder (default: the system's)")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="keep the fabricated work folder here, and reuse it when it exists (--rows, --models, "
+                         "--widths must then match what it was made with)")
+    ap.add_argument("--skip-lgbm", action="store_true", help="only the frame, the sequence model's phases and the blend")
     args = ap.parse_args(argv)
     listed = [int(w) for w in args.widths.split(",")]
     widths = [listed[i % len(listed)] for i in range(args.models)]
+    if args.work is not None:
+        paths = WorkPaths(args.work)
+        if not paths.metadata.is_file():
+            start = time.perf_counter()
+            _fabricate_into(paths, args.rows, widths)
+            print(f"fabricate_seconds: {time.perf_counter() - start:.1f} s (embedding widths {widths})", flush=True)
+        return _run(args, paths, pd.read_parquet(paths.metadata))
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         start = time.perf_counter()
         paths = _fabricate(Path(tmp), args.rows, widths)
@@ -156,16 +171,11 @@ def _run(args: argparse.Namespace, paths: WorkPaths, metadata: pd.DataFrame) -> 
     phases.report("frame", f"; features {frame.x_train.memory_usage().sum() / 2**30:.2f} GB train + "
                            f"{x_test_gb:.2f} GB test tables")
 
-    round_s, bin_s, sample = _lgbm_threads(args, frame)
-    top = min(round_s, key=lambda t: t * round_s[t])  # the fewest CPU-seconds per round (a busy box favours 1)
-    phases.start()
-    start = time.perf_counter()
-    result = cross_validate(frame.x_train, frame.y, frame.folds, frame.x_test,
-                            params={**DEFAULT_PARAMS, **sample, "num_threads": top}, num_boost_round=args.rounds,
-                            early_stopping_rounds=args.rounds, progress=False)
-    print(f"lgbm_cv_seconds: {time.perf_counter() - start:.1f} s ({top} threads, at most {args.rounds} rounds: "
-          f"inner fit + early stopping + refit, 6 labels x {N_FOLDS} folds, per-fold test tables)")
-    phases.report("lgbm_cv")
+    if args.skip_lgbm:
+        result = None
+    else:
+        round_s, bin_s, sample = _lgbm_threads(args, frame)
+        top, result = _lgbm_cv(args, frame, round_s, sample, phases)
 
     phases.start()
     start = time.perf_counter()
@@ -179,13 +189,36 @@ def _run(args: argparse.Namespace, paths: WorkPaths, metadata: pd.DataFrame) -> 
 
     phases.start()
     start = time.perf_counter()
-    other = np.clip(result.oof * 0.5 + 0.1, 0, 1)
-    blend(result.oof, other, fit_blend_weights(frame.y, result.oof, other))
+    first = frame.level1_oof[frame.models[0]] if result is None else result.oof
+    other = np.clip(first * 0.5 + 0.1, 0, 1)
+    blend(first, other, fit_blend_weights(frame.y, first, other))
     print(f"blend_seconds: {time.perf_counter() - start:.2f} s ({n} rows)")
     phases.report("blend")
     worst = max(phases.peaks, key=phases.peaks.get)
     print(f"peak_memory_max: {phases.peaks[worst]:.1f} GB at the real size ({worst}; target < 16 GB)")
+    if result is not None:
+        _estimates(args, round_s, bin_s, top, scale, epoch_s)
+    print(f"stack_estimate_16_cores_features: {feature_s * scale / 60:.1f} min (single-threaded)")
+    return 0
 
+
+def _lgbm_cv(args: argparse.Namespace, frame: StackFrame, round_s: dict[int, float], sample: dict[str, int],
+             phases: _Phases):
+    """One cross-validation as `make stack` runs it, at the thread count of the fewest CPU-seconds."""
+    top = min(round_s, key=lambda t: t * round_s[t])  # a busy box favours 1
+    phases.start()
+    start = time.perf_counter()
+    result = cross_validate(frame.x_train, frame.y, frame.folds, frame.x_test,
+                            params={**DEFAULT_PARAMS, **sample, "num_threads": top}, num_boost_round=args.rounds,
+                            early_stopping_rounds=args.rounds, progress=False)
+    print(f"lgbm_cv_seconds: {time.perf_counter() - start:.1f} s ({top} threads, at most {args.rounds} rounds: "
+          f"inner fit + early stopping + refit, 6 labels x {N_FOLDS} folds, per-fold test tables)")
+    phases.report("lgbm_cv")
+    return top, result
+
+
+def _estimates(args: argparse.Namespace, round_s: dict[int, float], bin_s: dict[int, float], top: int, scale: float,
+               epoch_s: float) -> None:
     speed = top / 16 / ASSUMED_EFFICIENCY
     lgbm_16 = (round_s[top] * ASSUMED_ROUNDS * 6 + 3 * bin_s[top]) * scale * N_FOLDS * speed
     print(f"stack_estimate_16_cores_lgbm: {lgbm_16 / 60:.0f} min (rule: per fold 3 binnings (inner fit, stop, refit) "
@@ -194,8 +227,6 @@ def _run(args: argparse.Namespace, paths: WorkPaths, metadata: pd.DataFrame) -> 
     seq_16 = epoch_s * SEQ_EPOCHS * N_FOLDS * args.threads / 16 / ASSUMED_EFFICIENCY
     print(f"stack_estimate_16_cores_sequence_cpu: {seq_16 / 60:.0f} min ({SEQ_EPOCHS} epochs x {N_FOLDS} folds on CPU, "
           f"same thread rule; on a GPU (DEVICE=cuda, the default when one is present) it leaves the CPU)")
-    print(f"stack_estimate_16_cores_features: {feature_s * scale / 60:.1f} min (single-threaded)")
-    return 0
 
 
 def _lgbm_threads(args: argparse.Namespace, frame: StackFrame
