@@ -142,10 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     listed = [int(w) for w in args.widths.split(",")]
     widths = [listed[i % len(listed)] for i in range(args.models)]
     if args.work is not None:
-        paths = WorkPaths(args.work)
-        if not paths.metadata.is_file():
+        paths, done = WorkPaths(args.work), args.work / "fabricated.txt"  # written last: an interrupted one is redone
+        if not done.is_file():
             start = time.perf_counter()
             _fabricate_into(paths, args.rows, widths)
+            done.write_text(f"rows {args.rows}, widths {widths}\n")
             print(f"fabricate_seconds: {time.perf_counter() - start:.1f} s (embedding widths {widths})", flush=True)
         return _run(args, paths, pd.read_parquet(paths.metadata))
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
