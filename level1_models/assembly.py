@@ -32,6 +32,21 @@ def check_same_model(folder: ModelFolder, cfg: TrainConfig) -> None:
                           f"delete that folder or pass another --work to train this variant")
 
 
+def epoch_choice_pooled(done: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """The best and the last epoch's validation loss pooled over the finished folds (row-weighted:
+    the metric is a mean over rows), and how much choosing the best epoch on its own fold flatters
+    the OOF (``flattery`` = last - best, >= 0). Empty for folds run before these were recorded."""
+    folds = [s for s in done.values() if "last_epoch_val_loss" in s]
+    if not folds or len(folds) != len(done):
+        return {}
+    n = np.array([s["n_val_scored"] for s in folds], dtype=np.float64)
+    best = float(np.dot(n, [s["best_epoch_val_loss"] for s in folds]) / n.sum())
+    last = float(np.dot(n, [s["last_epoch_val_loss"] for s in folds]) / n.sum())
+    return {"select": folds[0]["select"], "best_epoch_val_weighted_log_loss": best,
+            "last_epoch_val_weighted_log_loss": last, "flattery": last - best,
+            "note": "per-epoch validation pass (val_tta) over the fold's OOF rows; best = the epoch chosen on them"}
+
+
 def assemble(cfg: TrainConfig, inputs: RunInputs, folder: ModelFolder) -> dict[str, Any]:
     """Metrics over the finished folds; ``oof.parquet`` / ``test.parquet`` once every fold is done."""
     all_folds = inputs.fold_numbers
@@ -56,6 +71,9 @@ def assemble(cfg: TrainConfig, inputs: RunInputs, folder: ModelFolder) -> dict[s
         "folds": {str(k): {**s["metrics"], "best_epoch": s["best_epoch"], "epochs_run": s["epochs_run"],
                            "prior_weighted_log_loss": s["prior_weighted_log_loss"]} for k, s in sorted(done.items())},
     }
+    choice = epoch_choice_pooled(done)
+    if choice:
+        metrics["epoch_choice"] = choice
     if oofs:
         pooled = pd.concat(oofs, ignore_index=True).sort_values("image_id", ignore_index=True)
         # Scored on the readable images (unreadable ones carry the prior, not a prediction).

@@ -20,6 +20,7 @@ SCHEDULERS = ("cosine", "constant", "step", "cosine_restarts")
 TTA_MODES = ("none", "hflip")
 LOSSES = ("metric", "bce")
 LR_SCALES = ("auto", "linear", "sqrt", "none")
+SELECTS = ("best", "last")
 MIN_IMG_SIZE = 32  # the smallest input every backbone of the zoo accepts (five stride-2 stages)
 
 
@@ -55,7 +56,11 @@ class ModelSpec:
     # Exponential moving average of the weights (decay per optimiser step, timm's ModelEmaV3 with
     # warmup; 0: off). The average is what is validated, kept as best.pt and predicted with.
     ema: float = 0.0
-    patience: int = 3  # early stopping: epochs without a better validation loss
+    patience: int = 3  # early stopping: epochs without a better validation loss (select=best only)
+    # Which epoch's weights a fold keeps (best.pt) and predicts with: best = the lowest validation
+    # loss (chosen on the fold it then reports, so its OOF flatters it); last = the final epoch,
+    # every epoch run (no early stopping), so the OOF is not chosen on itself.
+    select: str = "best"
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     output_stride: int = 32  # < 32 dilates the last stages (timm's output_stride)
@@ -72,7 +77,8 @@ class ModelSpec:
             raise ValueError(f"spec {self.name}: unknown scheduler {self.scheduler!r}; known: {', '.join(SCHEDULERS)}")
         for field_name, value, known in (("optimizer", self.optimizer, OPTIMIZERS), ("tta", self.tta, TTA_MODES),
                                          ("val_tta", self.val_tta, TTA_MODES), ("loss", self.loss, LOSSES),
-                                         ("lr_scale", self.lr_scale, LR_SCALES)):
+                                         ("lr_scale", self.lr_scale, LR_SCALES),
+                                         ("select", self.select, SELECTS)):
             if value not in known:
                 raise ValueError(f"spec {self.name}: unknown {field_name} {value!r}; known: {', '.join(known)}")
         if not 0.0 < self.epoch_fraction <= 1.0:

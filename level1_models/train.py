@@ -261,7 +261,9 @@ def record_epoch(cfg: TrainConfig, rt: Runtime, folder: ModelFolder, fold: int, 
     st.history.append(row)
     st.epoch, st.samples, st.progress = number, st.samples + st.progress.samples, EpochProgress()
     if rt.env.is_main:
-        if improved:  # the weights that were validated (the average, with ema), from the uncompiled core
+        # The weights that were validated (the average, with ema), from the uncompiled core: the best
+        # epoch's, or with select=last every epoch's in turn (the final one stays).
+        if improved or cfg.select == "last":
             save_checkpoint(folder.best(fold), make_state(cfg, judged_model(trainer, core), fold, number,
                                                           val_weighted_log_loss=float(val_loss)))
         save_resume(folder.last(fold), folder.previous(fold), cfg, core, fold, trainer, st, [], layout)
@@ -328,7 +330,7 @@ def train_fold(
                 save_resume(last, previous, cfg, core, fold, trainer, st, rngs, layout)
             clock.reset()
 
-    while st.epoch < cfg.epochs and st.bad_epochs < cfg.patience:
+    while st.epoch < cfg.epochs and (cfg.select == "last" or st.bad_epochs < cfg.patience):
         number = st.epoch + 1  # epochs are numbered from 1 in files and logs
         seed = stage_seed(cfg, fold, number)
         batches = epoch_micro_batches(len(fd.train_ids), cfg.batch_size, env.world_size, cfg.accumulate, seed,
@@ -400,6 +402,18 @@ def predict_split(cfg: TrainConfig, rt: Runtime, inputs: RunInputs, eval_model: 
     return probs
 
 
+def epoch_choice(cfg: TrainConfig, history: list[dict], n_scored: int) -> dict[str, Any]:
+    """How much choosing the best epoch on the fold flatters its OOF: the per-epoch validation loss
+    (the fold's OOF rows, ``val_tta``) of the best and of the last epoch, beside the rule used."""
+    losses = [float(row["val_weighted_log_loss"]) for row in history]
+    if not losses:
+        return {"select": cfg.select}
+    best = int(np.argmin(losses))
+    return {"select": cfg.select, "n_val_scored": n_scored,
+            "best_epoch_val_loss": losses[best], "best_epoch_by_val": best + 1,
+            "last_epoch_val_loss": losses[-1], "last_epoch": len(losses)}
+
+
 def finish_fold(cfg: TrainConfig, fd: FoldData, inputs: RunInputs, folder: ModelFolder, rt: Runtime,
                 core: torch.nn.Module, eval_model: torch.nn.Module, y_val: np.ndarray, val_ids: list[str],
                 st: FoldState, predict_kwargs: dict) -> dict[str, Any]:
@@ -427,8 +441,9 @@ def finish_fold(cfg: TrainConfig, fd: FoldData, inputs: RunInputs, folder: Model
         "n_val_unreadable": int((~fd.val_readable).sum()),
         "n_test": len(inputs.test_ids),
         "n_test_unreadable": int((~fd.test_readable).sum()),
-        "best_epoch": int(best_state["epoch"]),
+        "best_epoch": int(best_state["epoch"]),  # the kept epoch: the last one with select=last
         "epochs_run": len(st.history),
+        **epoch_choice(cfg, st.history, len(y_val)),
         "stopped_early": len(st.history) < cfg.epochs,
         "metrics": score(y_val, readable_oof),
         "prior_weighted_log_loss": prior_score(inputs.label_array(all_train), y_val),

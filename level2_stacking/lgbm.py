@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 import lightgbm as lgb
 import numpy as np
 import pandas as pd
-from competition.progress import progress_bar
+from scipy.stats import rankdata
 
 from competition.constants import LABELS
 from competition.metric import weighted_log_loss
+from competition.progress import progress_bar
 
 
 def default_threads() -> int:
@@ -55,11 +56,71 @@ DEFAULT_PARAMS: dict[str, object] = {
     "lambda_l1": 0.0,
     "lambda_l2": 1.0,
 }
+# From this many training rows on, the defaults above are used as they are (the real competition
+# has 752k); below, ``sized_params`` shrinks the trees, raises L2 and pre-selects features.
+FULL_SIZE_ROWS = 200_000
+# Our own key (LightGBM never sees it): per label, keep at most this many features, chosen on the
+# training rows of each fold (``preselect``); absent or None: every feature.
+MAX_FEATURES = "max_features"
 NUM_BOOST_ROUND = 5000
 EARLY_STOPPING_ROUNDS = 100
 # A round must gain at least this much held-out log loss to count as progress: on nearly
 # separable data the loss creeps down by 1e-7 a round for thousands of rounds otherwise.
 EARLY_STOPPING_MIN_DELTA = 1e-5
+
+
+def sized_params(n_rows: int, base: Mapping[str, object] = DEFAULT_PARAMS) -> dict[str, object]:
+    """``base`` with regularisation and feature count scaled to ``n_rows`` training rows.
+
+    Below ``FULL_SIZE_ROWS``: fewer leaves (n/200, 7..31), fewer rows a leaf (n/40, 20..100, so
+    a leaf still needs a few patients' slices), more L2 (20k/n, 1..10) and at most n/25 features
+    (>= 24) a label. At 835 rows that is 7 leaves and 33 of 489 features; at 752k, ``base``.
+    """
+    params = dict(base)
+    if n_rows >= FULL_SIZE_ROWS:
+        return params
+    n = max(int(n_rows), 1)
+    max_features = max(24, n // 25)
+    params.update(
+        num_leaves=int(np.clip(n // 200, 7, 31)),
+        min_data_in_leaf=int(np.clip(n // 40, 20, 100)),
+        lambda_l2=float(np.clip(20_000 / n, 1.0, 10.0)),
+        feature_fraction=0.8 if max_features < 64 else 0.5,  # few features left: sample most of them
+    )
+    params[MAX_FEATURES] = max_features
+    return params
+
+
+def _rank_columns(x: np.ndarray) -> np.ndarray:
+    """Column-wise ranks (average of ties; NaN ranked as the column's middle), centred."""
+    filled = np.where(np.isnan(x), np.nanmedian(np.where(np.isnan(x).all(0), 0.0, x), axis=0), x)
+    ranks = rankdata(filled, axis=0)
+    return ranks - ranks.mean(axis=0)
+
+
+def preselect(x: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
+    """Boolean mask of the ``k`` columns of ``x`` with the largest |rank correlation| with ``y``
+    (all columns when k >= their count; none preferred when y is constant: the first k)."""
+    if k >= x.shape[1]:
+        return np.ones(x.shape[1], dtype=bool)
+    yc = y - y.mean()
+    if not yc.any():
+        score = -np.arange(x.shape[1], dtype=np.float64)
+    else:
+        r = _rank_columns(x)
+        denom = np.sqrt((r ** 2).sum(axis=0) * (yc ** 2).sum())
+        score = np.abs(r.T @ yc) / np.where(denom > 0, denom, np.inf)
+    keep = np.zeros(x.shape[1], dtype=bool)
+    keep[np.argsort(-score, kind="stable")[:k]] = True
+    return keep
+
+
+def _masked(x: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``x`` with the dropped columns all NaN: LightGBM never splits on them, and the booster still
+    takes the full feature table (what `make predict` and the test rows hand it)."""
+    out = x.copy()
+    out[:, ~keep] = np.nan
+    return out
 
 
 @dataclass(frozen=True)
@@ -99,6 +160,17 @@ def _test_matrices(x_test: TestFeatures, fold_ids: np.ndarray, n_features: int) 
     return {int(f): matrix for f in fold_ids}
 
 
+def _dataset(xm: np.ndarray, rows: np.ndarray, y: np.ndarray, names: list[str] | str, params: dict[str, object],
+             keep: np.ndarray | None, reuse: lgb.Dataset | None, reference: lgb.Dataset | None = None) -> lgb.Dataset:
+    """The binned Dataset of ``rows`` with target ``y``: ``reuse`` relabelled when given, else
+    binned anew (only the ``keep`` columns usable when given)."""
+    if reuse is not None:
+        reuse.set_label(y[rows])
+        return reuse
+    data = xm[rows] if keep is None else _masked(xm[rows], keep)
+    return lgb.Dataset(data, label=y[rows], feature_name=names, reference=reference, params=params).construct()
+
+
 def _train(params: dict[str, object], dtrain: lgb.Dataset, rounds: int, dvalid: lgb.Dataset | None = None,
            early_stopping_rounds: int | None = None) -> tuple[lgb.Booster, int]:
     callbacks = ([lgb.early_stopping(early_stopping_rounds, verbose=False, min_delta=EARLY_STOPPING_MIN_DELTA)]
@@ -134,6 +206,7 @@ def cross_validate(
     ``num_boost_round`` rounds on all training folds (sklearn's cross_val_predict).
     """
     params = {**DEFAULT_PARAMS, **(params or {})}
+    max_features = params.pop(MAX_FEATURES, None)
     feature_names = [str(c) for c in x.columns] if isinstance(x, pd.DataFrame) else "auto"
     xm = _as_matrix(x)
     y = np.asarray(y, dtype=np.float64)
@@ -163,24 +236,24 @@ def cross_validate(
         # Each Dataset is binned at once, so its copy of the rows is freed before the next is made
         # (at 752k rows x 800 features a copy is ~2 GB); the refit's Dataset is made only after the
         # early-stopping pair is freed, so at most two binned Datasets live at a time.
-        dfit = lgb.Dataset(xm[fit], label=y[fit, 0], feature_name=feature_names, params=params).construct()
-        dstop = (lgb.Dataset(xm[inner], label=y[inner, 0], reference=dfit, params=params).construct()
-                 if early_stopping_rounds else None)
+        keeps = ([preselect(xm[fit], y[fit, j], max_features) for j in range(len(LABELS))]
+                 if max_features is not None and max_features < xm.shape[1] else [None] * len(LABELS))
+        reuse = keeps[0] is None  # one binning for the six labels (only the target changes)
+        dfit = dstop = None
         boosters: list[tuple[lgb.Booster, int]] = []
         for j in range(len(LABELS)):
-            if j:  # reuse the binned Datasets; only the target changes
-                dfit.set_label(y[fit, j])
-                if dstop is not None:
-                    dstop.set_label(y[inner, j])
+            dfit = _dataset(xm, fit, y[:, j], feature_names, params, keeps[j], dfit if reuse else None)
+            if early_stopping_rounds:
+                dstop = _dataset(xm, inner, y[:, j], feature_names, params, None, dstop if reuse else None,
+                                 reference=dfit)
             boosters.append(_train(params, dfit, num_boost_round, dstop, early_stopping_rounds))
             if not (early_stopping_rounds and refit):
                 bar.update(1)
         del dfit, dstop
         if early_stopping_rounds and refit:  # every training fold, more rounds for more rows
-            dall = lgb.Dataset(xm[train], label=y[train, 0], feature_name=feature_names, params=params).construct()
+            dall = None
             for j, (_, rounds) in enumerate(boosters):
-                if j:
-                    dall.set_label(y[train, j])
+                dall = _dataset(xm, train, y[:, j], feature_names, params, keeps[j], dall if reuse else None)
                 boosters[j] = _train(params, dall, max(1, round(rounds * train.sum() / fit.sum())))
                 bar.update(1)
             del dall

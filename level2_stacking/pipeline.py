@@ -37,7 +37,9 @@ from level2_stacking.frame import (
     EMBEDDINGS_OOF_FILE, EMBEDDINGS_TEST_FILE, OOF_FILE, TEST_FILE, StackFrame, StackFrameError, align_exact,
     build_stack_frame, fold_dir, resolve_models,
 )
-from level2_stacking.lgbm import DEFAULT_PARAMS, EARLY_STOPPING_ROUNDS, NUM_BOOST_ROUND, cross_validate, default_threads
+from level2_stacking.lgbm import (
+    FULL_SIZE_ROWS, EARLY_STOPPING_ROUNDS, NUM_BOOST_ROUND, cross_validate, default_threads, sized_params,
+)
 from level2_stacking.report import (
     BLEND_ROW, LGBM_ROW, SEQ_ROW, STACK_ROW, STACK_SLICES_ROW, format_table, oof_sources, score_table, study_table,
 )
@@ -160,7 +162,8 @@ def _choose_params(paths: WorkPaths, frame, s: StackSettings) -> tuple[dict[str,
         return params, f"tuned ({best_path.name})", rows
     saved = load_best_params(best_path)
     if saved is None:
-        return dict(DEFAULT_PARAMS), "default", None
+        n = len(frame.y)  # untuned: the defaults sized to the train rows (as they are from FULL_SIZE_ROWS on)
+        return sized_params(n), "default" if n >= FULL_SIZE_ROWS else f"default, sized to {n} rows", None
     if sorted(saved.get("models", [])) != sorted(frame.models):
         print(f"note: {best_path.name} was tuned on models {saved.get('models')}, stacking {frame.models}")
     rows = _tuning_rows(paths, frame, float(saved.get("tune_share", TUNE_SHARE)))

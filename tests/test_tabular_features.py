@@ -66,6 +66,9 @@ def brute_force(meta: pd.DataFrame, preds: dict[str, pd.DataFrame], cfg: Tabular
                         nxt = v[i + d] if i + d < len(v) else np.nan
                         rec[pre + f"prev{d}"], rec[pre + f"next{d}"] = prev, nxt
                         rec[pre + f"diff_prev{d}"], rec[pre + f"diff_next{d}"] = v[i] - prev, v[i] - nxt
+                    for d in cfg.any_shifts if label == "any" else ():
+                        rec[pre + f"prev{d}"] = v[i - d] if i - d >= 0 else np.nan
+                        rec[pre + f"next{d}"] = v[i + d] if i + d < len(v) else np.nan
                 roll = pd.Series(v)
                 for w in cfg.rolling_windows:
                     means = roll.rolling(w, center=True, min_periods=1).mean()
@@ -91,11 +94,14 @@ def brute_force(meta: pd.DataFrame, preds: dict[str, pd.DataFrame], cfg: Tabular
     return out.reset_index()
 
 
-@pytest.mark.parametrize("k, windows, row_order, diffs", [(5, (3, 5, 9), "input", True), (2, (7, 3), "series", False),
-                                                          (0, (3,), "input", True)])
-def test_features_equal_brute_force(k: int, windows: tuple[int, ...], row_order: str, diffs: bool) -> None:
+@pytest.mark.parametrize("k, windows, row_order, diffs, any_shifts", [
+    (5, (3, 5, 9), "input", True, ()), (2, (7, 3), "series", False, ()), (0, (3,), "input", True, ()),
+    (3, (3, 21), "input", False, (6, 11)), (1, (9,), "series", True, (10, 4)),
+])
+def test_features_equal_brute_force(k: int, windows: tuple[int, ...], row_order: str, diffs: bool,
+                                    any_shifts: tuple[int, ...]) -> None:
     meta, preds = fabricate(seed=k)
-    cfg = TabularFeatureConfig(k_neighbours=k, rolling_windows=windows, diffs=diffs)
+    cfg = TabularFeatureConfig(k_neighbours=k, rolling_windows=windows, diffs=diffs, any_shifts=any_shifts)
     fast = build_tabular_features(preds, meta, cfg, row_order=row_order)
     slow = brute_force(meta, preds, cfg)
     assert list(fast.columns) == ["image_id", *feature_names(["cnn_a", "cnn_b"], cfg)]

@@ -236,6 +236,39 @@ def test_with_ema_the_validated_average_is_what_best_pt_keeps_and_predicts(tmp_p
     assert plain["pooled"]["weighted_log_loss"] != pytest.approx(metrics["pooled"]["weighted_log_loss"], rel=1e-6)
 
 
+@pytest.mark.parametrize("select", ["best", "last"])
+def test_select_keeps_the_best_or_the_last_epochs_weights(tmp_path, monkeypatch, select):
+    """Scripted validation losses (best at epoch 2, then worse): select=best keeps epoch 2's weights
+    and stops after patience; select=last runs every epoch and keeps the last. Both record the best
+    and the last epoch's validation loss, pooled by rows into metrics.json."""
+    import level1_models.train as train_module
+    script = [0.5, 0.3, 0.4, 0.45]
+    ran = 3 if select == "best" else 4  # best: epoch 3 is worse and patience 1 stops there
+    calls = []
+
+    def scripted(y, p):  # one call per epoch; fold 1 starts the script over
+        calls.append(len(y))
+        return script[(len(calls) - 1) % ran]
+
+    monkeypatch.setattr(train_module, "weighted_log_loss", scripted)
+    inputs = make_inputs(n_train=48, n_test=8)
+    cfg = small_config(epochs=4, batch_size=8, tta="none", patience=1, select=select)
+    metrics = run_oof(cfg, inputs, tmp_path / "m", CPU)
+    folder = ModelFolder(tmp_path / "m")
+    for k in (0, 1):
+        done = json.loads(folder.fold_done(k).read_text())
+        assert done["epochs_run"] == ran and done["last_epoch"] == ran
+        assert done["best_epoch"] == (2 if select == "best" else 4)
+        assert load_checkpoint(folder.best(k))["epoch"] == done["best_epoch"]
+        assert done["best_epoch_val_loss"] == 0.3 and done["best_epoch_by_val"] == 2
+        assert done["last_epoch_val_loss"] == script[ran - 1]
+    assert len(calls) == 2 * ran
+    choice = metrics["epoch_choice"]
+    assert choice["select"] == select
+    assert choice["best_epoch_val_weighted_log_loss"] == pytest.approx(0.3)
+    assert choice["flattery"] == pytest.approx(script[ran - 1] - 0.3)
+
+
 def test_overrides_are_typed_and_unknown_fields_named():
     sets = parse_sets(["lr=3e-4", "augment=false", "folds=0,2", "limit=none", "compile=1"])
     assert sets == {"lr": 3e-4, "augment": False, "folds": (0, 2), "limit": None, "compile": True}
