@@ -36,9 +36,11 @@ import pandas as pd
 from competition.paths import WorkPaths
 from features.tabular import TabularFeatureConfig
 from level2_stacking.bench_inputs import write_embeddings
-from level2_stacking.blend import blend, fit_blend_weights
+from level2_stacking.blend import choose_blend, nested_blend
+from level2_stacking.choices import assemble
 from level2_stacking.frame import StackFrame, build_stack_frame
 from level2_stacking.lgbm import DEFAULT_PARAMS, cross_validate, default_threads
+from level2_stacking.report import LGBM_ROW, SEQ_ROW
 from level2_stacking.sequence import SequenceSettings, fit_series_model, predict_series
 from level2_stacking.sequence_data import SequenceInputs, build_sequence_inputs
 from level2_stacking.synthetic import fabricate_competition, write_fabricated_work
@@ -190,10 +192,15 @@ def _run(args: argparse.Namespace, paths: WorkPaths, metadata: pd.DataFrame) -> 
 
     phases.start()
     start = time.perf_counter()
+    # make stack's blend: every candidate (LightGBM, a stand-in for the sequence model, each level-1
+    # model, their mean), fold k's weights and `any` rule chosen on the other folds, then the final fit.
     first = frame.level1_oof[frame.models[0]] if result is None else result.oof
     other = np.clip(first * 0.5 + 0.1, 0, 1)
-    blend(first, other, fit_blend_weights(frame.y, first, other))
-    print(f"blend_seconds: {time.perf_counter() - start:.2f} s ({n} rows)")
+    test = frame.level1_test[frame.models[0]] if result is None else result.test
+    names, candidates, _ = assemble(frame, {LGBM_ROW: first, SEQ_ROW: other}, {LGBM_ROW: test, SEQ_ROW: test})
+    nested_blend(names, frame.y, frame.folds, candidates)
+    choose_blend(names, frame.y, candidates)
+    print(f"blend_seconds: {time.perf_counter() - start:.2f} s ({n} rows, {len(names)} candidates, nested + final)")
     phases.report("blend")
     worst = max(phases.peaks, key=phases.peaks.get)
     print(f"peak_memory_max: {phases.peaks[worst]:.1f} GB at the real size ({worst}; target < 16 GB)")
