@@ -18,15 +18,23 @@ from competition.atomic import write_json
 HASH_LIMIT = 64 * 2**20  # bytes; bigger files are fingerprinted by size and mtime
 
 
-def _file_print(path: Path) -> str:
-    stat = path.stat()
-    if stat.st_size > HASH_LIMIT:
-        return f"size={stat.st_size} mtime_ns={stat.st_mtime_ns}"
-    digest = hashlib.blake2b(digest_size=16)
+def _digest(path: Path | str, digest) -> str:
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(2**20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_sha256(path: Path | str) -> str:
+    """The file's sha256 (hex): what a bundle's manifest and the submissions log record."""
+    return _digest(path, hashlib.sha256())
+
+
+def _file_print(path: Path) -> str:
+    stat = path.stat()
+    if stat.st_size > HASH_LIMIT:
+        return f"size={stat.st_size} mtime_ns={stat.st_mtime_ns}"
+    return _digest(path, hashlib.blake2b(digest_size=16))
 
 
 def fingerprint(files: Iterable[Path], options: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -17,7 +17,6 @@ differently; checkpoints are then read with ``weights_only=True`` (level1_models
 from __future__ import annotations
 
 import atexit
-import hashlib
 import io
 import json
 import shutil
@@ -33,6 +32,7 @@ from competition.constants import LABELS
 from competition.diskspace import check_free_space
 from competition.failures import human_bytes
 from competition.paths import WorkPaths
+from competition.stamp import file_sha256
 from features import crop as crop_rule
 from features.cache import FORMAT as CACHE_FORMAT
 from features.windows import PRESETS, get_combination
@@ -53,14 +53,6 @@ PACKAGES = ("rsna-ensemble", "torch", "timm", "numpy", "pydicom", "opencv-python
 
 class BundleError(ValueError):
     """A bundle that cannot be used; the message names it and says what to do."""
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def package_versions() -> dict[str, str | None]:
@@ -114,7 +106,7 @@ def export_bundle(paths: WorkPaths, out: Path | str, models: Sequence[str] | Non
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "work_folder": paths.root.resolve().name,
         "packages": package_versions(), **ensemble.to_json(), "preprocessing": preprocessing(ensemble.members),
         "level2": "stack/fitted included" if ensemble.not_stacked is None else f"none: {ensemble.not_stacked}",
-        "files": {name: sha256(path) for name, path in files.items()},
+        "files": {name: file_sha256(path) for name, path in files.items()},
     }
     out = Path(out)
     with atomic_path(out) as tmp:
@@ -191,7 +183,7 @@ def unpack(tar: tarfile.TarFile, manifest: dict, into: Path, path: Path) -> None
         target.parent.mkdir(parents=True, exist_ok=True)
         with tar.extractfile(info) as src, open(target, "wb") as dst:  # type: ignore[union-attr]
             shutil.copyfileobj(src, dst)
-        if sha256(target) != listed.pop(name):
+        if file_sha256(target) != listed.pop(name):
             raise BundleError(f"{path}: {name} does not match the hash in its manifest (changed or corrupt); "
                               f"export the bundle again")
     if listed:

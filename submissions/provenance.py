@@ -8,13 +8,13 @@ credited with another run's score.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from competition.atomic import write_json
 from competition.paths import WorkPaths
+from competition.stamp import file_sha256
 
 RECORD_FILE = "submissions.json"
 METRICS_FILE = "metrics.json"
@@ -22,14 +22,6 @@ STACK_STAMP = ".inputs.json"  # level2_stacking.pipeline.STAMP_FILE: the setting
 # Stack settings that do not change the predictions (or are listed elsewhere in the row).
 NOT_SETTINGS = {"data", "models", "num_threads", "storage", "progress"}
 UNKNOWN = {"source": "unknown", "models": "", "level2": "", "oof_weighted_log_loss": None}
-
-
-def file_sha256(path: Path | str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_json(path: Path) -> dict[str, Any]:
