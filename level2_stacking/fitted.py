@@ -29,7 +29,7 @@ import torch
 from competition.atomic import write_json
 from competition.constants import LABELS
 from features.tabular import TabularFeatureConfig, build_tabular_features
-from level2_stacking.blend import any_at_least_subtypes
+from level2_stacking.blend import any_at_least_subtypes, mix
 from level2_stacking.choices import candidate_names
 from level2_stacking.report import LGBM_ROW, MEAN_ROW, SEQ_ROW
 from level2_stacking.embeddings import LinearMap
@@ -89,7 +89,7 @@ class FittedStack:
         """(the slices' stacked probabilities as ``predict``, the study model's probability per
         study: a table of study_id and probability, sorted by study_id)."""
         candidates = self.candidates(per_fold, metadata, embeddings)
-        p = np.einsum("cnl,cl->nl", np.stack([candidates[n] for n in self.blend_names]), self.blend_weights)
+        p = mix(np.stack([candidates[n] for n in self.blend_names]), self.blend_weights)
         studies, x = study_features(np.stack([candidates[n] for n in self.study_names]), metadata["study_id"].to_numpy())
         p = any_at_least_subtypes(p) if self.any_rule else p
         return p, pd.DataFrame({"study_id": studies, "probability": self.study_weights @ x})
