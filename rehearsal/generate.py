@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -95,12 +96,14 @@ def _template(series: dict, pixels: np.ndarray) -> tuple[bytearray, list[int], i
 
     import pydicom
 
-    ds = _dataset(pixels, _SOP_SLOT, series["patient_id"], series["study_id"], series["series_id"],
-                  (series["x"], series["y"], 0.0), (1, 0, 0, 0, 1, 0), series["pixel_spacing"],
-                  (["00040", "00040"], ["00080", "00080"]), False, False)
-    ds.ImagePositionPatient = [f"{series['x']:g}", f"{series['y']:g}", _Z_SLOT]
-    buf = BytesIO()
-    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    with warnings.catch_warnings():  # the ids ("ID_<hex>") are not valid UIDs, as in the real competition
+        warnings.filterwarnings("ignore", message="Invalid value for VR UI")
+        ds = _dataset(pixels, _SOP_SLOT, series["patient_id"], series["study_id"], series["series_id"],
+                      (series["x"], series["y"], 0.0), (1, 0, 0, 0, 1, 0), series["pixel_spacing"],
+                      (["00040", "00040"], ["00080", "00080"]), False, False)
+        ds.ImagePositionPatient = [f"{series['x']:g}", f"{series['y']:g}", _Z_SLOT]
+        buf = BytesIO()
+        pydicom.dcmwrite(buf, ds, enforce_file_format=True)
     data = bytearray(buf.getvalue())
     sop, at = [], data.find(_SOP_SLOT.encode())
     while at >= 0:
