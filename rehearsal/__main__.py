@@ -20,7 +20,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     r.add_argument("--dir", type=Path, default=None, help="rehearsal folder (default work/rehearsal-<scale>)")
     r.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes of the parallel stages")
     r.add_argument("--limit", type=int, default=2000, help="training images of the real tiny CNN (fold 0, 1 epoch)")
-    r.add_argument("--stack-opts", default="", help="extra options of `python -m level2_stacking` (tests)")
+    r.add_argument("--stack-opts", default=None,
+                   help="options of `python -m level2_stacking` (default: rehearsal.run.STACK_OPTS, fewer rounds "
+                        "and epochs than make stack's defaults; the summary scales their times to the defaults)")
     g = sub.add_parser("generate", help="the competition alone")
     g.add_argument("--out", type=Path, required=True)
     g.add_argument("--scale", type=float, default=1.0)
@@ -48,10 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         rows = fabricate(args.data, WorkPaths.for_data(args.data, args.work))
         print(f"fabricated 5 level-1 models: {rows:,} prediction rows")
     else:
-        from rehearsal.run import run
+        from rehearsal.run import STACK_OPTS, run
 
         root = args.dir or Path("work") / f"rehearsal-{args.scale:g}"
-        run(root, args.scale, workers=args.workers, limit=args.limit, stack_opts=shlex.split(args.stack_opts))
+        opts = STACK_OPTS if args.stack_opts is None else args.stack_opts
+        run(root, args.scale, workers=args.workers, limit=args.limit, stack_opts=shlex.split(opts))
     return 0
 
 

@@ -121,3 +121,19 @@ def test_every_real_stage_runs_at_a_small_scale(tmp_path, capsys) -> None:
     assert list(saved["stages"]) == expected
     assert saved["stages"]["metadata"]["rows"] == round(REAL_TRAIN * SCALE) + round(REAL_TEST * SCALE)
     assert saved["stages"]["submission"]["rows"] == 6 * round(REAL_TEST * SCALE)
+
+
+def test_level2_time_is_scaled_to_the_product_defaults(tmp_path) -> None:
+    """The rehearsal runs level 2 short (rehearsal.run.STACK_OPTS); its summary scales the measured
+    LightGBM and sequence seconds to make stack's default rounds and epochs."""
+    from level2_stacking.pipeline import StackSettings
+    from level2_stacking.sequence import SequenceSettings
+    from rehearsal.run import STACK_OPTS, level2_defaults
+
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"lgbm_seconds": 120.0, "sequence_seconds": 30.0}))
+    got = level2_defaults(metrics, "--rounds 40 --seq-epochs 3".split())
+    rounds, epochs = StackSettings.num_boost_round, SequenceSettings.epochs
+    assert (got["default_rounds"], got["default_seq_epochs"]) == (rounds, epochs)
+    assert got["extra_seconds_at_defaults"] == pytest.approx(120.0 * (rounds / 40 - 1) + 30.0 * (epochs / 3 - 1))
+    assert "--rounds" in STACK_OPTS and level2_defaults(tmp_path / "absent.json", []) == {}
