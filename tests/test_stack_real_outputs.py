@@ -7,6 +7,11 @@ noise) and strictly better on test (the synthetic competitions carry the test an
 
 Slow: three competitions, each generated, prepared, two CNNs trained (3 folds, 3 epochs, 32 px,
 CPU) and stacked. Run alone: `pytest -q -m slow tests/test_stack_real_outputs.py -s`.
+
+Measured 2026-12-05 on the 2-core machine shared with a full-size rehearsal (not idle: ~75 min for
+c2718 alone; the other two did not finish before the session's deadline): c2718 stack OOF nested
+0.2695 (in-sample 0.2647) against its best input's 0.2727 (tiny_byobnet), test 0.2885 against
+0.2916; no Optuna tuning, so no patients held out of it.
 """
 from __future__ import annotations
 
