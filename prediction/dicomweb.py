@@ -107,8 +107,10 @@ def describe(location: WebLocation, exc: BaseException, doing: str) -> FixableEr
     if code == 404:
         return FixableError(f"{url}: no DICOMweb service there (HTTP 404 while {doing}); check PATH "
                             "(Orthanc: /dicom-web)")
-    return FixableError(f"{url}: the server answered HTTP {code} {exc.response.reason} while {doing}; "
-                        "see its log, then run again")
+    dicom_json = exc.response.headers.get("Content-Type", "").startswith("application/dicom")  # tags, not words
+    said = "" if dicom_json else " ".join(exc.response.text.split())[:200]
+    return FixableError(f"{url}: the server answered HTTP {code} {exc.response.reason} while {doing}"
+                        f"{f' ({said})' if said else ''}; see its log, then run again")
 
 
 def has_credentials() -> bool:

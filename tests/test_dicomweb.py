@@ -194,3 +194,20 @@ def test_stow_rs_refusals(tmp_path, study):
         store(study, server.url())
     with pytest.raises(FixableError, match="unreachable"):
         store(study, f"dicomweb://127.0.0.1:{free_port()}/dicom-web")
+
+
+def test_predict_takes_a_study_url(tmp_path, capsys):
+    """--study keeps a dicomweb:// URL whole (a Path would fold its //); a malformed one is argparse's one
+    line; the default output folder is named after the StudyInstanceUID."""
+    from competition.paths import WorkPaths
+    from prediction.__main__ import parse
+    from prediction.run import default_out
+
+    url = "dicomweb://pacs:8042/dicom-web/studies/1.2.840.99"
+    assert parse(["predict", "--study", url, "--bundle", "b.tar"]).study == url
+    assert parse(["predict", "--study", "some/folder", "--bundle", "b.tar"]).study == Path("some/folder")
+    with pytest.raises(SystemExit):
+        parse(["predict", "--study", "dicomweb://pacs/dicom-web/1.2", "--bundle", "b.tar"])
+    assert "does not end in /studies/<StudyInstanceUID>" in capsys.readouterr().err
+    work = WorkPaths.for_data(tmp_path / "data", tmp_path / "work")
+    assert default_out(url, work, None) == work.root / "predict" / "1.2.840.99"
