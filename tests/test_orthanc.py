@@ -37,7 +37,7 @@ class Orthanc:
         config = {"Name": "test", "StorageDirectory": str(storage), "IndexDirectory": str(storage),
                   "HttpPort": self.http, "DicomPort": self.dicom, "DicomAet": "ORTHANC",
                   "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomAlwaysAllowStore": True,
-                  "DicomCheckCalledAet": False, "Plugins": [],
+                  "DicomCheckCalledAet": False, "Plugins": [], "DicomScuTimeout": 300,  # a loaded machine answers late
                   "DicomModalities": {"rsna": ["RSNA_ICH", "127.0.0.1", listener_port]}}
         if dicomweb:
             config.update(Plugins=[str(DICOMWEB_PLUGIN)], DicomWeb={"Enable": True, "Root": "/dicom-web/"})
