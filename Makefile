@@ -212,13 +212,13 @@ explain: $(STAMP) ## Grad-CAM, Guided Backprop, DeconvNet, Guided Grad-CAM panel
 report: $(STAMP) ## one self-contained HTML page: every model's scores side by side, ROC/PR/threshold plots, curves, explanations
 	$(PY) -m reports.html_report --data $(DATA) $(work_opt) --submissions-log $(LOG)
 
-predict: $(STAMP) ## per-slice and per-study calls for the DICOM series under STUDY, with report.html (BUNDLE= or DATA/WORK; MODELS OUT DEVICE TOP; DICOM_OUT=1: SR + Grad-CAM images in OUT/dicom)
-	$(call need,STUDY,folder of DICOM files)
+predict: $(STAMP) ## per-slice and per-study calls for the DICOM series under STUDY (a folder, or dicomweb[s]://HOST:PORT/PATH/studies/UID: WADO-RS into OUT/source; credentials in DICOMWEB_TOKEN or DICOMWEB_USER/DICOMWEB_PASSWORD), with report.html (BUNDLE= or DATA/WORK; MODELS OUT DEVICE TOP; DICOM_OUT=1: SR + Grad-CAM images in OUT/dicom)
+	$(call need,STUDY,folder of DICOM files or dicomweb://HOST:PORT/PATH/studies/UID)
 	$(PY) -m prediction predict --study $(STUDY) $(if $(BUNDLE),--bundle $(BUNDLE),--data $(DATA) $(work_opt)) \
 	  $(call opt,--models,$(MODELS)) $(call opt,--out,$(OUT)) $(call opt,--device,$(DEVICE)) $(call opt,--top,$(TOP)) \
 	  $(if $(call yes,$(DICOM_OUT)),--dicom)
 
-listen: $(STAMP) ## DICOM node: C-STORE receiver (AE_TITLE PORT LISTEN_HOST; ALLOW= calling AEs), predicts each study SETTLE s after its last instance, sends the SR and Grad-CAM images to DEST=host:port:AE (BUNDLE= or DATA/WORK; QUEUE MODELS DEVICE TOP)
+listen: $(STAMP) ## DICOM node: C-STORE receiver (AE_TITLE PORT LISTEN_HOST; ALLOW= calling AEs), predicts each study SETTLE s after its last instance, sends the SR and Grad-CAM images to DEST=host:port:AE (C-STORE) or DEST=dicomweb[s]://HOST:PORT/PATH (STOW-RS) (BUNDLE= or DATA/WORK; QUEUE MODELS DEVICE TOP)
 	$(call need,ALLOW,comma list of calling AE titles allowed to send)
 	$(PY) -m prediction.listener $(if $(BUNDLE),--bundle $(BUNDLE),--data $(DATA) $(work_opt)) --allow $(ALLOW) \
 	  $(call opt,--ae-title,$(AE_TITLE)) $(call opt,--port,$(PORT)) $(call opt,--host,$(LISTEN_HOST)) \

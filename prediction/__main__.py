@@ -1,4 +1,4 @@
-"""``python -m prediction predict --study DIR [--data DATA --work WORK | --bundle FILE] [--models a,b] [--out OUT]``
+"""``python -m prediction predict --study DIR|dicomweb://... [--data DATA --work WORK | --bundle FILE] [--models a,b] [--out OUT]``
 and ``python -m prediction export [--data DATA --work WORK] [--models a,b] [--out FILE]``."""
 from __future__ import annotations
 
@@ -14,11 +14,26 @@ def _models(text: str | None) -> list[str] | None:
     return [m for m in text.split(",") if m.strip()] if text else None
 
 
+def study_arg(text: str) -> Path | str:
+    """A folder as a Path; a dicomweb:// URL kept as text (a Path would fold its //)."""
+    from prediction.dicomweb import WebLocation, is_dicomweb
+
+    if is_dicomweb(text):
+        try:
+            WebLocation.parse(text, study=True)  # a malformed URL: argparse's one-line error, at once
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+    return Path(text)
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m prediction", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("predict", help="per-slice and per-study calls for the CT series in a folder, with a report")
-    p.add_argument("--study", required=True, type=Path, help="folder of DICOM files (searched recursively)")
+    p.add_argument("--study", required=True, type=study_arg,
+                   help="folder of DICOM files (searched recursively), or dicomweb://HOST:PORT/PATH/studies/UID "
+                        "(dicomwebs:// for HTTPS; credentials: DICOMWEB_TOKEN or DICOMWEB_USER/DICOMWEB_PASSWORD)")
     p.add_argument("--data", type=Path, help="competition folder the models were trained on (finds the work folder)")
     p.add_argument("--work", type=Path, help="work folder (default work/<basename of DATA>)")
     p.add_argument("--bundle", type=Path, help="an archive written by `make export` (instead of DATA/WORK)")

@@ -1,5 +1,5 @@
 """``make listen``: a DICOM node. Studies arrive by C-STORE, are predicted once they stop growing, and
-their DICOM results (prediction.dicom_outputs) go back to a destination by C-STORE.
+their DICOM results (prediction.dicom_outputs) go back to a destination by C-STORE or STOW-RS.
 
 The queue is a folder, so it survives a restart:
 
@@ -15,7 +15,15 @@ The queue is a folder, so it survives a restart:
   prediction is run again (its partial output was never sent). A study killed while arriving stays in
   ``incoming/`` and settles after the restart with what arrived before and after.
 
-Instances of a study that arrive after it was predicted form a new round, predicted on their own.
+Instances of a study that arrive after it was predicted settle into a new round (``work/<study>.2``)
+that holds the whole study: the earlier rounds' instances are linked in beside the new ones, so the
+study is predicted once more as a whole, and its new results (new SOP Instance UIDs, a later series)
+go beside the first ones. A round that brings no new SOP Instance UID (the same study sent again) is
+not predicted nor sent again.
+
+DEST is host:port:AE_TITLE (C-STORE) or dicomweb://HOST:PORT/PATH (STOW-RS, prediction.dicomweb);
+either way a failed send leaves the study in work/ with ``predicted.json`` and is retried, with the same
+files, on the next pass.
 """
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -54,8 +63,29 @@ class Destination:
     def parse(cls, text: str) -> "Destination":
         parts = text.rsplit(":", 2)
         if len(parts) != 3 or not parts[1].isdigit() or not parts[2]:
-            raise ValueError(f"DEST={text!r} is not host:port:AE_TITLE (e.g. 127.0.0.1:4242:ORTHANC)")
+            raise ValueError(f"DEST={text!r} is not host:port:AE_TITLE (e.g. 127.0.0.1:4242:ORTHANC) "
+                             "or dicomweb://HOST:PORT/PATH (STOW-RS)")
         return cls(parts[0], int(parts[1]), parts[2])
+
+
+@dataclass(frozen=True)
+class WebDestination:
+    """DEST=dicomweb://HOST:PORT/PATH: results go by STOW-RS (prediction.dicomweb; credentials from the
+    environment)."""
+    url: str
+
+    @classmethod
+    def parse(cls, text: str) -> "WebDestination":
+        from prediction.dicomweb import WebLocation
+
+        WebLocation.parse(text, study=False)  # a bad DEST fails at start, not after the first study
+        return cls(text)
+
+
+def parse_destination(text: str) -> Destination | WebDestination:
+    from prediction.dicomweb import is_dicomweb
+
+    return WebDestination.parse(text) if is_dicomweb(text) else Destination.parse(text)
 
 
 def fsync_dir(folder: Path) -> None:
@@ -116,10 +146,40 @@ class Queue:
             fsync_dir(self.work)
         return target
 
+    def earlier_rounds(self, job: Path) -> list[Path]:
+        """The folders of the same study's earlier rounds (done/ or work/), newest first."""
+        name, _, round_ = job.name.rpartition(".")
+        return [folder / f"{name}.{k}" for k in range(int(round_) - 1, 0, -1) for folder in (self.done, self.work)
+                if (folder / f"{name}.{k}" / "input").is_dir()]
+
+    def merge_earlier(self, job: Path) -> int:
+        """Link the earlier rounds' instances this round lacks into its input, so that it holds the whole
+        study; returns how many instances are new in this round. Idempotent (resumed after a kill)."""
+        inputs = job / "input"
+        known: set[str] = set()
+        for earlier in self.earlier_rounds(job):
+            for f in (earlier / "input").glob("*.dcm"):
+                known.add(f.name)
+                if not (inputs / f.name).exists():  # a resent instance keeps its newest copy
+                    link_or_copy(f, inputs / f.name)
+        fsync_dir(inputs)
+        return len({f.name for f in inputs.glob("*.dcm")} - known)
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """A hard link (no second copy of a CT on disk), or a copy where links are not allowed; either way the
+    name appears complete or not at all."""
+    try:
+        os.link(source, target)
+    except OSError:
+        tmp = target.with_name(f".{target.name}.part")
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+
 
 class Listener:
-    def __init__(self, queue: Queue, predict: PredictFn, destination: Destination | None, settle: float,
-                 ae_title: str = "RSNA_ICH"):
+    def __init__(self, queue: Queue, predict: PredictFn, destination: Destination | WebDestination | None,
+                 settle: float, ae_title: str = "RSNA_ICH"):
         self.queue, self.predict, self.destination = queue, predict, destination
         self.settle, self.ae_title = settle, ae_title
         self.stop = threading.Event()
@@ -139,11 +199,15 @@ class Listener:
         """Predict (unless done before) and send (unless sent before) one claimed study."""
         predicted, sent = job / "predicted.json", job / "sent.json"
         if not predicted.exists():
-            files = [str(Path(p).relative_to(job)) for p in self.predict(job / "input", job / "output")]
-            write_json(predicted, {"files": files})
+            if self.queue.merge_earlier(job) == 0:  # the same instances sent again: already answered
+                log.info("study %s: no new instance since its last round; not predicted again", job.name)
+                write_json(predicted, {"files": [], "resent": True})
+            else:
+                files = [str(Path(p).relative_to(job)) for p in self.predict(job / "input", job / "output")]
+                write_json(predicted, {"files": files})
         if not sent.exists():
             files = [job / f for f in json.loads(predicted.read_text())["files"]]
-            if self.destination is not None:
+            if self.destination is not None and files:
                 send(files, self.destination, self.ae_title)
             write_json(sent, {"to": None if self.destination is None else vars(self.destination),
                               "files": len(files), "at": time.time()})
@@ -185,10 +249,15 @@ def start_server(listener: Listener, host: str, port: int, allow: Sequence[str])
     return ae.start_server((host, port), block=False, evt_handlers=[(evt.EVT_C_STORE, listener.handle_store)])
 
 
-def send(files: Sequence[Path], destination: Destination, calling_ae: str) -> None:
-    """C-STORE every file to ``destination``; raises unless each one is stored (status 0x0000)."""
+def send(files: Sequence[Path], destination: Destination | WebDestination, calling_ae: str) -> None:
+    """C-STORE (or STOW-RS) every file to ``destination``; raises unless each one is stored."""
     import pydicom
     from pynetdicom import AE
+
+    if isinstance(destination, WebDestination):
+        from prediction.dicomweb import store
+
+        return store(files, destination.url)
 
     datasets = [pydicom.dcmread(f) for f in files]
     ae = AE(ae_title=calling_ae)
@@ -248,7 +317,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=11112)
     parser.add_argument("--allow", required=True, help="comma list of calling AE titles allowed to send")
     parser.add_argument("--settle", type=float, default=30.0, help="seconds without a new instance before predicting")
-    parser.add_argument("--dest", help="where results go: host:port:AE_TITLE (default: kept in the queue only)")
+    parser.add_argument("--dest", help="where results go: host:port:AE_TITLE (C-STORE) or dicomweb://HOST:PORT/PATH "
+                        "(STOW-RS; dicomwebs:// for HTTPS) (default: kept in the queue only)")
     parser.add_argument("--queue", type=Path, help="queue folder (default <work>/listen)")
     args = parser.parse_args(argv)
     if args.bundle is None and args.data is None and args.work is None:
@@ -267,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     work = None if args.bundle else WorkPaths.for_data(args.data or ".", args.work)
     queue_root = args.queue or (work.root if work else Path("work") / args.bundle.name.split(".")[0]) / "listen"
-    destination = Destination.parse(args.dest) if args.dest else None
+    destination = parse_destination(args.dest) if args.dest else None
     models = [m for m in args.models.split(",") if m.strip()] if args.models else None
     predict = ModelPredictor(work, args.bundle, models, args.device, args.top)
     listener = Listener(Queue(queue_root), predict, destination, args.settle, args.ae_title)

@@ -24,9 +24,28 @@ def load_ensemble(work: WorkPaths | None, bundle: Path | None, models: Sequence[
     return from_work(work, models)
 
 
-def default_out(study: Path, work: WorkPaths | None, bundle: Path | None) -> Path:
+def default_out(study: Path | str, work: WorkPaths | None, bundle: Path | None) -> Path:
+    """<work>/predict/<folder name>, or <work>/predict/<StudyInstanceUID> for a dicomweb:// study."""
+    from prediction.dicomweb import WebLocation, is_dicomweb
+
     root = work.root if work is not None else Path("work") / Path(bundle).name.split(".")[0]
+    if is_dicomweb(study):
+        from prediction.listener import safe_name
+
+        return root / "predict" / safe_name(str(WebLocation.parse(str(study), study=True).study_uid))
     return root / "predict" / Path(study).resolve().name
+
+
+def local_folder(study: Path | str, out: Path) -> Path:
+    """The folder to read: STUDY itself, or for dicomweb://.../studies/UID the study retrieved by WADO-RS
+    into OUT/source (kept beside the results it gave)."""
+    from prediction.dicomweb import fetch_study, is_dicomweb
+
+    if not is_dicomweb(study):
+        return Path(study)
+    folder = fetch_study(str(study), out / "source")
+    print(f"retrieved {sum(1 for _ in folder.iterdir())} instances of {study} into {folder}", file=sys.stderr)
+    return folder
 
 
 def print_scan(scan: Study) -> None:
@@ -37,17 +56,17 @@ def print_scan(scan: Study) -> None:
             print(f"{kind}: {line}", file=sys.stderr)
 
 
-def predict_folder(study: Path, work: WorkPaths | None = None, bundle: Path | None = None,
+def predict_folder(study: Path | str, work: WorkPaths | None = None, bundle: Path | None = None,
                    models: Sequence[str] | None = None, out: Path | None = None, device: str = "auto",
                    batch_size: int = 64, top: int = 3, report: bool = True, dicom: bool = False) -> Path:
-    """Predict every CT series under ``study``; returns the output folder."""
+    """Predict every CT series under ``study`` (a folder, or a dicomweb:// study URL); returns the output folder."""
     t0 = time.perf_counter()
-    scan = read_study(study)  # before the models load: a wrong STUDY fails in a second, not after them
+    out = Path(out) if out is not None else default_out(study, work, bundle)
+    scan = read_study(local_folder(study, out))  # before the models load: a wrong STUDY fails in seconds
     print_scan(scan)
     ensemble = load_ensemble(work, bundle, models)
     predictor = Predictor(device, batch_size).load(ensemble)
     result = predictor.predict(scan)
-    out = Path(out) if out is not None else default_out(study, work, bundle)
     studies = study_table(result.slices, ensemble.threshold, result.studies)
     write_tables(out, result.slices, studies, scan.skipped)
     if report:

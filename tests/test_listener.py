@@ -198,21 +198,36 @@ def test_a_listener_killed_mid_study_finishes_it_exactly_once(tmp_path, receiver
 
 
 def test_destination_and_queue_rounds(tmp_path):
-    """DEST parsing, and a study that grows after it was claimed becomes a second round, not a merge."""
-    from prediction.listener import Destination, Queue
+    """DEST parsing; instances arriving after their study was predicted form a second round holding the
+    whole study (predicted once more); the same instances sent again are not predicted again."""
+    from prediction.listener import Destination, Listener, Queue, WebDestination, parse_destination
 
     assert Destination.parse("pacs.local:4242:ORTHANC") == Destination("pacs.local", 4242, "ORTHANC")
+    assert parse_destination("dicomweb://pacs.local:8042/dicom-web") == WebDestination("dicomweb://pacs.local:8042/dicom-web")
     with pytest.raises(ValueError, match="host:port:AE_TITLE"):
         Destination.parse("pacs.local:ORTHANC")
-    queue = Queue(tmp_path / "q")
+    queue, predicted = Queue(tmp_path / "q"), []
+    node = Listener(queue, lambda folder, out: predicted.append(sorted(p.name for p in folder.iterdir())) or [],
+                    None, settle=5.0)
+    node.started = 0.0
     for sop in ("1.1", "1.2"):
         queue.persist("1.2.3", sop, b"x")
     assert queue.settled(5.0, now=time.time()) == []
     assert queue.settled(5.0, now=time.time() + 10) == ["1.2.3"]
     first = queue.claim("1.2.3")
     assert first.name == "1.2.3.1" and sorted(p.name for p in (first / "input").iterdir()) == ["1.1.dcm", "1.2.dcm"]
+    node.process(first)
     queue.persist("1.2.3", "1.3", b"y")
-    assert queue.claim("1.2.3").name == "1.2.3.2" and list(queue.incoming.iterdir()) == []
+    queue.persist("1.2.3", "1.1", b"x again")  # a resent instance: its newest copy is the one read
+    second = queue.claim("1.2.3")
+    assert second.name == "1.2.3.2" and list(queue.incoming.iterdir()) == []
+    node.process(second)
+    assert predicted == [["1.1.dcm", "1.2.dcm"], ["1.1.dcm", "1.2.dcm", "1.3.dcm"]]
+    assert (queue.done / "1.2.3.2" / "input" / "1.1.dcm").read_bytes() == b"x again"
+    for sop in ("1.2", "1.3"):  # the same study sent again: a third round, not predicted
+        queue.persist("1.2.3", sop, b"z")
+    node.process(queue.claim("1.2.3"))
+    assert len(predicted) == 2 and sorted(p.name for p in queue.done.iterdir()) == ["1.2.3.1", "1.2.3.2", "1.2.3.3"]
 
 
 def test_a_crash_while_predicting_or_sending_is_resumed_once(tmp_path, monkeypatch):
