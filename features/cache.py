@@ -58,6 +58,7 @@ ROW_FILES_BYTES = 1 + 4 + 16 + 4 + 16  # status, length, box, brain ratio and id
 # blood and CSF; bone, fat and air lie outside. Shared by the head's pixels (above crop.BODY_HU),
 # not by the whole slice, so the figure does not change with the field of view or the pixel size.
 BRAIN_HU = (0.0, 80.0)
+BRAIN_FILE = "brain_ratio.float32"
 
 TODO, CACHED, BAD = 0, 1, 2
 
@@ -112,7 +113,7 @@ class _Store:
         self.data_path = directory / "slices.bin"
         self.lengths_path = directory / "lengths.uint32"
         self.boxes_path = directory / "boxes.int32"
-        self.brain_path = directory / "brain_ratio.float32"
+        self.brain_path = directory / BRAIN_FILE
         self.info_path = directory / "info.json"
         self.bad_path = directory / "bad_files.csv"
 

@@ -26,6 +26,7 @@ from competition.layout import Layout, LayoutError
 from competition.paths import WorkPaths
 from competition.study_level import DEFAULT_TARGET_SENSITIVITY
 import features.tabular as tabular_module
+from features.cache import BRAIN_FILE
 from features.tabular import TabularFeatureConfig
 from competition.atomic import write_json, write_parquet
 from competition.stamp import is_current, write_stamp
@@ -80,6 +81,7 @@ class StackSettings:
     target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY
     progress: bool = True
     params: dict[str, object] | None = None  # LightGBM parameters over the default or tuned ones (small data, tests)
+    brain_ratio: bool = True               # the image cache's brain ratios as features, where it holds them
 
     def __post_init__(self) -> None:
         if self.stacker not in STACKERS:
@@ -230,7 +232,8 @@ def stack_inputs(paths: WorkPaths, models: Sequence[str]) -> list[Path]:
         for k in fold_ids:
             files += [fold_dir(folder, k) / name for name in (OOF_FILE, TEST_FILE, EMBEDDINGS_OOF_FILE, EMBEDDINGS_TEST_FILE)]
     code = Path(__file__).parent
-    return files + sorted(code.glob("*.py")) + [Path(tabular_module.__file__)]
+    brain = sorted(paths.cache.glob(f"*px/{BRAIN_FILE}"))  # a cache rebuilt with brain ratios: refit with them
+    return files + brain + sorted(code.glob("*.py")) + [Path(tabular_module.__file__)]
 
 
 def _stamp_options(settings: StackSettings, data_dir: Path | str) -> dict:
@@ -278,10 +281,11 @@ def _outcome_from_metrics(paths: WorkPaths) -> StackOutcome:
 
 
 def _fit_and_write(paths: WorkPaths, data_dir: Path | str, settings: StackSettings) -> StackOutcome:
-    feature_config = TabularFeatureConfig(k_neighbours=settings.k_neighbours)
     print(f"building level-2 features under {paths.stack} ...", flush=True)
     start = time.perf_counter()
-    frame = build_stack_frame(paths, settings.models, feature_config)
+    config = TabularFeatureConfig(k_neighbours=settings.k_neighbours, brain_ratio=settings.brain_ratio)
+    frame = build_stack_frame(paths, settings.models, config)
+    feature_config = frame.config  # brain_ratio off where the cache has none
     print(f"stacking {len(frame.models)} level-1 model(s) {', '.join(frame.models)}: "
           f"{len(frame.train_ids)} train x {frame.x_train.shape[1]} features, {len(frame.test_ids)} test rows "
           f"(features in {time.perf_counter() - start:.1f} s)", flush=True)

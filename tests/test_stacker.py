@@ -158,6 +158,16 @@ def test_stacker_beats_every_level1_input(fabricated_work: WorkPaths, capsys) ->
     assert validate_submission(written, data / "stage_2_sample_submission.csv") == len(test) * len(LABELS)
 
 
+def test_a_cache_without_brain_ratios_is_gone_without_in_one_line(fabricated_work, capsys) -> None:
+    """An image cache built before brain ratios were stored (here: none at all) must neither stop
+    level 2 nor be rebuilt: the brain features are left out, the fitted config says so, one line tells."""
+    frame = build_stack_frame(fabricated_work, None, TabularFeatureConfig(k_neighbours=1, brain_ratio=True))
+    notes = [line for line in capsys.readouterr().out.splitlines() if "brain" in line]
+    assert len(notes) == 1 and "goes on without the brain_ratio features" in notes[0]
+    assert not frame.config.brain_ratio and "brain_ratio" not in frame.x_train.columns
+    assert not fabricated_work.cache.exists()
+
+
 def _copy_work(src: WorkPaths, dst: Path) -> WorkPaths:
     import shutil
 
