@@ -73,6 +73,7 @@ class StackSettings:
     tune_share: float = TUNE_SHARE
     num_threads: int = field(default_factory=default_threads)
     k_neighbours: int = 5
+    any_shifts: tuple[int, ...] = ()       # far neighbours of `any` (TabularFeatureConfig.any_shifts)
     num_boost_round: int = NUM_BOOST_ROUND
     early_stopping_rounds: int | None = EARLY_STOPPING_ROUNDS
     sequence: SequenceSettings = SequenceSettings()
@@ -86,6 +87,7 @@ class StackSettings:
     def __post_init__(self) -> None:
         if self.stacker not in STACKERS:
             raise ValueError(f"unknown stacker {self.stacker!r}; choose one of {', '.join(STACKERS)}")
+        TabularFeatureConfig(k_neighbours=self.k_neighbours, any_shifts=tuple(self.any_shifts))  # refused now, not after level 1 is read
 
 
 @dataclass(frozen=True)
@@ -283,7 +285,8 @@ def _outcome_from_metrics(paths: WorkPaths) -> StackOutcome:
 def _fit_and_write(paths: WorkPaths, data_dir: Path | str, settings: StackSettings) -> StackOutcome:
     print(f"building level-2 features under {paths.stack} ...", flush=True)
     start = time.perf_counter()
-    config = TabularFeatureConfig(k_neighbours=settings.k_neighbours, brain_ratio=settings.brain_ratio)
+    config = TabularFeatureConfig(k_neighbours=settings.k_neighbours, any_shifts=tuple(settings.any_shifts),
+                                  brain_ratio=settings.brain_ratio)
     frame = build_stack_frame(paths, settings.models, config)
     feature_config = frame.config  # brain_ratio off where the cache has none
     print(f"stacking {len(frame.models)} level-1 model(s) {', '.join(frame.models)}: "

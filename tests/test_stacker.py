@@ -17,6 +17,7 @@ from competition.metric import weighted_log_loss
 from competition.paths import WorkPaths
 from features.tabular import TabularFeatureConfig
 from level2_stacking.__main__ import main as stack_main
+from level2_stacking.fitted import load_fitted
 from level2_stacking.frame import StackFrameError, build_stack_frame
 from level2_stacking.lgbm import DEFAULT_PARAMS, cross_validate
 from level2_stacking.blend import any_at_least_subtypes, any_rule_gain, blend, fit_blend_weights
@@ -166,6 +167,29 @@ def test_a_cache_without_brain_ratios_is_gone_without_in_one_line(fabricated_wor
     assert len(notes) == 1 and "goes on without the brain_ratio features" in notes[0]
     assert not frame.config.brain_ratio and "brain_ratio" not in frame.x_train.columns
     assert not fabricated_work.cache.exists()
+
+
+def test_any_shifts_from_the_command_line_reach_the_fitted_stack(fabricated_work, tmp_path, capsys) -> None:
+    """--any-shifts builds the far `any` neighbours, and metrics.json and the fitted stack (which
+    `make predict` rebuilds the features from) record them."""
+    paths = _copy_work(fabricated_work, tmp_path / "work")
+    data = fabricated_work.root.parent / "rsna-fake"
+    argv = ["--data", str(data), "--work", str(paths.root), "--threads", "1", "--neighbours", "2", "--stacker", "lgbm",
+            "--rounds", "30", "--early-stopping", "0", "--no-progress"]
+    assert stack_main([*argv, "--any-shifts", "6,9"]) == 0
+    metrics = json.loads((paths.stack / "metrics.json").read_text())
+    assert metrics["feature_config"]["any_shifts"] == [6, 9]
+    fitted = load_fitted(paths.stack)
+    assert fitted.feature_config == TabularFeatureConfig(k_neighbours=2, any_shifts=(6, 9))
+    assert {"cnn_a__any__prev9", "cnn_b__any__next6"} <= set(fitted.feature_names)
+    assert metrics["n_features"] == len(fitted.feature_names)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # not a number
+        stack_main([*argv, "--any-shifts", "2,x"])
+    assert "--any-shifts takes comma-separated whole slice offsets" in capsys.readouterr().err
+    # An offset within --neighbours: refused before anything is read, in one line.
+    with pytest.raises(ValueError, match=r"any_shifts must be distinct offsets beyond k_neighbours=2, got \(2, 10\)"):
+        stack_main([*argv, "--any-shifts", "2,10"])
 
 
 def _copy_work(src: WorkPaths, dst: Path) -> WorkPaths:
