@@ -20,7 +20,7 @@ from level2_stacking.__main__ import main as stack_main
 from level2_stacking.fitted import load_fitted
 from level2_stacking.frame import StackFrameError, build_stack_frame
 from level2_stacking.lgbm import DEFAULT_PARAMS, cross_validate
-from level2_stacking.blend import any_at_least_subtypes, any_rule_gain, blend, fit_blend_weights
+from level2_stacking.blend import any_at_least_subtypes, any_rule_gain, fit_simplex_weights, mix
 from level2_stacking.synthetic import FabricatedModel, fabricate_competition, write_fabricated_data, write_fabricated_work
 from level2_stacking.tune import load_best_params, open_study, patient_subsample, tune
 from submissions.validate import validate_submission
@@ -305,9 +305,9 @@ def test_blend_weights_and_the_any_rule() -> None:
     y = (rng.random((2000, len(LABELS))) < 0.2).astype(float)
     good = np.clip(0.7 * y + 0.15 + rng.normal(0, 0.05, y.shape), 0.01, 0.99)
     noise = rng.random(y.shape)
-    weights = fit_blend_weights(y, good, noise)
-    assert (weights >= 0.8).all()
-    assert weighted_log_loss(y, blend(good, noise, weights)) <= weighted_log_loss(y, good) + 1e-12
+    weights = fit_simplex_weights(y, np.stack([good, noise]))
+    assert (weights[0] >= 0.8).all()
+    assert weighted_log_loss(y, mix(np.stack([good, noise]), weights)) <= weighted_log_loss(y, good) + 1e-12
     p = np.full((1, len(LABELS)), 0.1)
     p[0, 2] = 0.8
     assert any_at_least_subtypes(p)[0, -1] == 0.8 and p[0, -1] == 0.1  # a copy; `any` raised to the subtype
