@@ -1,5 +1,5 @@
 """python -m level2_stacking --data DATA [--work WORK] [--models a,b] [--stacker blend] [--tune] [--trials N]
-                             [--any-shifts 10,20] [--no-brain-ratio] ...
+                             [--any-shifts 10,20] [--brain-ratio] ...
 
 Stacks every level-1 model folder present (or --models) with LightGBM on neighbour and study
 features, a sequence model over each series, or their blend (the default: per label, simplex
@@ -58,8 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--neighbours", type=int, default=5, help="previous/next slices taken as features")
     ap.add_argument("--any-shifts", type=_offsets, default=(),
                     help="far neighbours of `any` as features, e.g. 10,20 (each beyond --neighbours; default none)")
-    ap.add_argument("--no-brain-ratio", action="store_true",
-                    help="leave out the brain-ratio features (the image cache's per-slice share of brain pixels)")
+    ap.add_argument("--brain-ratio", action="store_true",
+                    help="the image cache's per-slice share of brain pixels (and its neighbours') as features; off by "
+                         "default until it lowers the loss on competitions it was not tuned on (README)")
     ap.add_argument("--rounds", type=int, default=StackSettings.num_boost_round, help="max boosting rounds")
     ap.add_argument("--early-stopping", type=int, default=StackSettings.early_stopping_rounds,
                     help="early-stopping patience (0: train all --rounds)")
@@ -90,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         tune=args.tune, trials=args.trials, storage=args.storage, tune_share=args.tune_share, num_threads=threads,
         sequence=SequenceSettings(arch=args.seq_arch, epochs=args.seq_epochs, device=device, threads=threads),
         embedding_dim=args.embedding_dim, use_embeddings=not args.no_embeddings,
-        k_neighbours=args.neighbours, any_shifts=args.any_shifts, brain_ratio=not args.no_brain_ratio, num_boost_round=args.rounds,
+        k_neighbours=args.neighbours, any_shifts=args.any_shifts, brain_ratio=args.brain_ratio,
+        num_boost_round=args.rounds,
         early_stopping_rounds=args.early_stopping or None, target_sensitivity=args.target_sensitivity,
         progress=not args.no_progress,
     )

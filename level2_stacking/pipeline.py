@@ -82,7 +82,9 @@ class StackSettings:
     target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY
     progress: bool = True
     params: dict[str, object] | None = None  # LightGBM parameters over the default or tuned ones (small data, tests)
-    brain_ratio: bool = True               # the image cache's brain ratios as features, where it holds them
+    # The image cache's brain ratios as features, where it holds them. Off: not yet shown to lower the
+    # stack's nested OOF and test loss on competitions it was not tuned on (README, issue 22).
+    brain_ratio: bool = False
 
     def __post_init__(self) -> None:
         if self.stacker not in STACKERS:
