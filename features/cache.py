@@ -9,6 +9,10 @@ Format ``FORMAT``, one folder per size, ``<cache_dir>/<size>px/``:
 - ``boxes.int32``: per row the square (y0, x0, y1, x1) cut from the slice, in its own pixels
   (``features.crop``: the head of the whole series plus a margin, padded with air to a square).
   ``features.crop.to_original`` maps a map made on the cached image back onto the slice.
+- ``brain_ratio.float32``: per row the share of the slice's head pixels that lie in the brain
+  window (:func:`brain_ratio`), a level-2 feature (11th place's). Computed on the slice as read,
+  before the crop and resize, so `make predict` computes the same value from the same HU. A cache
+  built before this file existed has none (and gets none when extended): level 2 then goes without.
 - ``slices.bin`` and ``lengths.uint32``: row r's slice, encoded by ``features.slice_codec``, is the
   first ``lengths[r]`` bytes of a slot of size x size x 2 bytes. Slots are allocated sparse, so a
   compressed slice takes only the disk pages it fills, and workers write their rows in place.
@@ -49,7 +53,12 @@ HU_MAX = int(np.iinfo(np.int16).max)
 DEFAULT_SIZE = 256
 CHUNK = 64  # slices per task handed to a worker process (whole series, so a task may hold more)
 PAGE = 4096  # disk block: a compressed slice's last one is filled on average half
-ROW_FILES_BYTES = 1 + 4 + 16 + 16  # status, length, box and id of one row
+ROW_FILES_BYTES = 1 + 4 + 16 + 4 + 16  # status, length, box, brain ratio and id of one row
+# The brain window (centre 40, width 80: the competition's reading window): grey and white matter,
+# blood and CSF; bone, fat and air lie outside. Shared by the head's pixels (above crop.BODY_HU),
+# not by the whole slice, so the figure does not change with the field of view or the pixel size.
+BRAIN_HU = (0.0, 80.0)
+BRAIN_FILE = "brain_ratio.float32"
 
 TODO, CACHED, BAD = 0, 1, 2
 
@@ -76,6 +85,16 @@ def resize_hu(hu: np.ndarray, size: int) -> np.ndarray:
     )
 
 
+def brain_ratio(hu: np.ndarray) -> float:
+    """Share of the head's pixels (HU above ``crop.BODY_HU``) within ``BRAIN_HU`` (inclusive); 0 for a
+    slice of air. Low at the skull base and the vertex (bone, scalp), high mid-brain."""
+    head = hu > crop_rule.BODY_HU
+    n_head = int(np.count_nonzero(head))
+    if not n_head:
+        return 0.0
+    return float(np.count_nonzero((hu >= BRAIN_HU[0]) & (hu <= BRAIN_HU[1])) / n_head)
+
+
 def to_stored(hu: np.ndarray, size: int, box: np.ndarray | None = None) -> np.ndarray:
     """What the cache stores for one HU image: clipped, cut to ``box`` (default: the whole slice,
     padded to a square with air), resized, rounded to int16."""
@@ -94,6 +113,7 @@ class _Store:
         self.data_path = directory / "slices.bin"
         self.lengths_path = directory / "lengths.uint32"
         self.boxes_path = directory / "boxes.int32"
+        self.brain_path = directory / BRAIN_FILE
         self.info_path = directory / "info.json"
         self.bad_path = directory / "bad_files.csv"
 
@@ -114,6 +134,7 @@ class _Store:
             "data": (self.data_path, np.uint8, (n, self.slot_bytes)),
             "lengths": (self.lengths_path, np.uint32, (n,)),
             "boxes": (self.boxes_path, np.int32, (n, 4)),
+            "brain": (self.brain_path, np.float32, (n,)),
         }[name]
         return np.memmap(path, dtype=dtype, mode=mode, shape=shape)
 
@@ -121,18 +142,23 @@ class _Store:
         """Append rows for ``new_ids``: ids, to-do statuses, and room in the per-row files."""
         self.dir.mkdir(parents=True, exist_ok=True)
         n_old = len(self.read_ids())
+        # A new cache gets brain ratios; an old one without them stays so (its cached rows have none).
+        brain = n_old == 0 or self.brain_path.is_file()
         with self.ids_path.open("a") as f:
             f.writelines(f"{i}\n" for i in new_ids)
         n = n_old + len(new_ids)
         with self.status_path.open("ab") as f:  # real zeros (to do), not sparse: the builder's mapped
             f.write(bytes(n - f.tell()))  # status writes then cannot die with SIGBUS on a full disk
-        for path, row_bytes in ((self.lengths_path, 4), (self.boxes_path, 16), (self.data_path, self.slot_bytes)):
+        row_files = [(self.lengths_path, 4), (self.boxes_path, 16), (self.data_path, self.slot_bytes)]
+        for path, row_bytes in row_files + ([(self.brain_path, 4)] if brain else []):
             with path.open("ab") as f:
                 f.truncate(n * row_bytes)  # sparse: no disk used until a row is filled
         rule = {"body_hu": crop_rule.BODY_HU, "margin": crop_rule.MARGIN, "min_side": crop_rule.MIN_SIDE} if crop else None
         self.info_path.write_text(json.dumps({
             "format": FORMAT, "size": self.size, "dtype": DTYPE.name, "hu_min": HU_MIN, "rows": n, "codec": codec,
             "crop": rule, "boxes": "boxes.int32: rows x (y0, x0, y1, x1), the square cut from each slice, in its pixels",
+            **({"brain_ratio": f"brain_ratio.float32: rows, share of the head's pixels (HU > {crop_rule.BODY_HU:g}) "
+                               f"in {list(BRAIN_HU)} HU, on the slice before the crop"} if brain else {}),
         }, indent=1))
 
     def check_info(self, codec: str | None = None, crop: bool | None = None) -> None:
@@ -185,6 +211,7 @@ def _cache_chunk(root: str, store_dir: str, size: int, codec: str, crop: bool, t
     # pwrite, not stores through a memory map: on a full disk a write into the sparse files fails
     # with ENOSPC (one line, the rows stay to do) where a mapped store kills the process (SIGBUS).
     fds = [os.open(p, os.O_WRONLY) for p in (store.data_path, store.lengths_path, store.boxes_path)]
+    brain_fd = os.open(store.brain_path, os.O_WRONLY) if store.brain_path.is_file() else None
     bad = []
     try:
         for rows, reuse in task:
@@ -197,8 +224,10 @@ def _cache_chunk(root: str, store_dir: str, size: int, codec: str, crop: bool, t
                 os.pwrite(fds[0], blob, row * store.slot_bytes)
                 os.pwrite(fds[1], np.uint32(len(blob)).tobytes(), row * 4)
                 os.pwrite(fds[2], np.asarray(box, dtype=np.int32).tobytes(), row * 16)
+                if brain_fd is not None:
+                    os.pwrite(brain_fd, np.float32(brain_ratio(hu)).tobytes(), row * 4)
     finally:
-        for fd in fds:
+        for fd in fds + ([brain_fd] if brain_fd is not None else []):
             os.close(fd)
     # No msync: the rows sit in the shared page cache, which outlives this process (as does the
     # parent's status write that follows); forcing them to disk here cost ~0.5 ms a slice.
@@ -380,6 +409,16 @@ def available_sizes(cache_dir: Path | str) -> list[int]:
     return sorted(int(p.name[:-2]) for p in root.glob("*px") if p.name[:-2].isdigit() and (p / "info.json").is_file())
 
 
+def cached_brain_ratios(cache_dir: Path | str, image_ids: Sequence[str] | np.ndarray) -> np.ndarray | None:
+    """(N,) brain ratio of each image from every size that stores them (the value does not depend on
+    the size), NaN where no size cached the image; None when no size stores brain ratios (a cache
+    built before they were)."""
+    caches = [c for c in (ImageCache(cache_dir, s) for s in available_sizes(cache_dir)) if c.has_brain_ratio]
+    if not caches:
+        return None
+    return np.fmax.reduce([c.brain_ratios(image_ids) for c in caches]) if len(caches) > 1 else caches[0].brain_ratios(image_ids)
+
+
 class ImageCache:
     """Read side of the cache. Cheap to pickle (DataLoader workers reopen the memory map)."""
 
@@ -449,6 +488,20 @@ class ImageCache:
         rows = self.rows_of(image_ids)
         out = np.array(self._store.open("boxes")[np.maximum(rows, 0)])
         out[rows < 0] = -1
+        return out
+
+    @property
+    def has_brain_ratio(self) -> bool:
+        return self._store.brain_path.is_file()
+
+    def brain_ratios(self, image_ids: Sequence[str] | np.ndarray) -> np.ndarray:
+        """(N,) float32 brain ratio of each image (:func:`brain_ratio`), NaN where it is not cached;
+        a cache built before brain ratios were stored has none (``has_brain_ratio``): a KeyError."""
+        if not self.has_brain_ratio:
+            raise KeyError(f"{self._store.dir} holds no brain ratios (built before they were stored)")
+        rows = self.rows_of(image_ids)
+        out = np.array(self._store.open("brain")[np.maximum(rows, 0)], dtype=np.float32)
+        out[rows < 0] = np.nan
         return out
 
     def __contains__(self, image_id: object) -> bool:

@@ -9,6 +9,10 @@ neighbours are array shifts masked at series ends; study statistics come from on
 Neighbours are the adjacent rows of the same series in the table, sorted by ``slice_index``
 (so a slice dropped as unreadable is skipped over, not turned into a hole). Missing neighbours
 (past either end of a series) are NaN, never zeros: LightGBM treats NaN as "missing".
+
+With ``brain_ratio`` on, the slice's share of brain-window pixels (``features.cache.brain_ratio``,
+read from the image cache into a metadata column of that name) and its neighbours' are features
+too: it tells the skull base and the vertex, where little brain shows, from mid-brain slices.
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ from competition.constants import LABELS
 
 META_COLUMNS = ("image_id", "study_id", "series_id", "slice_index", "n_slices")
 GLOBAL_FEATURES = ("pos_rel", "series_len", "study_len")
+BRAIN_COLUMN = "brain_ratio"  # the metadata column the brain features read (features.cache.cached_brain_ratios)
+BRAIN_OFFSETS = (1, 2)         # the neighbours whose brain ratio is a feature too
 
 
 class TabularFeatureError(ValueError):
@@ -43,6 +49,9 @@ class TabularFeatureConfig:
     # sized LightGBM's OOF unchanged on two fabricated 30-patient competitions (0.0564, 0.0686), and
     # a 21-slice rolling window raised it (0.0580, 0.0714), so neither is on.
     any_shifts: tuple[int, ...] = ()
+    # The brain ratio of the slice and of its BRAIN_OFFSETS neighbours; needs a BRAIN_COLUMN in the
+    # metadata. Off here: level 2 turns it on where the image cache holds the ratios (StackSettings).
+    brain_ratio: bool = False
 
     def __post_init__(self) -> None:
         if self.k_neighbours < 0:
@@ -87,10 +96,16 @@ def any_feature_names(config: TabularFeatureConfig) -> list[str]:
     return [f"{side}{d}" for d in config.any_shifts for side in ("prev", "next")]
 
 
+def global_feature_names(config: TabularFeatureConfig) -> list[str]:
+    """The columns that do not depend on a model: position, lengths, and the brain ratios."""
+    brain = [BRAIN_COLUMN] + [f"{BRAIN_COLUMN}_{side}{d}" for d in BRAIN_OFFSETS for side in ("prev", "next")]
+    return list(GLOBAL_FEATURES) + (brain if config.brain_ratio else [])
+
+
 def feature_names(models: list[str], config: TabularFeatureConfig) -> list[str]:
     """Every column of the feature table except ``image_id``."""
     per_label = label_feature_names(config)
-    return list(GLOBAL_FEATURES) + [
+    return global_feature_names(config) + [
         name for m in models
         for name in [f"{m}__{label}__{s}" for label in LABELS for s in per_label]
         + [f"{m}__any__{s}" for s in any_feature_names(config)]
@@ -187,7 +202,8 @@ def _study_stats(v: np.ndarray, study: np.ndarray, n_study: int, config: Tabular
     return out
 
 
-def _align(predictions: Mapping[str, pd.DataFrame], metadata: pd.DataFrame) -> tuple[pd.Index, dict[str, np.ndarray], pd.DataFrame]:
+def _align(predictions: Mapping[str, pd.DataFrame], metadata: pd.DataFrame,
+           config: TabularFeatureConfig) -> tuple[pd.Index, dict[str, np.ndarray], pd.DataFrame]:
     if not predictions:
         raise TabularFeatureError("no level-1 predictions given")
     names = list(predictions)
@@ -211,6 +227,9 @@ def _align(predictions: Mapping[str, pd.DataFrame], metadata: pd.DataFrame) -> t
             raise TabularFeatureError(f"{m}: predictions contain NaN or inf")
         probs[m] = p
     lacking = [c for c in META_COLUMNS if c not in metadata.columns]
+    if config.brain_ratio and BRAIN_COLUMN not in metadata.columns:
+        raise TabularFeatureError(f"metadata lacks the {BRAIN_COLUMN!r} column the brain features read "
+                                  f"(features.cache.cached_brain_ratios); add it or turn brain_ratio off")
     if lacking:
         raise TabularFeatureError(f"metadata lacks column(s) {lacking}; rebuild it with `make prepare`")
     meta_ids = pd.Index(metadata["image_id"])
@@ -245,7 +264,7 @@ def build_tabular_features(
     """
     if row_order not in ("input", "series"):
         raise TabularFeatureError(f"row_order must be 'input' or 'series', got {row_order!r}")
-    ids, probs, meta = _align(predictions, metadata)
+    ids, probs, meta = _align(predictions, metadata, config)
     if config.group_col not in meta.columns:
         raise TabularFeatureError(f"metadata lacks the study column {config.group_col!r}")
     ord_ = _Order.from_meta(meta, config.group_col)
@@ -266,8 +285,16 @@ def build_tabular_features(
     put(0, np.where(n_slices > 1, slice_index / np.maximum(n_slices - 1, 1), 0.5))
     put(1, n_slices)
     put(2, np.bincount(ord_.study, minlength=ord_.n_study)[ord_.study])
-
     col = len(GLOBAL_FEATURES)
+    if config.brain_ratio:
+        brain = meta[BRAIN_COLUMN].to_numpy(np.float32)[rows][None]
+        put(col, brain[0])
+        col += 1
+        for d in BRAIN_OFFSETS:
+            put(col, _shift(brain, ord_.pos, ord_.length, -d)[0])
+            put(col + 1, _shift(brain, ord_.pos, ord_.length, d)[0])
+            col += 2
+
     k = config.k_neighbours
     for m, p_table in probs.items():
         p64 = np.ascontiguousarray(p_table[rows].T)  # (labels, rows in series order)

@@ -1,4 +1,5 @@
 """python -m level2_stacking --data DATA [--work WORK] [--models a,b] [--stacker blend] [--tune] [--trials N]
+                             [--any-shifts 10,20] [--brain-ratio] ...
 
 Stacks every level-1 model folder present (or --models) with LightGBM on neighbour and study
 features, a sequence model over each series, or their blend (the default: per label, simplex
@@ -30,6 +31,15 @@ from level2_stacking.sequence import SequenceSettings  # noqa: E402
 from level2_stacking.tune import TUNE_SHARE  # noqa: E402
 
 
+def _offsets(text: str) -> tuple[int, ...]:
+    """'10,20' -> (10, 20)."""
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--any-shifts takes comma-separated whole slice offsets such as 10,20, "
+                                         f"got {text!r}") from None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m level2_stacking", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,6 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None,
                     help=f"LightGBM and torch CPU threads (default: every usable core, here {default_threads()})")
     ap.add_argument("--neighbours", type=int, default=5, help="previous/next slices taken as features")
+    ap.add_argument("--any-shifts", type=_offsets, default=(),
+                    help="far neighbours of `any` as features, e.g. 10,20 (each beyond --neighbours; default none)")
+    ap.add_argument("--brain-ratio", action="store_true",
+                    help="the image cache's per-slice share of brain pixels (and its neighbours') as features; off by "
+                         "default until it lowers the loss on competitions it was not tuned on (README)")
     ap.add_argument("--rounds", type=int, default=StackSettings.num_boost_round, help="max boosting rounds")
     ap.add_argument("--early-stopping", type=int, default=StackSettings.early_stopping_rounds,
                     help="early-stopping patience (0: train all --rounds)")
@@ -76,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         tune=args.tune, trials=args.trials, storage=args.storage, tune_share=args.tune_share, num_threads=threads,
         sequence=SequenceSettings(arch=args.seq_arch, epochs=args.seq_epochs, device=device, threads=threads),
         embedding_dim=args.embedding_dim, use_embeddings=not args.no_embeddings,
-        k_neighbours=args.neighbours, num_boost_round=args.rounds,
+        k_neighbours=args.neighbours, any_shifts=args.any_shifts, brain_ratio=args.brain_ratio,
+        num_boost_round=args.rounds,
         early_stopping_rounds=args.early_stopping or None, target_sensitivity=args.target_sensitivity,
         progress=not args.no_progress,
     )

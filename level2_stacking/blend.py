@@ -81,15 +81,6 @@ def mix(candidates: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return np.einsum("cnl,cl->nl", np.asarray(candidates, np.float64), weights)
 
 
-def fit_blend_weights(y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray) -> np.ndarray:
-    """(6,) weight of ``p_a`` per label in a two-candidate blend with ``p_b``."""
-    return fit_simplex_weights(y, np.stack([p_a, p_b]))[0]
-
-
-def blend(p_a: np.ndarray, p_b: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    return weights * p_a + (1 - weights) * p_b
-
-
 def any_at_least_subtypes(p: np.ndarray) -> np.ndarray:
     out = p.copy()
     out[:, ANY] = np.maximum(p[:, ANY], p[:, :ANY].max(axis=1))

@@ -28,6 +28,7 @@ import torch
 
 from competition.atomic import write_json
 from competition.constants import LABELS
+from competition.safe_names import path_inside
 from features.tabular import TabularFeatureConfig, build_tabular_features
 from level2_stacking.blend import any_at_least_subtypes, mix
 from level2_stacking.choices import candidate_names
@@ -199,12 +200,10 @@ def referenced_files(manifest: Mapping) -> list[object]:
 
 
 def inside(root: Path, name: object) -> Path:
-    """``root / name`` for a plain relative name that stays in ``root``; anything else is refused, so
-    a manifest cannot make level 2 read a file elsewhere (an absolute name replaces the root)."""
-    parts = Path(name).parts if isinstance(name, str) and name else ()
-    target = root / name if parts else root
-    if (not parts or "\\" in name or Path(name).is_absolute() or any(p in ("..", ".") for p in parts)
-            or not target.resolve().is_relative_to(root.resolve())):
+    """``root / name`` for a plain relative name that stays in ``root`` (competition.safe_names); anything
+    else is refused, so a manifest cannot make level 2 read a file elsewhere."""
+    target = path_inside(root, name)
+    if target is None:
         raise FittedStackError(f"refusing file name {name!r} of {root / MANIFEST}: the fitted level 2 reads only "
                                f"files inside its own folder; it was not written by `make stack`, fit it again")
     return target

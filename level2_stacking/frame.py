@@ -8,7 +8,7 @@ fold for each, and every model's test table exactly the same images as the other
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,8 @@ import pandas as pd
 
 from competition.constants import LABELS
 from competition.paths import WorkPaths
-from features.tabular import TabularFeatureConfig, build_tabular_features, feature_names
+from features.cache import cached_brain_ratios
+from features.tabular import BRAIN_COLUMN, TabularFeatureConfig, build_tabular_features, feature_names
 
 OOF_FILE = "oof.parquet"
 TEST_FILE = "test.parquet"
@@ -55,6 +56,7 @@ class StackFrame:
     level1_fold_test: dict[str, dict[int, np.ndarray]]  # model -> fold -> (M, 6); {} without per-fold files
     model_dirs: dict[str, Path]
     test_per_fold: bool                 # False: x_test is the mean's features for every fold (old folders)
+    config: TabularFeatureConfig = TabularFeatureConfig()  # the features built (brain_ratio off without the cache's)
 
 
 def _preview(ids: Sequence | pd.Index | np.ndarray, n: int = 3) -> str:
@@ -160,6 +162,21 @@ def _check_studies_within_folds(metadata: pd.DataFrame, folds_table: pd.DataFram
             )
 
 
+def with_brain_ratio(paths: WorkPaths, metadata: pd.DataFrame,
+                     config: TabularFeatureConfig) -> tuple[pd.DataFrame, TabularFeatureConfig]:
+    """The metadata with the image cache's brain ratio of each slice (NaN where it was not cached),
+    when ``config`` asks for it and the cache holds them; else brain_ratio turned off, and said so
+    (a cache built before the ratios were stored: rebuilding it is the user's call, hours on the real data)."""
+    if not config.brain_ratio:
+        return metadata, config
+    ratios = cached_brain_ratios(paths.cache, metadata["image_id"].to_numpy())
+    if ratios is None:
+        print(f"note: no brain ratios in the image cache {paths.cache} (built before they were stored, or no cache): "
+              f"level 2 goes on without the brain_ratio features; a cache built anew (`make cache`) has them")
+        return metadata, replace(config, brain_ratio=False)
+    return metadata.assign(**{BRAIN_COLUMN: ratios}), config
+
+
 def build_stack_frame(
     paths: WorkPaths,
     models: Sequence[str] | None = None,
@@ -170,6 +187,7 @@ def build_stack_frame(
     metadata = _read_parquet(paths.metadata, "metadata", ["image_id", "series_id", "study_id", "slice_index", "n_slices"])
     folds_table = _read_parquet(paths.folds, "folds table", ["image_id", "fold"])
     labels = _read_parquet(paths.labels, "labels", ["image_id", *LABELS])
+    metadata, config = with_brain_ratio(paths, metadata, config)
 
     train_ids = pd.Index(folds_table["image_id"])
     if train_ids.has_duplicates:
@@ -233,6 +251,7 @@ def build_stack_frame(
                           for m in names if not lacking},
         model_dirs={out.name: out.folder for out in outputs},
         test_per_fold=not lacking,
+        config=config,
     )
 
 

@@ -26,6 +26,7 @@ from competition.layout import Layout, LayoutError
 from competition.paths import WorkPaths
 from competition.study_level import DEFAULT_TARGET_SENSITIVITY
 import features.tabular as tabular_module
+from features.cache import BRAIN_FILE
 from features.tabular import TabularFeatureConfig
 from competition.atomic import write_json, write_parquet
 from competition.stamp import is_current, write_stamp
@@ -72,6 +73,7 @@ class StackSettings:
     tune_share: float = TUNE_SHARE
     num_threads: int = field(default_factory=default_threads)
     k_neighbours: int = 5
+    any_shifts: tuple[int, ...] = ()       # far neighbours of `any` (TabularFeatureConfig.any_shifts)
     num_boost_round: int = NUM_BOOST_ROUND
     early_stopping_rounds: int | None = EARLY_STOPPING_ROUNDS
     sequence: SequenceSettings = SequenceSettings()
@@ -80,10 +82,14 @@ class StackSettings:
     target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY
     progress: bool = True
     params: dict[str, object] | None = None  # LightGBM parameters over the default or tuned ones (small data, tests)
+    # The image cache's brain ratios as features, where it holds them. Off: not yet shown to lower the
+    # stack's nested OOF and test loss on competitions it was not tuned on (README, issue 22).
+    brain_ratio: bool = False
 
     def __post_init__(self) -> None:
         if self.stacker not in STACKERS:
             raise ValueError(f"unknown stacker {self.stacker!r}; choose one of {', '.join(STACKERS)}")
+        TabularFeatureConfig(k_neighbours=self.k_neighbours, any_shifts=tuple(self.any_shifts))  # refused now, not after level 1 is read
 
 
 @dataclass(frozen=True)
@@ -230,7 +236,8 @@ def stack_inputs(paths: WorkPaths, models: Sequence[str]) -> list[Path]:
         for k in fold_ids:
             files += [fold_dir(folder, k) / name for name in (OOF_FILE, TEST_FILE, EMBEDDINGS_OOF_FILE, EMBEDDINGS_TEST_FILE)]
     code = Path(__file__).parent
-    return files + sorted(code.glob("*.py")) + [Path(tabular_module.__file__)]
+    brain = sorted(paths.cache.glob(f"*px/{BRAIN_FILE}"))  # a cache rebuilt with brain ratios: refit with them
+    return files + brain + sorted(code.glob("*.py")) + [Path(tabular_module.__file__)]
 
 
 def _stamp_options(settings: StackSettings, data_dir: Path | str) -> dict:
@@ -278,10 +285,12 @@ def _outcome_from_metrics(paths: WorkPaths) -> StackOutcome:
 
 
 def _fit_and_write(paths: WorkPaths, data_dir: Path | str, settings: StackSettings) -> StackOutcome:
-    feature_config = TabularFeatureConfig(k_neighbours=settings.k_neighbours)
     print(f"building level-2 features under {paths.stack} ...", flush=True)
     start = time.perf_counter()
-    frame = build_stack_frame(paths, settings.models, feature_config)
+    config = TabularFeatureConfig(k_neighbours=settings.k_neighbours, any_shifts=tuple(settings.any_shifts),
+                                  brain_ratio=settings.brain_ratio)
+    frame = build_stack_frame(paths, settings.models, config)
+    feature_config = frame.config  # brain_ratio off where the cache has none
     print(f"stacking {len(frame.models)} level-1 model(s) {', '.join(frame.models)}: "
           f"{len(frame.train_ids)} train x {frame.x_train.shape[1]} features, {len(frame.test_ids)} test rows "
           f"(features in {time.perf_counter() - start:.1f} s)", flush=True)

@@ -32,6 +32,7 @@ from competition.constants import LABELS
 from competition.diskspace import check_free_space
 from competition.failures import human_bytes
 from competition.paths import WorkPaths
+from competition.safe_names import safe_relative_name
 from competition.stamp import file_sha256
 from features import crop as crop_rule
 from features.cache import FORMAT as CACHE_FORMAT
@@ -120,14 +121,6 @@ def export_bundle(paths: WorkPaths, out: Path | str, models: Sequence[str] | Non
     return out
 
 
-def safe_name(name: str) -> str | None:
-    """The member name if it stays inside the unpacked folder, else None."""
-    pure = PurePosixPath(name)
-    if not name or "\\" in name or pure.is_absolute() or any(part in ("..", "") for part in pure.parts):
-        return None
-    return pure.as_posix()
-
-
 def read_manifest(tar: tarfile.TarFile, path: Path) -> dict:
     try:
         raw = tar.extractfile(MANIFEST)
@@ -154,7 +147,7 @@ def check_preprocessing(manifest: dict, members: Sequence[Member], path: Path) -
 def check_member_names(members: Sequence[Member], path: Path) -> None:
     """Each model is read from ``models/<name>/fold<k>``: a name or fold that is not one plain part would leave it."""
     for m in members:
-        if safe_name(m.name) is None or PurePosixPath(m.name).parts != (m.name,) or not all(
+        if safe_relative_name(m.name) is None or PurePosixPath(m.name).parts != (m.name,) or not all(
                 type(k) is int and k >= 0 for k in m.folds):
             raise BundleError(f"{path}: refusing model {m.name!r} (folds {list(m.folds)}) of its manifest: a model is "
                               f"one plain folder name with whole fold numbers; the archive was not written by "
@@ -173,7 +166,7 @@ def unpack(tar: tarfile.TarFile, manifest: dict, into: Path, path: Path) -> None
     for info in infos:
         if info.name == MANIFEST:
             continue
-        name = safe_name(info.name)
+        name = safe_relative_name(info.name)
         if name is None or not info.isfile():
             raise BundleError(f"{path}: refusing member {info.name!r} (a path outside the bundle, a link or a "
                               f"device); the archive was not written by `make export`")
@@ -204,7 +197,7 @@ def check_fitted_names(manifest: dict, into: Path, path: Path) -> None:
                           f"again") from None
     listed = manifest.get("files", {})
     for name in names:
-        safe = safe_name(name) if isinstance(name, str) else None
+        safe = safe_relative_name(name)
         if safe is None or f"{fitted}/{safe}" not in listed:
             raise BundleError(f"{path}: refusing file name {name!r} of {fitted}/{FITTED_MANIFEST}: level 2 may read "
                               f"only the bundle's own files; the archive was not written by `make export`")

@@ -19,7 +19,9 @@ import torch
 
 from competition.constants import LABELS
 from competition.paths import WorkPaths
+from features.cache import brain_ratio
 from features.dataset import SliceDataset
+from features.tabular import BRAIN_COLUMN
 from level1_models.config import TrainConfig, resolve
 from features.windows import n_channels
 from level1_models.predict import embedding_width, load_fold_model, predict_probabilities
@@ -128,6 +130,8 @@ class Predictor:
                 probs.append(self._run(model, ds, index, cfg, pooled[-1]))
             per_fold[member.name], embeddings[member.name] = np.stack(probs), np.stack(pooled)
         meta = study.metadata[study.metadata["readable"]].reset_index(drop=True)
+        if self.stack is not None and self.stack.feature_config.brain_ratio:  # as the cache computed it
+            meta[BRAIN_COLUMN] = np.array([brain_ratio(study.hu[i]) for i in meta["image_id"]], np.float32)
         if self.stack is not None:
             folds = {m.name: m.folds for m in self.ensemble.members}
             probs, studies = self.stack.predict_with_studies({m: dict(zip(folds[m], p)) for m, p in per_fold.items()},

@@ -169,3 +169,33 @@ def test_a_label_without_positives_borrows_the_pooled_weights() -> None:
     pooled = fit_simplex_weights(y[:, others].T.reshape(-1, 1), candidates[:, :, others].transpose(0, 2, 1).reshape(2, -1, 1))
     np.testing.assert_allclose(weights[:, 1], pooled[:, 0])
     assert weights[0, 1] > 0.5  # the better candidate, not the one predicting zeros
+
+
+# Three level-1 models' probabilities of one label on 18 rows, saturating at exactly 0 and 1 (a
+# confident model's rounded outputs): there the clipped log loss is flat, and SLSQP from the uniform
+# mix stops at an interior mix (0.0361) worse than the third candidate alone (0.0349).
+SHORT_Y = np.array([1.0] * 11 + [0.0] + [1.0] * 5 + [0.0])
+SHORT_P = np.array([
+    [0.9457, 0.8085, 1.0, 0.9424, 1.0, 0.9531, 1.0, 0.8851, 0.8667, 0.9255, 1.0, 0.0, 1.0, 0.9441, 1.0, 0.963, 0.9915, 0.0],
+    [0.8986, 0.9926, 1.0, 1.0, 0.9791, 1.0, 0.952, 0.9212, 1.0, 0.9669, 1.0, 0.1089, 0.8491, 0.9594, 1.0, 0.9715, 0.9501,
+     0.0399],
+    [0.9619, 0.873, 1.0, 0.9585, 0.9427, 1.0, 0.9493, 1.0, 1.0, 1.0, 0.8851, 0.0261, 1.0, 1.0, 0.8596, 1.0, 1.0, 0.0],
+])
+
+
+def test_fit_simplex_is_never_worse_than_a_single_candidate() -> None:
+    """Where the optimiser stops short of a vertex, fit_simplex must still return one at least as good."""
+    from scipy.optimize import minimize
+
+    from level2_stacking.blend import fit_simplex
+
+    def loss(w: np.ndarray) -> float:
+        return log_loss(SHORT_Y, np.clip(w @ SHORT_P, 1e-15, 1 - 1e-15), labels=[0, 1])
+
+    vertices = [loss(v) for v in np.eye(3)]
+    slsqp = minimize(lambda w: loss(np.clip(w, 0, 1)), np.full(3, 1 / 3), method="SLSQP", bounds=[(0, 1)] * 3,
+                     constraints=({"type": "eq", "fun": lambda w: w.sum() - 1},), options={"ftol": 1e-12, "maxiter": 500})
+    assert slsqp.fun > min(vertices) + 1e-3, "the case no longer makes SLSQP stop short; find another"
+    w = fit_simplex(SHORT_Y, SHORT_P)
+    assert (w >= 0).all() and w.sum() == pytest.approx(1)
+    assert loss(w) <= min(vertices) + 1e-12

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import log_loss
 
-from level2_stacking.blend import any_at_least_subtypes, blend, fit_blend_weights
+from level2_stacking.blend import any_at_least_subtypes, fit_simplex_weights, mix
 
 
 def _probs(seed: int, n: int = 400) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -16,13 +16,15 @@ def _probs(seed: int, n: int = 400) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return y, a, b
 
 
-def test_fit_blend_weights_is_at_least_as_good_as_a_fine_grid():
-    """The log loss of a convex mix is convex in its weight: the fitted weight (continuous, SLSQP)
-    must reach the minimum of a brute-force grid of 0.01 steps, to the grid's resolution."""
+def test_two_candidate_weights_are_at_least_as_good_as_a_fine_grid():
+    """The log loss of a convex mix is convex in its weight: the fitted weight of ``a`` (continuous,
+    SLSQP) must reach the minimum of a brute-force grid of 0.01 steps, to the grid's resolution."""
     y, a, b = _probs(0)
     a[:, 3] = b[:, 3]  # a tie on one label: any weight is as good
     b[:, 4], a[:, 4] = a[:, 4].copy(), b[:, 4].copy()  # the better one on the other side for another (copies: views would alias)
-    got = fit_blend_weights(y, a, b)
+    weights = fit_simplex_weights(y, np.stack([a, b]))
+    np.testing.assert_allclose(weights.sum(axis=0), 1.0)
+    got = weights[0]
     grid = np.linspace(0.0, 1.0, 101)
     for j in range(6):
         losses = [log_loss(y[:, j], w * a[:, j] + (1 - w) * b[:, j], labels=[0, 1]) for w in grid]
@@ -31,11 +33,11 @@ def test_fit_blend_weights_is_at_least_as_good_as_a_fine_grid():
     assert got[0] > 0.5 and got[4] < 0.5
 
 
-def test_blend_is_the_convex_mix_per_label():
+def test_mix_is_the_convex_mix_per_label():
     _, a, b = _probs(1, n=50)
     w = np.array([0.0, 0.25, 0.5, 0.75, 1.0, 0.4])
     want = np.array([[w[j] * a[i, j] + (1 - w[j]) * b[i, j] for j in range(6)] for i in range(len(a))])
-    np.testing.assert_allclose(blend(a, b, w), want, rtol=1e-12)
+    np.testing.assert_allclose(mix(np.stack([a, b]), np.stack([w, 1 - w])), want, rtol=1e-12)
 
 
 def test_any_rule_raises_any_to_each_rows_own_largest_subtype():

@@ -212,3 +212,33 @@ def test_a_bundle_from_another_lightgbm_says_so(tmp_path, capsys):
                              extra={"stack/fitted/lightgbm/fold0_any.txt": PAYLOAD}, packages={"lightgbm": "0.0.1"})
     open_bundle(archive)
     assert "lightgbm 0.0.1 (here " in capsys.readouterr().out
+
+
+NAMES = ["lightgbm/fold0_any.txt", "maps/m_fold0.npz", "/etc/passwd", "../evil", "a/../../evil", "a\\b", "", ".",
+         "./", "a/./b", 7, None, "C:/evil"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_bundle_and_the_fitted_folder_share_one_name_rule(tmp_path, name):
+    """competition.safe_names decides for both; each agrees with a reference built on os.path."""
+    from competition.safe_names import safe_relative_name
+    from level2_stacking.fitted import inside
+
+    plain = isinstance(name, str) and name != "" and "\\" not in name and not os.path.isabs(name) and not any(
+        part in ("..", ".") for part in name.split("/") if part)
+    plain = plain and os.path.normpath(name) not in (".", "")
+    assert (safe_relative_name(name) is not None) == plain
+    if plain:
+        assert inside(tmp_path, name) == tmp_path / name
+    else:
+        with pytest.raises(FittedStackError, match="refusing file name"):
+            inside(tmp_path, name)
+
+
+def test_a_fitted_name_through_a_link_out_of_the_folder_is_refused(tmp_path, outside):
+    from level2_stacking.fitted import inside
+
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "lightgbm").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(FittedStackError, match="refusing file name"):
+        inside(tmp_path / "root", "lightgbm/fold0_any.txt")

@@ -13,7 +13,9 @@ from competition.badfiles import read_bad_files
 from competition.dicom import read_hu
 from competition.metadata import build_metadata
 from dicom_factory import write_ct
-from features.cache import BAD, CACHED, ImageCache, build_cache, expected_cache_bytes, size_dir
+from features.cache import (
+    BAD, CACHED, ImageCache, build_cache, cached_brain_ratios, expected_cache_bytes, size_dir,
+)
 from features.crop import to_original
 from features.slice_codec import CODECS, DEFAULT_CODEC, EXPECTED_RATIO
 
@@ -328,9 +330,66 @@ def test_expected_size_is_printed_before_the_build(data, tmp_path, capsys):
     err = capsys.readouterr().err
     expected = expected_cache_bytes(len(meta), SIDE, "raw")
     assert f"{len(meta):,} slices to write" in err and f"expected {expected / 1e9:.2f} GB" in err
-    assert expected == len(meta) * (SIDE * SIDE * 2 + 37)
-    assert result["data_bytes"] <= expected + 6 * 4096  # raw: exact, give or take a block per small file
+    assert expected == len(meta) * (SIDE * SIDE * 2 + 41)
+    assert result["data_bytes"] <= expected + 7 * 4096  # raw: exact, give or take a block per small file
     assert expected_cache_bytes(870_000, 512, "raw") / 1e9 == pytest.approx(456, abs=1)
     assert expected_cache_bytes(10, 256) < expected_cache_bytes(10, 256, worst_case=True) == expected_cache_bytes(10, 256, "raw")
     build_cache(data, meta, tmp_path / "cache", size=SIDE, workers=1, progress=True, codec="raw")
     assert "to write" not in capsys.readouterr().err  # nothing to do, nothing announced
+
+
+# --- brain ratio: the share of the head's pixels in the brain window, per slice ----------------
+
+EDGE_HU = [-1024, -1000, -501, -500, -499, -1, 0, 1, 40, 79, 80, 81, 300, 2000]  # both thresholds and both window edges
+
+
+def write_brain_series(root, rng, series="ID_0000brn1", n=6, side=24):
+    """Slices of HU drawn from the thresholds' edges, each slice its own mix; the last one all air."""
+    ids = []
+    for k in range(n):
+        hu = rng.choice(EDGE_HU, size=(side, side), p=rng.dirichlet(np.ones(len(EDGE_HU))))
+        hu = np.full((side, side), -1024) if k == n - 1 else hu
+        image_id = f"ID_{series[-4:]}{k:05d}"
+        write_ct(root / "stage_2_train" / f"{image_id}.dcm", (hu + 1024).astype(np.uint16), series=series, z=float(k))
+        ids.append(image_id)
+    return ids
+
+
+def brute_brain_ratio(path):
+    """Pixel by pixel over pydicom's HU: brain window [0, 80] HU over the head (above -500 HU)."""
+    ds = pydicom.dcmread(path)
+    slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+    head = brain = 0
+    for value in ds.pixel_array.ravel().tolist():
+        hu = value * slope + intercept
+        head += hu > -500
+        brain += 0 <= hu <= 80
+    return brain / head if head else 0.0
+
+
+def test_brain_ratio_is_the_brute_force_share_of_pydicom_hu(tmp_path):
+    root = tmp_path / "comp"
+    ids = write_brain_series(root, np.random.default_rng(7))
+    meta = metadata_of(root, tmp_path)
+    build_cache(root, meta, tmp_path / "cache", size=16, workers=1, progress=False)
+    build_cache(root, meta, tmp_path / "cache", size=8, workers=1, progress=False, codec="raw")
+    expected = np.array([brute_brain_ratio(root / "stage_2_train" / f"{i}.dcm") for i in ids])
+    assert expected[-1] == 0 and (expected[:-1] > 0).all() and len(set(expected.round(6))) == len(ids)
+    got = ImageCache(tmp_path / "cache", 16).brain_ratios([*ids, "ID_unknown"])
+    assert got.dtype == np.float32 and np.isnan(got[-1])
+    np.testing.assert_allclose(got[:-1], expected, rtol=1e-6)
+    np.testing.assert_allclose(cached_brain_ratios(tmp_path / "cache", ids), expected, rtol=1e-6)  # any size: the same
+
+
+def test_a_cache_built_before_brain_ratios_stays_without_them(tmp_path):
+    root = tmp_path / "comp"
+    ids = write_brain_series(root, np.random.default_rng(8))
+    meta = metadata_of(root, tmp_path)
+    build_cache(root, meta[meta["image_id"].isin(ids[:3])], tmp_path / "cache", size=16, workers=1, progress=False)
+    brain_file = size_dir(tmp_path / "cache", 16) / "brain_ratio.float32"
+    brain_file.unlink()  # as an older version left it
+    build_cache(root, meta, tmp_path / "cache", size=16, workers=1, progress=False)  # extended with the rest
+    assert not brain_file.exists() and len(ImageCache(tmp_path / "cache")) == len(ids)
+    assert cached_brain_ratios(tmp_path / "cache", ids) is None
+    with pytest.raises(KeyError, match="no brain ratios"):
+        ImageCache(tmp_path / "cache").brain_ratios(ids)

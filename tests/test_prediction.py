@@ -21,6 +21,7 @@ import torch
 from competition.constants import LABELS
 from conftest import prepare_tiny_competition
 from competition.paths import WorkPaths
+from level2_stacking.fitted import load_fitted
 from prediction.bundle import BundleError, export_bundle, open_bundle
 from prediction.ensemble import from_work
 from prediction.predictor import Predictor
@@ -48,7 +49,7 @@ def trained(tmp_path_factory) -> tuple[Path, WorkPaths]:
     # Two folds leave no inner fold for early stopping: fixed rounds; leaves small enough for ~60 rows.
     run_stack(data, paths.root, StackSettings(
         stacker="blend", num_threads=1, k_neighbours=2, num_boost_round=30, early_stopping_rounds=None,
-        params={"min_data_in_leaf": 5, "learning_rate": 0.2}, embedding_dim=8, progress=False,
+        params={"min_data_in_leaf": 5, "learning_rate": 0.2}, embedding_dim=8, progress=False, brain_ratio=True,
         sequence=SequenceSettings(hidden=16, layers=1, embedding_proj=8, epochs=3, threads=1)))
     return data, paths
 
@@ -74,6 +75,8 @@ def test_predict_equals_the_stacked_submission(trained, tmp_path):
     assert np.abs(got - level1).max() > 1e-3  # ten times the tolerance above
     run = json.loads((out / "run.json").read_text())
     assert run["level"].startswith("level 2 (blend stack") and run["level2"] == "stacked"
+    # The brain ratios `make predict` computes from the DICOMs are the cache's (the boosters read them).
+    assert load_fitted(paths.stack).feature_config.brain_ratio
     assert run["threshold"]["predictions"] == "level-2 stack OOF"
     # Real predictions, not the training prior every test image once got.
     assert slices["any"].std() > 1e-4

@@ -17,9 +17,10 @@ from competition.metric import weighted_log_loss
 from competition.paths import WorkPaths
 from features.tabular import TabularFeatureConfig
 from level2_stacking.__main__ import main as stack_main
+from level2_stacking.fitted import load_fitted
 from level2_stacking.frame import StackFrameError, build_stack_frame
 from level2_stacking.lgbm import DEFAULT_PARAMS, cross_validate
-from level2_stacking.blend import any_at_least_subtypes, any_rule_gain, blend, fit_blend_weights
+from level2_stacking.blend import any_at_least_subtypes, any_rule_gain, fit_simplex_weights, mix
 from level2_stacking.synthetic import FabricatedModel, fabricate_competition, write_fabricated_data, write_fabricated_work
 from level2_stacking.tune import load_best_params, open_study, patient_subsample, tune
 from submissions.validate import validate_submission
@@ -158,6 +159,39 @@ def test_stacker_beats_every_level1_input(fabricated_work: WorkPaths, capsys) ->
     assert validate_submission(written, data / "stage_2_sample_submission.csv") == len(test) * len(LABELS)
 
 
+def test_a_cache_without_brain_ratios_is_gone_without_in_one_line(fabricated_work, capsys) -> None:
+    """An image cache built before brain ratios were stored (here: none at all) must neither stop
+    level 2 nor be rebuilt: the brain features are left out, the fitted config says so, one line tells."""
+    frame = build_stack_frame(fabricated_work, None, TabularFeatureConfig(k_neighbours=1, brain_ratio=True))
+    notes = [line for line in capsys.readouterr().out.splitlines() if "brain" in line]
+    assert len(notes) == 1 and "goes on without the brain_ratio features" in notes[0]
+    assert not frame.config.brain_ratio and "brain_ratio" not in frame.x_train.columns
+    assert not fabricated_work.cache.exists()
+
+
+def test_any_shifts_from_the_command_line_reach_the_fitted_stack(fabricated_work, tmp_path, capsys) -> None:
+    """--any-shifts builds the far `any` neighbours, and metrics.json and the fitted stack (which
+    `make predict` rebuilds the features from) record them."""
+    paths = _copy_work(fabricated_work, tmp_path / "work")
+    data = fabricated_work.root.parent / "rsna-fake"
+    argv = ["--data", str(data), "--work", str(paths.root), "--threads", "1", "--neighbours", "2", "--stacker", "lgbm",
+            "--rounds", "30", "--early-stopping", "0", "--no-progress"]
+    assert stack_main([*argv, "--any-shifts", "6,9"]) == 0
+    metrics = json.loads((paths.stack / "metrics.json").read_text())
+    assert metrics["feature_config"]["any_shifts"] == [6, 9]
+    fitted = load_fitted(paths.stack)
+    assert fitted.feature_config == TabularFeatureConfig(k_neighbours=2, any_shifts=(6, 9))
+    assert {"cnn_a__any__prev9", "cnn_b__any__next6"} <= set(fitted.feature_names)
+    assert metrics["n_features"] == len(fitted.feature_names)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # not a number
+        stack_main([*argv, "--any-shifts", "2,x"])
+    assert "--any-shifts takes comma-separated whole slice offsets" in capsys.readouterr().err
+    # An offset within --neighbours: refused before anything is read, in one line.
+    with pytest.raises(ValueError, match=r"any_shifts must be distinct offsets beyond k_neighbours=2, got \(2, 10\)"):
+        stack_main([*argv, "--any-shifts", "2,10"])
+
+
 def _copy_work(src: WorkPaths, dst: Path) -> WorkPaths:
     import shutil
 
@@ -271,9 +305,9 @@ def test_blend_weights_and_the_any_rule() -> None:
     y = (rng.random((2000, len(LABELS))) < 0.2).astype(float)
     good = np.clip(0.7 * y + 0.15 + rng.normal(0, 0.05, y.shape), 0.01, 0.99)
     noise = rng.random(y.shape)
-    weights = fit_blend_weights(y, good, noise)
-    assert (weights >= 0.8).all()
-    assert weighted_log_loss(y, blend(good, noise, weights)) <= weighted_log_loss(y, good) + 1e-12
+    weights = fit_simplex_weights(y, np.stack([good, noise]))
+    assert (weights[0] >= 0.8).all()
+    assert weighted_log_loss(y, mix(np.stack([good, noise]), weights)) <= weighted_log_loss(y, good) + 1e-12
     p = np.full((1, len(LABELS)), 0.1)
     p[0, 2] = 0.8
     assert any_at_least_subtypes(p)[0, -1] == 0.8 and p[0, -1] == 0.1  # a copy; `any` raised to the subtype

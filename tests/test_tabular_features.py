@@ -29,6 +29,7 @@ def fabricate(seed: int = 0, n_studies: int = 12) -> tuple[pd.DataFrame, dict[st
                          slice_index=int(idx), n_slices=n + 2, patient_id=f"patient{st}")
                 )
     meta = pd.DataFrame(rows).sample(frac=1.0, random_state=seed).reset_index(drop=True)
+    meta["brain_ratio"] = rng.random(len(meta)).astype(np.float32)
     n = len(meta)
     order = rng.permutation(n)  # predictions in yet another order than the metadata
     a = pd.DataFrame(rng.random((n, 6)), columns=list(LABELS))
@@ -51,6 +52,13 @@ def brute_force(meta: pd.DataFrame, preds: dict[str, pd.DataFrame], cfg: Tabular
         records[image_id]["pos_rel"] = r.slice_index / (r.n_slices - 1) if r.n_slices > 1 else 0.5
         records[image_id]["series_len"] = r.n_slices
         records[image_id]["study_len"] = int((m["study_id"] == r.study_id).sum())
+    for _, series in meta.groupby("series_id"):
+        b = series.sort_values("slice_index")["brain_ratio"].tolist()
+        for i, image_id in enumerate(series.sort_values("slice_index")["image_id"]):
+            records[image_id]["brain_ratio"] = b[i]
+            for d in (1, 2):
+                records[image_id][f"brain_ratio_prev{d}"] = b[i - d] if i - d >= 0 else np.nan
+                records[image_id][f"brain_ratio_next{d}"] = b[i + d] if i + d < len(b) else np.nan
     for model, table in preds.items():
         t = table.merge(meta, on="image_id")
         for label in LABELS:
@@ -94,14 +102,15 @@ def brute_force(meta: pd.DataFrame, preds: dict[str, pd.DataFrame], cfg: Tabular
     return out.reset_index()
 
 
-@pytest.mark.parametrize("k, windows, row_order, diffs, any_shifts", [
-    (5, (3, 5, 9), "input", True, ()), (2, (7, 3), "series", False, ()), (0, (3,), "input", True, ()),
-    (3, (3, 21), "input", False, (6, 11)), (1, (9,), "series", True, (10, 4)),
+@pytest.mark.parametrize("k, windows, row_order, diffs, any_shifts, brain", [
+    (5, (3, 5, 9), "input", True, (), False), (2, (7, 3), "series", False, (), True), (0, (3,), "input", True, (), True),
+    (3, (3, 21), "input", False, (6, 11), False), (1, (9,), "series", True, (10, 4), True),
 ])
 def test_features_equal_brute_force(k: int, windows: tuple[int, ...], row_order: str, diffs: bool,
-                                    any_shifts: tuple[int, ...]) -> None:
+                                    any_shifts: tuple[int, ...], brain: bool) -> None:
     meta, preds = fabricate(seed=k)
-    cfg = TabularFeatureConfig(k_neighbours=k, rolling_windows=windows, diffs=diffs, any_shifts=any_shifts)
+    cfg = TabularFeatureConfig(k_neighbours=k, rolling_windows=windows, diffs=diffs, any_shifts=any_shifts,
+                               brain_ratio=brain)
     fast = build_tabular_features(preds, meta, cfg, row_order=row_order)
     slow = brute_force(meta, preds, cfg)
     assert list(fast.columns) == ["image_id", *feature_names(["cnn_a", "cnn_b"], cfg)]
@@ -130,6 +139,8 @@ def test_missing_neighbours_are_nan_not_zero() -> None:
 
 def test_bad_inputs_are_named() -> None:
     meta, preds = fabricate()
+    with pytest.raises(TabularFeatureError, match="lacks the 'brain_ratio' column"):
+        build_tabular_features(preds, meta.drop(columns="brain_ratio"), TabularFeatureConfig(brain_ratio=True))
     shuffled = {"cnn_a": preds["cnn_a"], "cnn_b": preds["cnn_b"].iloc[::-1]}
     with pytest.raises(TabularFeatureError, match="cnn_b: image_id rows differ"):
         build_tabular_features(shuffled, meta)
