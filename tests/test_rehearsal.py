@@ -136,4 +136,6 @@ def test_level2_time_is_scaled_to_the_product_defaults(tmp_path) -> None:
     rounds, epochs = StackSettings.num_boost_round, SequenceSettings.epochs
     assert (got["default_rounds"], got["default_seq_epochs"]) == (rounds, epochs)
     assert got["extra_seconds_at_defaults"] == pytest.approx(120.0 * (rounds / 40 - 1) + 30.0 * (epochs / 3 - 1))
+    once = level2_defaults(metrics, "--rounds 40 --early-stopping 0 --seq-epochs 3".split())  # no refit in the run
+    assert once["extra_seconds_at_defaults"] == pytest.approx(120.0 * (2 * rounds / 40 - 1) + 30.0 * (epochs / 3 - 1))
     assert "--rounds" in STACK_OPTS and level2_defaults(tmp_path / "absent.json", []) == {}
