@@ -171,6 +171,24 @@ def _dataset(xm: np.ndarray, rows: np.ndarray, y: np.ndarray, names: list[str] |
     return lgb.Dataset(data, label=y[rows], feature_name=names, reference=reference, params=params).construct()
 
 
+def constant_booster(rate: float, names: list[str] | str, n_features: int, params: dict[str, object]) -> lgb.Booster:
+    """A one-leaf booster that predicts ``rate`` for every row: for a fold whose training rows hold
+    one class only of a label, where boosting would predict ~1e-15 for it (a held-out positive then
+    costs ~34 nats). A real Booster, so the fitted stack saves and applies it like any other."""
+    x = np.zeros((2, n_features))
+    data = lgb.Dataset(x, label=[1.0, 0.0], weight=[rate, 1.0 - rate], feature_name=names,
+                       params={"min_data_in_bin": 1, "verbosity": -1})
+    keys = ("objective", "verbosity", "seed", "deterministic", "num_threads")
+    one_leaf = {**{k: params[k] for k in keys if k in params}, "min_data_in_leaf": 2, "boost_from_average": True,
+                "learning_rate": 1e-12}
+    return lgb.train(one_leaf, data, num_boost_round=1)
+
+
+def smoothed_rate(y: np.ndarray) -> float:
+    """The training rate of a label pulled away from 0 and 1 (add-one-half, Jeffreys)."""
+    return float((y.sum() + 0.5) / (len(y) + 1.0))
+
+
 def _train(params: dict[str, object], dtrain: lgb.Dataset, rounds: int, dvalid: lgb.Dataset | None = None,
            early_stopping_rounds: int | None = None) -> tuple[lgb.Booster, int]:
     callbacks = ([lgb.early_stopping(early_stopping_rounds, verbose=False, min_delta=EARLY_STOPPING_MIN_DELTA)]
@@ -257,6 +275,10 @@ def cross_validate(
                 boosters[j] = _train(params, dall, max(1, round(rounds * train.sum() / fit.sum())))
                 bar.update(1)
             del dall
+        learnt_on = train if not early_stopping_rounds or refit else fit
+        for j in range(len(LABELS)):
+            if len(np.unique(y[learnt_on, j])) < 2:  # nothing to learn: the smoothed rate, not ~1e-15
+                boosters[j] = (constant_booster(smoothed_rate(y[learnt_on, j]), feature_names, xm.shape[1], params), 1)
         for j, (booster, rounds) in enumerate(boosters):
             best[step, j] = rounds
             oof[val, j] = booster.predict(xm[val], num_iteration=rounds)

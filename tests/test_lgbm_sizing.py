@@ -73,3 +73,29 @@ def test_boosters_split_only_on_their_labels_preselected_columns() -> None:
             assert used[j], f"fold {fold} label {j} ignored its informative column"
             assert booster.num_feature() == f  # still takes the full table
     assert np.isfinite(result.oof).all() and result.test.shape == (50, len(LABELS))
+
+
+@pytest.mark.parametrize("early_stopping", [None, 5])
+def test_a_fold_without_positives_of_a_label_predicts_its_smoothed_rate(early_stopping) -> None:
+    """Rare labels on small sets: where a fold's training rows hold no positive of a label, boosting
+    would predict ~1e-15 for it (a held-out positive then costs ~34 nats, and the nested blend,
+    whose weights come from the other folds, cannot know). That fold's booster for the label is a
+    constant at the training rows' rate pulled off 0 by a half count; the other labels train as usual."""
+    rng = np.random.default_rng(3)
+    n, folds = 600, np.repeat([0, 1, 2], 200)
+    x = rng.normal(size=(n, 8))
+    y = (rng.random((n, len(LABELS))) < 0.3).astype(float)
+    y[:, 0] = 0.0
+    y[folds == 1, 0] = (x[folds == 1, 0] > 1.0)  # epidural positives only in fold 1
+    result = cross_validate(x, y, folds, x[:50], params={"num_threads": 1}, num_boost_round=20,
+                            early_stopping_rounds=early_stopping, progress=False, keep_models=True)
+    for fold in (0, 2):  # fold 1 is among their training rows: they see positives
+        train = folds != fold
+        assert y[train, 0].sum() > 0
+    train = folds != 1  # fold 1's model trained on folds 0 and 2: no epidural positive at all
+    expected = 0.5 / (train.sum() + 1.0)
+    np.testing.assert_allclose(result.oof[folds == 1, 0], expected, rtol=1e-6)
+    booster, rounds = result.models[1][0]
+    np.testing.assert_allclose(booster.predict(x[:50], num_iteration=rounds), expected, rtol=1e-6)
+    assert result.oof[folds == 1, 0].min() > 1e-4  # not the ~1e-15 boosting gives
+    assert np.ptp(result.oof[folds == 1, 1]) > 0  # the other labels still learn

@@ -124,18 +124,17 @@ def test_every_real_stage_runs_at_a_small_scale(tmp_path, capsys) -> None:
 
 
 def test_level2_time_is_scaled_to_the_product_defaults(tmp_path) -> None:
-    """The rehearsal runs level 2 short (rehearsal.run.STACK_OPTS); its summary scales the measured
-    LightGBM and sequence seconds to make stack's default rounds and epochs."""
-    from level2_stacking.pipeline import StackSettings
+    """The rehearsal runs level 2 short (rehearsal.run.STACK_OPTS); its summary gives LightGBM's
+    seconds per 100 rounds and scales the sequence model's seconds to make stack's default epochs."""
     from level2_stacking.sequence import SequenceSettings
     from rehearsal.run import STACK_OPTS, level2_defaults
 
     metrics = tmp_path / "metrics.json"
     metrics.write_text(json.dumps({"lgbm_seconds": 120.0, "sequence_seconds": 30.0}))
-    got = level2_defaults(metrics, "--rounds 40 --seq-epochs 3".split())
-    rounds, epochs = StackSettings.num_boost_round, SequenceSettings.epochs
-    assert (got["default_rounds"], got["default_seq_epochs"]) == (rounds, epochs)
-    assert got["extra_seconds_at_defaults"] == pytest.approx(120.0 * (rounds / 40 - 1) + 30.0 * (epochs / 3 - 1))
-    once = level2_defaults(metrics, "--rounds 40 --early-stopping 0 --seq-epochs 3".split())  # no refit in the run
-    assert once["extra_seconds_at_defaults"] == pytest.approx(120.0 * (2 * rounds / 40 - 1) + 30.0 * (epochs / 3 - 1))
-    assert "--rounds" in STACK_OPTS and level2_defaults(tmp_path / "absent.json", []) == {}
+    epochs = SequenceSettings.epochs
+    pair = level2_defaults(metrics, "--rounds 40 --seq-epochs 3".split())  # early stopping on: two trainings
+    once = level2_defaults(metrics, "--rounds 40 --early-stopping 0 --seq-epochs 3".split())
+    assert pair["lgbm_seconds_per_100_rounds"] == pytest.approx(120.0 / 2 * 100 / 40)
+    assert once["lgbm_seconds_per_100_rounds"] == pytest.approx(120.0 * 100 / 40)
+    assert once["sequence_seconds_at_default_epochs"] == pytest.approx(30.0 * epochs / 3)
+    assert "--early-stopping 0" in STACK_OPTS and level2_defaults(tmp_path / "absent.json", []) == {}
