@@ -43,10 +43,11 @@ STACK_OPTS = "--rounds 100 --early-stopping 0 --seq-epochs 2"
 # Disk per image: a 64 px DICOM (8.8 kB, 12 KiB on disk) and its cache slice (7.4 KiB measured),
 # plus the five fabricated models' float16 embeddings (see warn).
 DISK_PER_IMAGE_KIB = 12 + 8
-# Per 1,000 images, from SCALE=0.05 on the shared 2-core machine at a load average of 9 to 18
-# (2026-12-05): 15 s for generate to level 1, about 30 s for the tiny CNN's inference, level 2
-# about 15 s with 300 rounds and 2 sequence epochs. An idle machine is several times faster.
-SECONDS_PER_1000_IMAGES = 60.0
+# The time estimate: measured on the quiet 2-core machine (2026-12-05) with the default STACK_OPTS:
+# SCALE=1 took 3,162 s for 874,035 images (3.6 s per 1,000), SCALE=0.01 about 4 min, nearly all of
+# it fixed costs (imports, process start-ups, torch's first batches).
+STARTUP_SECONDS = 180.0
+SECONDS_PER_1000_IMAGES = 3.6
 
 
 @dataclass
@@ -179,7 +180,7 @@ def warn(scale: float, root: Path) -> str:
     n = n_train + n_test
     embeddings = (n_train + 5 * n_test) * sum(WIDTHS.values()) * 2  # OOF once, test once per fold model
     disk_gib = (n * DISK_PER_IMAGE_KIB * 2**10 + embeddings) / 2**30
-    hours = n / 1000 * SECONDS_PER_1000_IMAGES / 3600
+    hours = (STARTUP_SECONDS + n / 1000 * SECONDS_PER_1000_IMAGES) / 3600
     where = next(p for p in (root, *root.absolute().parents) if p.exists())
     free_gib = shutil.disk_usage(where).free / 2**30
     return (f"rehearsal at SCALE={scale:g}: {n:,} images; needs about {disk_gib:.0f} GiB of disk ({free_gib:.0f} GiB "
