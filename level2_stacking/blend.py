@@ -14,12 +14,13 @@ Nested (``nested_blend``): fold k's weights and `any` rule are chosen on the oth
 only, so the concatenated fold-k predictions are an honest OOF figure; the weights for test and
 for `make predict` are then fitted on every OOF row.
 
-On small sets (below FORM_CV_ROWS rows) the blend's form is chosen too, by cross-validation over
-the folds of the rows it is fitted on: weights per label, one weight vector pooled over the labels,
-or the single best input. Per-label weights on a thousand rows jump between vertices from fold to
-fold (on a 50-patient set one fold's subdural weight went wholly to LightGBM, the better input on
-the other folds and the worse one there); the pooled and single forms have fewer choices to get
-wrong. From FORM_CV_ROWS rows on, per label.
+The blend's form (``form``): weights per label (the default), one weight vector pooled over the
+labels, the single best input, or "auto": on small sets (below FORM_CV_ROWS rows) the form chosen by
+cross-validation over the folds of the rows it is fitted on, per label from FORM_CV_ROWS rows on.
+Per-label weights on a thousand rows can jump between vertices from fold to fold (on a 50-patient
+set one fold's subdural weight went wholly to LightGBM, the better input on the other folds and the
+worse one there); the pooled and single forms have fewer choices to get wrong. "auto" is not the
+default: on six competitions of real tiny-CNN outputs it did not lower the loss (README).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ ANY = LABELS.index("any")
 # (30 patients) every intraparenchymal slice lay in one fold, and fit without it LightGBM's zeros won.
 MIN_CLASS_ROWS = 10
 FORMS = ("best input", "pooled", "per label")  # simplest first: a tie keeps the simpler form
+AUTO = "auto"
 # Rows from which the blend is per label without asking (the real competition's 752k rows fit 5 x 6
 # weights with room to spare, and the inner cross-validation would cost minutes); the LightGBM sizing
 # switches at the same count (lgbm.FULL_SIZE_ROWS).
@@ -156,13 +158,18 @@ class BlendChoice:
         return {name: dict(zip(LABELS, row.tolist())) for name, row in zip(self.names, self.weights)}
 
 
-def choose_blend(names: list[str], y: np.ndarray, candidates: np.ndarray,
-                 folds: np.ndarray | None = None) -> BlendChoice:
-    """Weights and `any` rule, both chosen on these rows; the form too where ``folds`` (N,) gives at
-    least two folds and there are fewer than FORM_CV_ROWS rows."""
-    form, losses = "per label", {}
-    if folds is not None and len(np.unique(folds)) > 1 and len(y) < FORM_CV_ROWS and len(candidates) > 1:
-        form, losses = choose_form(y, np.asarray(folds), candidates)
+def choose_blend(names: list[str], y: np.ndarray, candidates: np.ndarray, folds: np.ndarray | None = None,
+                 form: str = "per label") -> BlendChoice:
+    """Weights and `any` rule, both chosen on these rows. ``form``: one of FORMS, or AUTO: chosen by
+    cross-validation where ``folds`` (N,) gives at least two folds and there are fewer than
+    FORM_CV_ROWS rows (else per label)."""
+    if form not in (*FORMS, AUTO):
+        raise ValueError(f"unknown blend form {form!r}; one of {', '.join((*FORMS, AUTO))}")
+    losses = {}
+    if form == AUTO:
+        form = "per label"
+        if folds is not None and len(np.unique(folds)) > 1 and len(y) < FORM_CV_ROWS and len(candidates) > 1:
+            form, losses = choose_form(y, np.asarray(folds), candidates)
     weights = fit_form(form, y, candidates)
     gain = any_rule_gain(y, mix(candidates, weights))
     return BlendChoice(list(names), weights, gain > 0, gain, form, losses)
@@ -177,7 +184,8 @@ class NestedBlend:
     in_sample_oof: np.ndarray           # (N, 6) the final choice scored on the rows it was fitted on
 
 
-def nested_blend(names: list[str], y: np.ndarray, folds: np.ndarray, candidates: np.ndarray) -> NestedBlend:
+def nested_blend(names: list[str], y: np.ndarray, folds: np.ndarray, candidates: np.ndarray,
+                 form: str = "per label") -> NestedBlend:
     """Fold k's rows predicted by the weights and rule chosen on the other folds' rows only."""
     folds = np.asarray(folds)
     oof_blend, oof = np.zeros(y.shape), np.zeros(y.shape)
@@ -186,8 +194,8 @@ def nested_blend(names: list[str], y: np.ndarray, folds: np.ndarray, candidates:
         held = folds == k
         if held.all():
             raise ValueError(f"a nested blend needs at least two folds, got only fold {k}")
-        by_fold[int(k)] = choice = choose_blend(names, y[~held], candidates[:, ~held], folds[~held])
+        by_fold[int(k)] = choice = choose_blend(names, y[~held], candidates[:, ~held], folds[~held], form)
         oof_blend[held], oof[held] = choice.apply(candidates[:, held])
-    final = choose_blend(names, y, candidates, folds)
+    final = choose_blend(names, y, candidates, folds, form)
     return NestedBlend(final, by_fold, oof_blend, oof, final.apply(candidates)[1])
 

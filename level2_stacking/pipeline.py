@@ -32,7 +32,7 @@ from competition.atomic import write_json, write_parquet
 from competition.stamp import is_current, write_stamp
 from level2_stacking.fitted import MANIFEST as FITTED_MANIFEST
 from level2_stacking.fitted import FittedStack, fitted_dir
-from level2_stacking.blend import any_rule_gain
+from level2_stacking.blend import AUTO, FORMS, any_rule_gain
 from level2_stacking.choices import Level2Choices, choose
 from level2_stacking.frame import (
     EMBEDDINGS_OOF_FILE, EMBEDDINGS_TEST_FILE, OOF_FILE, TEST_FILE, StackFrame, StackFrameError, align_exact,
@@ -85,10 +85,15 @@ class StackSettings:
     # The image cache's brain ratios as features, where it holds them. Off: not yet shown to lower the
     # stack's nested OOF and test loss on competitions it was not tuned on (README, issue 22).
     brain_ratio: bool = False
+    # The blend's form (blend.FORMS or "auto"); per label unless asked (README: "auto" did not lower
+    # the loss on six competitions of real tiny-CNN outputs).
+    blend_form: str = "per label"
 
     def __post_init__(self) -> None:
         if self.stacker not in STACKERS:
             raise ValueError(f"unknown stacker {self.stacker!r}; choose one of {', '.join(STACKERS)}")
+        if self.blend_form not in (*FORMS, AUTO):
+            raise ValueError(f"unknown blend form {self.blend_form!r}; choose one of {', '.join((*FORMS, AUTO))}")
         TabularFeatureConfig(k_neighbours=self.k_neighbours, any_shifts=tuple(self.any_shifts))  # refused now, not after level 1 is read
 
 
@@ -299,7 +304,8 @@ def _fit_and_write(paths: WorkPaths, data_dir: Path | str, settings: StackSettin
     oof, test, facts, fitted = _fit_stackers(paths, frame, settings)
     tuned = facts.pop("tuning_rows", None)
     metadata = pd.read_parquet(paths.metadata, columns=["image_id", "study_id"])
-    choice = choose(frame, settings.stacker, oof, test, metadata.drop_duplicates("image_id").set_index("image_id")["study_id"])
+    choice = choose(frame, settings.stacker, oof, test, metadata.drop_duplicates("image_id").set_index("image_id")["study_id"],
+                    settings.blend_form)
     _print_any_rule(choice)
     if settings.stacker == "blend":
         oof[BLEND_ROW], test[BLEND_ROW] = choice.blend.oof_blend, choice.test_blend
