@@ -25,6 +25,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from competition.cli import run_main, work_lock  # noqa: E402
+from level2_stacking.blend import AUTO, FORMS  # noqa: E402
 from level2_stacking.lgbm import default_threads  # noqa: E402
 from level2_stacking.pipeline import STACKERS, StackSettings, run_stack  # noqa: E402
 from level2_stacking.sequence import SequenceSettings  # noqa: E402
@@ -61,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--brain-ratio", action="store_true",
                     help="the image cache's per-slice share of brain pixels (and its neighbours') as features; off by "
                          "default until it lowers the loss on competitions it was not tuned on (README)")
+    ap.add_argument("--blend-form", choices=[f.replace(" ", "-") for f in (*FORMS, AUTO)], default="per-label",
+                    help="the blend's weights: per label (default), pooled over the labels, the best input alone, or "
+                         "auto (chosen by cross-validation over the folds below 200,000 rows; README)")
     ap.add_argument("--rounds", type=int, default=StackSettings.num_boost_round, help="max boosting rounds")
     ap.add_argument("--early-stopping", type=int, default=StackSettings.early_stopping_rounds,
                     help="early-stopping patience (0: train all --rounds)")
@@ -92,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         sequence=SequenceSettings(arch=args.seq_arch, epochs=args.seq_epochs, device=device, threads=threads),
         embedding_dim=args.embedding_dim, use_embeddings=not args.no_embeddings,
         k_neighbours=args.neighbours, any_shifts=args.any_shifts, brain_ratio=args.brain_ratio,
+        blend_form=args.blend_form.replace("-", " "),
         num_boost_round=args.rounds,
         early_stopping_rounds=args.early_stopping or None, target_sensitivity=args.target_sensitivity,
         progress=not args.no_progress,

@@ -13,10 +13,18 @@ the largest subtype probability is kept only where it lowers the loss.
 Nested (``nested_blend``): fold k's weights and `any` rule are chosen on the other folds' rows
 only, so the concatenated fold-k predictions are an honest OOF figure; the weights for test and
 for `make predict` are then fitted on every OOF row.
+
+The blend's form (``form``): weights per label (the default), one weight vector pooled over the
+labels, the single best input, or "auto": on small sets (below FORM_CV_ROWS rows) the form chosen by
+cross-validation over the folds of the rows it is fitted on, per label from FORM_CV_ROWS rows on.
+Per-label weights on a thousand rows can jump between vertices from fold to fold (on a 50-patient
+set one fold's subdural weight went wholly to LightGBM, the better input on the other folds and the
+worse one there); the pooled and single forms have fewer choices to get wrong. "auto" is not the
+default: on six competitions of real tiny-CNN outputs it did not lower the loss (README).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.optimize import minimize
@@ -28,6 +36,12 @@ ANY = LABELS.index("any")
 # Fewer positive (or negative) rows than this and a label borrows the pooled weights: on the demo
 # (30 patients) every intraparenchymal slice lay in one fold, and fit without it LightGBM's zeros won.
 MIN_CLASS_ROWS = 10
+FORMS = ("best input", "pooled", "per label")  # simplest first: a tie keeps the simpler form
+AUTO = "auto"
+# Rows from which the blend is per label without asking (the real competition's 752k rows fit 5 x 6
+# weights with room to spare, and the inner cross-validation would cost minutes); the LightGBM sizing
+# switches at the same count (lgbm.FULL_SIZE_ROWS).
+FORM_CV_ROWS = 200_000
 
 
 def _loss_and_grad(w: np.ndarray, y: np.ndarray, p: np.ndarray) -> tuple[float, np.ndarray]:
@@ -76,6 +90,33 @@ def fit_simplex_weights(y: np.ndarray, candidates: np.ndarray, min_rows: int = M
     return weights
 
 
+def fit_form(form: str, y: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """(C, L) weights of one of FORMS fitted to y (N, L) on candidates (C, N, L)."""
+    n_cand, n_labels = len(candidates), y.shape[1]
+    if form == "per label":
+        return fit_simplex_weights(y, candidates)
+    if form == "pooled":  # every label's rows as one binary problem
+        w = fit_simplex(np.asarray(y, np.float64).T.ravel(),
+                        np.asarray(candidates, np.float64).transpose(0, 2, 1).reshape(n_cand, -1))
+        return np.repeat(w[:, None], n_labels, axis=1)
+    if form == "best input":
+        best = int(np.argmin([weighted_log_loss(y, c) for c in candidates]))
+        return np.repeat(np.eye(n_cand)[best][:, None], n_labels, axis=1)
+    raise ValueError(f"unknown blend form {form!r}; one of {FORMS}")
+
+
+def choose_form(y: np.ndarray, folds: np.ndarray, candidates: np.ndarray) -> tuple[str, dict[str, float]]:
+    """The form of FORMS whose weights, fitted for each fold on the others, score best on it (weighted log loss)."""
+    losses = {}
+    for form in FORMS:
+        p = np.zeros(y.shape)
+        for k in np.unique(folds):
+            held = folds == k
+            p[held] = mix(candidates[:, held], fit_form(form, y[~held], candidates[:, ~held]))
+        losses[form] = weighted_log_loss(y, p)
+    return min(FORMS, key=lambda f: (losses[f], FORMS.index(f))), losses
+
+
 def mix(candidates: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """(N, L) blend of candidates (C, N, L) with weights (C, L)."""
     return np.einsum("cnl,cl->nl", np.asarray(candidates, np.float64), weights)
@@ -99,21 +140,39 @@ class BlendChoice:
     weights: np.ndarray  # (C, 6)
     any_rule: bool
     any_gain: float      # the rule's gain on the rows it was chosen on
+    form: str = "per label"  # one of FORMS
+    form_losses: dict[str, float] = field(default_factory=dict)  # each form's cross-validated loss, where chosen
 
     def apply(self, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(blend, blend after the `any` rule) of candidates (C, N, 6)."""
         p = mix(candidates, self.weights)
         return p, any_at_least_subtypes(p) if self.any_rule else p
 
+    def describe_form(self) -> str:
+        if not self.form_losses:
+            return self.form
+        losses = ", ".join(f"{f} {self.form_losses[f]:.4f}" for f in FORMS)
+        return f"{self.form} (chosen by cross-validation over the folds, weighted log loss: {losses})"
+
     def weights_table(self) -> dict[str, dict[str, float]]:
         return {name: dict(zip(LABELS, row.tolist())) for name, row in zip(self.names, self.weights)}
 
 
-def choose_blend(names: list[str], y: np.ndarray, candidates: np.ndarray) -> BlendChoice:
-    """Weights and `any` rule, both chosen on these rows."""
-    weights = fit_simplex_weights(y, candidates)
+def choose_blend(names: list[str], y: np.ndarray, candidates: np.ndarray, folds: np.ndarray | None = None,
+                 form: str = "per label") -> BlendChoice:
+    """Weights and `any` rule, both chosen on these rows. ``form``: one of FORMS, or AUTO: chosen by
+    cross-validation where ``folds`` (N,) gives at least two folds and there are fewer than
+    FORM_CV_ROWS rows (else per label)."""
+    if form not in (*FORMS, AUTO):
+        raise ValueError(f"unknown blend form {form!r}; one of {', '.join((*FORMS, AUTO))}")
+    losses = {}
+    if form == AUTO:
+        form = "per label"
+        if folds is not None and len(np.unique(folds)) > 1 and len(y) < FORM_CV_ROWS and len(candidates) > 1:
+            form, losses = choose_form(y, np.asarray(folds), candidates)
+    weights = fit_form(form, y, candidates)
     gain = any_rule_gain(y, mix(candidates, weights))
-    return BlendChoice(list(names), weights, gain > 0, gain)
+    return BlendChoice(list(names), weights, gain > 0, gain, form, losses)
 
 
 @dataclass(frozen=True)
@@ -125,7 +184,8 @@ class NestedBlend:
     in_sample_oof: np.ndarray           # (N, 6) the final choice scored on the rows it was fitted on
 
 
-def nested_blend(names: list[str], y: np.ndarray, folds: np.ndarray, candidates: np.ndarray) -> NestedBlend:
+def nested_blend(names: list[str], y: np.ndarray, folds: np.ndarray, candidates: np.ndarray,
+                 form: str = "per label") -> NestedBlend:
     """Fold k's rows predicted by the weights and rule chosen on the other folds' rows only."""
     folds = np.asarray(folds)
     oof_blend, oof = np.zeros(y.shape), np.zeros(y.shape)
@@ -134,8 +194,8 @@ def nested_blend(names: list[str], y: np.ndarray, folds: np.ndarray, candidates:
         held = folds == k
         if held.all():
             raise ValueError(f"a nested blend needs at least two folds, got only fold {k}")
-        by_fold[int(k)] = choice = choose_blend(names, y[~held], candidates[:, ~held])
+        by_fold[int(k)] = choice = choose_blend(names, y[~held], candidates[:, ~held], folds[~held], form)
         oof_blend[held], oof[held] = choice.apply(candidates[:, held])
-    final = choose_blend(names, y, candidates)
+    final = choose_blend(names, y, candidates, folds, form)
     return NestedBlend(final, by_fold, oof_blend, oof, final.apply(candidates)[1])
 

@@ -68,12 +68,13 @@ class Level2Choices:
         return pd.DataFrame({"study_id": self.test_study_ids, "probability": self.test_study})
 
 
-def choose(frame: StackFrame, stacker: str, oof: dict, test: dict, study_of: pd.Series) -> Level2Choices:
+def choose(frame: StackFrame, stacker: str, oof: dict, test: dict, study_of: pd.Series,
+           blend_form: str = "per label") -> Level2Choices:
     """Every choice nested over the folds; ``study_of``: image_id -> study_id."""
     names, cand_oof, cand_test = assemble(frame, oof, test)
     chosen = blend_names(stacker, names)
     at = [names.index(n) for n in chosen]
-    nested = nested_blend(chosen, frame.y, frame.folds, cand_oof[at])
+    nested = nested_blend(chosen, frame.y, frame.folds, cand_oof[at], blend_form)
     test_blend, test_final = nested.final.apply(cand_test[at])
     train_studies = study_of.reindex(frame.train_ids).to_numpy()
     study = nested_study(names, cand_oof, frame.y[:, ANY], frame.folds, train_studies)

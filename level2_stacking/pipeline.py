@@ -32,7 +32,7 @@ from competition.atomic import write_json, write_parquet
 from competition.stamp import is_current, write_stamp
 from level2_stacking.fitted import MANIFEST as FITTED_MANIFEST
 from level2_stacking.fitted import FittedStack, fitted_dir
-from level2_stacking.blend import any_rule_gain
+from level2_stacking.blend import AUTO, FORMS, any_rule_gain
 from level2_stacking.choices import Level2Choices, choose
 from level2_stacking.frame import (
     EMBEDDINGS_OOF_FILE, EMBEDDINGS_TEST_FILE, OOF_FILE, TEST_FILE, StackFrame, StackFrameError, align_exact,
@@ -85,10 +85,15 @@ class StackSettings:
     # The image cache's brain ratios as features, where it holds them. Off: not yet shown to lower the
     # stack's nested OOF and test loss on competitions it was not tuned on (README, issue 22).
     brain_ratio: bool = False
+    # The blend's form (blend.FORMS or "auto"); per label unless asked (README: "auto" did not lower
+    # the loss on six competitions of real tiny-CNN outputs).
+    blend_form: str = "per label"
 
     def __post_init__(self) -> None:
         if self.stacker not in STACKERS:
             raise ValueError(f"unknown stacker {self.stacker!r}; choose one of {', '.join(STACKERS)}")
+        if self.blend_form not in (*FORMS, AUTO):
+            raise ValueError(f"unknown blend form {self.blend_form!r}; choose one of {', '.join((*FORMS, AUTO))}")
         TabularFeatureConfig(k_neighbours=self.k_neighbours, any_shifts=tuple(self.any_shifts))  # refused now, not after level 1 is read
 
 
@@ -105,6 +110,7 @@ class StackOutcome:
     weights: pd.DataFrame | None = None           # the final blend weights, input x label
     tuning_scores: pd.DataFrame | None = None     # OOF of Optuna's tuning patients, apart from the headline
     notes: tuple[str, ...] = ()
+    blend_form: str = ""                          # per label, pooled or one input, and how it was chosen
 
     def report(self) -> str:
         lines = [*(f"note: {n}" for n in self.notes), "",
@@ -112,8 +118,8 @@ class StackOutcome:
         if self.tuning_scores is not None:
             lines += ["", "OOF log loss of Optuna's tuning patients (not the headline):", format_table(self.tuning_scores)]
         if self.weights is not None:
-            lines += ["", "Blend weights per input and label (fitted on every OOF row; used for test and `make predict`):",
-                      format_table(self.weights, 3)]
+            lines += ["", "Blend weights per input and label (fitted on every OOF row; used for test and `make predict`"
+                      + (f"; form: {self.blend_form}" if self.blend_form else "") + "):", format_table(self.weights, 3)]
         lines += [
             "",
             f"Study-level diagnosis on OOF (\"{STACK_ROW}\": level 2's study model, nested; the others: per-study max "
@@ -281,7 +287,7 @@ def _outcome_from_metrics(paths: WorkPaths) -> StackOutcome:
     return StackOutcome(table("scores"), table("study_level"), paths.stack / OOF_FILE, paths.stack / TEST_FILE,
                         paths.stack / METRICS_FILE, metrics.get("params_source", "none"),
                         table("test_scores"), table("test_study_level"), None if weights is None else _weights_frame(weights),
-                        table("tuning_scores"), tuple(metrics.get("notes", ())))
+                        table("tuning_scores"), tuple(metrics.get("notes", ())), metrics.get("blend", {}).get("form", ""))
 
 
 def _fit_and_write(paths: WorkPaths, data_dir: Path | str, settings: StackSettings) -> StackOutcome:
@@ -298,7 +304,8 @@ def _fit_and_write(paths: WorkPaths, data_dir: Path | str, settings: StackSettin
     oof, test, facts, fitted = _fit_stackers(paths, frame, settings)
     tuned = facts.pop("tuning_rows", None)
     metadata = pd.read_parquet(paths.metadata, columns=["image_id", "study_id"])
-    choice = choose(frame, settings.stacker, oof, test, metadata.drop_duplicates("image_id").set_index("image_id")["study_id"])
+    choice = choose(frame, settings.stacker, oof, test, metadata.drop_duplicates("image_id").set_index("image_id")["study_id"],
+                    settings.blend_form)
     _print_any_rule(choice)
     if settings.stacker == "blend":
         oof[BLEND_ROW], test[BLEND_ROW] = choice.blend.oof_blend, choice.test_blend
@@ -330,7 +337,7 @@ def _fit_and_write(paths: WorkPaths, data_dir: Path | str, settings: StackSettin
     outcome = StackOutcome(report["scores"], report["study_level"], oof_path, test_path, metrics_path,
                            facts.get("params_source", "none"), test_report.get("test_scores"),
                            test_report.get("test_study_level"), _weights_frame(choice.blend.final.weights_table()),
-                           report.get("tuning_scores"), tuple(report["notes"]))
+                           report.get("tuning_scores"), tuple(report["notes"]), choice.blend.final.describe_form())
     write_json(metrics_path, _jsonable({
         "models": frame.models,
         "stacker": settings.stacker,
@@ -404,6 +411,7 @@ def _choice_facts(choice: Level2Choices, y_test: np.ndarray | None) -> dict:
     return {
         "blend_weights_lightgbm": lgbm,  # as before the blend had more inputs (reports/html_report.py reads it)
         "blend": {"candidates": choice.blend_names, "weights": final.weights_table(), "fitted_on": FINAL_NOTE,
+                  "form": final.describe_form(), "forms_by_fold": {k: c.form for k, c in choice.blend.by_fold.items()},
                   "by_fold": {k: c.weights_table() for k, c in choice.blend.by_fold.items()}},
         "any_rule": {"applied": final.any_rule, "oof_gain": final.any_gain,
                      "by_fold": {k: c.any_rule for k, c in choice.blend.by_fold.items()},
