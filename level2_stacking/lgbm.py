@@ -257,6 +257,12 @@ def cross_validate(
         keeps = ([preselect(xm[fit], y[fit, j], max_features) for j in range(len(LABELS))]
                  if max_features is not None and max_features < xm.shape[1] else [None] * len(LABELS))
         reuse = keeps[0] is None  # one binning for the six labels (only the target changes)
+        learnt_on = train if not early_stopping_rounds or refit else fit
+        # A label with one class in the rows its booster learns from has nothing to learn: boosting
+        # would drive it to ~1e-15; it gets the smoothed rate, and no rounds are spent on it. (Its
+        # Datasets are still built: the labels after it reuse their binning.)
+        constant = {j: (constant_booster(smoothed_rate(y[learnt_on, j]), feature_names, xm.shape[1], params), 1)
+                    for j in range(len(LABELS)) if len(np.unique(y[learnt_on, j])) < 2}
         dfit = dstop = None
         boosters: list[tuple[lgb.Booster, int]] = []
         for j in range(len(LABELS)):
@@ -264,7 +270,8 @@ def cross_validate(
             if early_stopping_rounds:
                 dstop = _dataset(xm, inner, y[:, j], feature_names, params, None, dstop if reuse else None,
                                  reference=dfit)
-            boosters.append(_train(params, dfit, num_boost_round, dstop, early_stopping_rounds))
+            boosters.append(constant[j] if j in constant else _train(params, dfit, num_boost_round, dstop,
+                                                                      early_stopping_rounds))
             if not (early_stopping_rounds and refit):
                 bar.update(1)
         del dfit, dstop
@@ -272,13 +279,10 @@ def cross_validate(
             dall = None
             for j, (_, rounds) in enumerate(boosters):
                 dall = _dataset(xm, train, y[:, j], feature_names, params, keeps[j], dall if reuse else None)
-                boosters[j] = _train(params, dall, max(1, round(rounds * train.sum() / fit.sum())))
+                if j not in constant:
+                    boosters[j] = _train(params, dall, max(1, round(rounds * train.sum() / fit.sum())))
                 bar.update(1)
             del dall
-        learnt_on = train if not early_stopping_rounds or refit else fit
-        for j in range(len(LABELS)):
-            if len(np.unique(y[learnt_on, j])) < 2:  # nothing to learn: the smoothed rate, not ~1e-15
-                boosters[j] = (constant_booster(smoothed_rate(y[learnt_on, j]), feature_names, xm.shape[1], params), 1)
         for j, (booster, rounds) in enumerate(boosters):
             best[step, j] = rounds
             oof[val, j] = booster.predict(xm[val], num_iteration=rounds)

@@ -9,6 +9,7 @@ import pytest
 from scipy.stats import spearmanr
 
 from competition.constants import LABELS
+from level2_stacking import lgbm
 from level2_stacking.lgbm import DEFAULT_PARAMS, FULL_SIZE_ROWS, MAX_FEATURES, cross_validate, preselect, sized_params
 
 
@@ -76,7 +77,7 @@ def test_boosters_split_only_on_their_labels_preselected_columns() -> None:
 
 
 @pytest.mark.parametrize("early_stopping", [None, 5])
-def test_a_fold_without_positives_of_a_label_predicts_its_smoothed_rate(early_stopping) -> None:
+def test_a_fold_without_positives_of_a_label_predicts_its_smoothed_rate(early_stopping, monkeypatch) -> None:
     """Rare labels on small sets: where a fold's training rows hold no positive of a label, boosting
     would predict ~1e-15 for it (a held-out positive then costs ~34 nats, and the nested blend,
     whose weights come from the other folds, cannot know). That fold's booster for the label is a
@@ -87,8 +88,19 @@ def test_a_fold_without_positives_of_a_label_predicts_its_smoothed_rate(early_st
     y = (rng.random((n, len(LABELS))) < 0.3).astype(float)
     y[:, 0] = 0.0
     y[folds == 1, 0] = (x[folds == 1, 0] > 1.0)  # epidural positives only in fold 1
+    trained = []
+    real_train = lgbm._train
+
+    def counting(params, data, *args, **kwargs):
+        trained.append(data)
+        return real_train(params, data, *args, **kwargs)
+
+    monkeypatch.setattr(lgbm, "_train", counting)
     result = cross_validate(x, y, folds, x[:50], params={"num_threads": 1}, num_boost_round=20,
                             early_stopping_rounds=early_stopping, progress=False, keep_models=True)
+    # No rounds spent on the label that has nothing to learn: 6 labels x 3 folds, less fold 1's epidural,
+    # each trained once (twice with early stopping: the inner pair, then the refit).
+    assert len(trained) == (17 * 2 if early_stopping else 17)
     for fold in (0, 2):  # fold 1 is among their training rows: they see positives
         train = folds != fold
         assert y[train, 0].sum() > 0
