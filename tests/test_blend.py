@@ -276,3 +276,17 @@ def test_fit_simplex_is_never_worse_than_a_single_candidate() -> None:
     w = fit_simplex(SHORT_Y, SHORT_P)
     assert (w >= 0).all() and w.sum() == pytest.approx(1)
     assert loss(w) <= min(vertices) + 1e-12
+
+
+def test_the_blend_form_option_reaches_the_settings_and_a_wrong_one_is_refused(capsys) -> None:
+    from level2_stacking.__main__ import parse_args
+    from level2_stacking.pipeline import StackSettings
+
+    assert parse_args(["--data", "d"]).blend_form == "per-label"
+    assert parse_args(["--data", "d", "--blend-form", "best-input"]).blend_form == "best-input"
+    with pytest.raises(SystemExit):
+        parse_args(["--data", "d", "--blend-form", "median"])
+    assert "invalid choice: 'median'" in capsys.readouterr().err
+    assert StackSettings(blend_form="best input").blend_form == "best input"
+    with pytest.raises(ValueError, match="unknown blend form 'median'"):
+        StackSettings(blend_form="median")
