@@ -85,9 +85,20 @@ def fit_simplex_weights(y: np.ndarray, candidates: np.ndarray, min_rows: int = M
     for j in np.flatnonzero(enough):
         weights[:, j] = fit_simplex(y[:, j], candidates[:, :, j])
     if enough.any() and not enough.all():
-        pooled = fit_simplex(y[:, enough].T.ravel(), candidates[:, :, enough].transpose(0, 2, 1).reshape(n_cand, -1))
-        weights[:, ~enough] = pooled[:, None]
+        weights[:, ~enough] = fit_pooled(y[:, enough], candidates[:, :, enough])[:, None]
     return weights
+
+
+def fit_pooled(y: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """(C,) simplex weights fitted to every label's rows of y (N, L) as one binary problem; candidates (C, N, L)."""
+    y, candidates = np.asarray(y, np.float64), np.asarray(candidates, np.float64)
+    return fit_simplex(y.T.ravel(), candidates.transpose(0, 2, 1).reshape(len(candidates), -1))
+
+
+def check_form(form: str) -> None:
+    """Refuse a blend form that is neither one of FORMS nor AUTO, naming them."""
+    if form not in (*FORMS, AUTO):
+        raise ValueError(f"unknown blend form {form!r}; one of {', '.join((*FORMS, AUTO))}")
 
 
 def fit_form(form: str, y: np.ndarray, candidates: np.ndarray) -> np.ndarray:
@@ -95,10 +106,8 @@ def fit_form(form: str, y: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     n_cand, n_labels = len(candidates), y.shape[1]
     if form == "per label":
         return fit_simplex_weights(y, candidates)
-    if form == "pooled":  # every label's rows as one binary problem
-        w = fit_simplex(np.asarray(y, np.float64).T.ravel(),
-                        np.asarray(candidates, np.float64).transpose(0, 2, 1).reshape(n_cand, -1))
-        return np.repeat(w[:, None], n_labels, axis=1)
+    if form == "pooled":
+        return np.repeat(fit_pooled(y, candidates)[:, None], n_labels, axis=1)
     if form == "best input":
         best = int(np.argmin([weighted_log_loss(y, c) for c in candidates]))
         return np.repeat(np.eye(n_cand)[best][:, None], n_labels, axis=1)
@@ -163,8 +172,7 @@ def choose_blend(names: list[str], y: np.ndarray, candidates: np.ndarray, folds:
     """Weights and `any` rule, both chosen on these rows. ``form``: one of FORMS, or AUTO: chosen by
     cross-validation where ``folds`` (N,) gives at least two folds and there are fewer than
     FORM_CV_ROWS rows (else per label)."""
-    if form not in (*FORMS, AUTO):
-        raise ValueError(f"unknown blend form {form!r}; one of {', '.join((*FORMS, AUTO))}")
+    check_form(form)
     losses = {}
     if form == AUTO:
         form = "per label"

@@ -32,7 +32,7 @@ from competition.atomic import write_json, write_parquet
 from competition.stamp import is_current, write_stamp
 from level2_stacking.fitted import MANIFEST as FITTED_MANIFEST
 from level2_stacking.fitted import FittedStack, fitted_dir
-from level2_stacking.blend import AUTO, FORMS, any_rule_gain
+from level2_stacking.blend import any_rule_gain, check_form
 from level2_stacking.choices import Level2Choices, choose
 from level2_stacking.frame import (
     EMBEDDINGS_OOF_FILE, EMBEDDINGS_TEST_FILE, OOF_FILE, TEST_FILE, StackFrame, StackFrameError, align_exact,
@@ -92,8 +92,7 @@ class StackSettings:
     def __post_init__(self) -> None:
         if self.stacker not in STACKERS:
             raise ValueError(f"unknown stacker {self.stacker!r}; choose one of {', '.join(STACKERS)}")
-        if self.blend_form not in (*FORMS, AUTO):
-            raise ValueError(f"unknown blend form {self.blend_form!r}; choose one of {', '.join((*FORMS, AUTO))}")
+        check_form(self.blend_form)
         TabularFeatureConfig(k_neighbours=self.k_neighbours, any_shifts=tuple(self.any_shifts))  # refused now, not after level 1 is read
 
 

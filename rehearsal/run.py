@@ -43,9 +43,10 @@ STACK_OPTS = "--rounds 100 --early-stopping 0 --seq-epochs 2"
 # Disk per image: a 64 px DICOM (8.8 kB, 12 KiB on disk) and its cache slice (7.4 KiB measured),
 # plus the five fabricated models' float16 embeddings (see warn).
 DISK_PER_IMAGE_KIB = 12 + 8
-# The time estimate: measured on the quiet 2-core machine (2026-12-05) with the default STACK_OPTS:
-# SCALE=1 took 3,162 s for 874,035 images (3.6 s per 1,000), SCALE=0.01 about 4 min, nearly all of
-# it fixed costs (imports, process start-ups, torch's first batches).
+# The time estimate, from the 2-core machine (2026-12-05) with the default STACK_OPTS: SCALE=1 took
+# 3,162 s for 874,035 images (3.6 s per 1,000); SCALE=0.01 took 119-135 s in clean-clone CI runs
+# (4 min 15 s on a loaded machine), nearly all of it fixed costs (imports, process start-ups,
+# torch's first batches): 180 s of them is on the safe side.
 STARTUP_SECONDS = 180.0
 SECONDS_PER_1000_IMAGES = 3.6
 
