@@ -130,7 +130,7 @@ def oof_threshold_on_test(oof: pd.DataFrame, oof_labels: pd.DataFrame, test: pd.
 
 def threshold_on_test(y_oof: np.ndarray, p_oof: np.ndarray, y_test: np.ndarray, p_test: np.ndarray,
                       target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY, n_boot: int = 2000) -> dict[str, float]:
-    """:func:`oof_threshold_on_test` for study probabilities given directly (e.g. a study model's)."""
+    """:func:`oof_threshold_on_test` for study probabilities given directly."""
     report = study_level_report(y_test, p_test, threshold=threshold_for_sensitivity(y_oof, p_oof, target_sensitivity))
     low, high = bootstrap_auc(y_test, p_test, n_boot=n_boot)
     return {**report, "auc_low": low, "auc_high": high, "oof_studies": len(y_oof), "oof_positive": int(y_oof.sum())}

@@ -4,9 +4,9 @@
 Stacks every level-1 model folder present (or --models) with LightGBM on neighbour and study
 features, a sequence model over each series, or their blend (the default: per label, simplex
 weights over LightGBM, the sequence model, each level-1 model and their mean); prints the nested
-OOF report (fold k's weights, `any` rule and study model chosen on the other folds; each level-1
-model, their plain mean, each stacker, the final stack; overall and per label; the blend weights;
-study-level diagnosis with level 2's study model) and writes oof.parquet, test.parquet,
+OOF report (fold k's weights and `any` rule chosen on the other folds; each level-1 model, their
+plain mean, each stacker, the final stack; overall and per label; the blend weights; study-level
+diagnosis by the max of `any` over each study's slices) and writes oof.parquet, test.parquet,
 oof_studies.parquet, test_studies.parquet, metrics.json (and best_params.json,
 optuna.db with --tune; lightgbm/ and sequence/ with each stacker's own predictions) under the
 work folder's stack/, each file atomically. The submission file is written by

@@ -1,4 +1,5 @@
-"""Level 2's choices over its candidates, nested: the slice blend, the `any` rule, the study model.
+"""Level 2's choices over its candidates, nested: the slice blend and the `any` rule; the study call
+is the max of the result over each study's slices (level2_stacking.study_model).
 
 The candidates are the stackers fitted (LightGBM, the sequence model), each level-1 model and the
 level-1 mean, in that order (``candidate_names``; the fitted stack rebuilds them in the same order
@@ -16,7 +17,7 @@ from competition.constants import LABELS
 from level2_stacking.blend import NestedBlend, nested_blend
 from level2_stacking.frame import StackFrame
 from level2_stacking.report import LGBM_ROW, MEAN_ROW, SEQ_ROW
-from level2_stacking.study_model import NestedStudy, nested_study, study_features
+from level2_stacking.study_model import NestedStudy, nested_study, study_max
 
 ANY = LABELS.index("any")
 
@@ -59,7 +60,7 @@ class Level2Choices:
     test_blend: np.ndarray        # (M, 6) the final weights on the test candidates
     test: np.ndarray              # (M, 6) and the final `any` rule
     test_study_ids: np.ndarray
-    test_study: np.ndarray        # (S_test,) the final study model on the test studies
+    test_study: np.ndarray        # (S_test,) the max of ``test``'s `any` over each test study
 
     def oof_studies(self) -> pd.DataFrame:
         return pd.DataFrame({"study_id": self.study.study_ids, "fold": self.study.folds, "probability": self.study.oof})
@@ -77,7 +78,7 @@ def choose(frame: StackFrame, stacker: str, oof: dict, test: dict, study_of: pd.
     nested = nested_blend(chosen, frame.y, frame.folds, cand_oof[at], blend_form)
     test_blend, test_final = nested.final.apply(cand_test[at])
     train_studies = study_of.reindex(frame.train_ids).to_numpy()
-    study = nested_study(names, cand_oof, frame.y[:, ANY], frame.folds, train_studies)
-    test_ids, x_test = (study_features(cand_test, study_of.reindex(frame.test_ids).to_numpy()) if len(frame.test_ids)
-                        else (np.array([]), np.zeros((len(names), 0))))
-    return Level2Choices(names, chosen, nested, study, test_blend, test_final, test_ids, study.final.score(x_test))
+    study = nested_study(nested.oof[:, ANY], frame.y[:, ANY], frame.folds, train_studies)
+    test_ids, test_study = (study_max(test_final[:, ANY], study_of.reindex(frame.test_ids).to_numpy())
+                            if len(frame.test_ids) else (np.array([]), np.zeros(0)))
+    return Level2Choices(names, chosen, nested, study, test_blend, test_final, test_ids, test_study)

@@ -3,12 +3,12 @@
 `make stack` keeps what produced its test predictions under ``stack/fitted/``: LightGBM booster k
 for each label (LightGBM's own text format), sequence model k (a weights-only state dict), each
 model's fold-k map into the shared embedding space, the blend weights over the candidates
-(level2_stacking.choices), whether the `any` rule was kept and the study model's weights.
+(level2_stacking.choices) and whether the `any` rule was kept.
 ``FittedStack.predict`` repeats for a new study exactly what the pipeline did for a test image:
 booster k reads the features built from fold model k's own probabilities, sequence model k reads
 fold model k's probabilities and embeddings, both are averaged over k; each level-1 model is the
 mean of its fold models, and the level-1 mean theirs; these candidates are blended and the `any`
-rule applied; the study probability mixes their per-study max of `any`. So `make predict` on a
+rule applied; the study probability is the max of the result's `any` over the study's slices. So `make predict` on a
 competition test image gives the stacked submission's row and the stack's study call
 (tests/test_prediction.py, tests/test_blend_parity.py).
 """
@@ -36,11 +36,11 @@ from level2_stacking.report import LGBM_ROW, MEAN_ROW, SEQ_ROW
 from level2_stacking.embeddings import LinearMap
 from level2_stacking.sequence import SequenceSettings, SeriesModel, predict_series
 from level2_stacking.sequence_data import mapped, series_bounds, slice_inputs
-from level2_stacking.study_model import study_features
+from level2_stacking.study_model import POOLING, study_max
 
 FITTED_DIR = "fitted"
 MANIFEST = "manifest.json"
-FORMAT = 2  # bump when a folder written before cannot be read the same way
+FORMAT = 3  # bump when a folder written before cannot be read the same way
 
 
 class FittedStackError(ValueError):
@@ -61,8 +61,6 @@ class FittedStack:
     blend_names: list[str]                 # the candidates the slice blend mixes (level2_stacking.choices)
     blend_weights: np.ndarray              # (len(blend_names), 6) simplex weights per label
     any_rule: bool
-    study_names: list[str]                 # every candidate, in candidate_names order
-    study_weights: np.ndarray              # (len(study_names),) the study model's weights
 
     # -- prediction -------------------------------------------------------------------------
 
@@ -87,13 +85,14 @@ class FittedStack:
     def predict_with_studies(self, per_fold: Mapping[str, Mapping[int, np.ndarray]], metadata: pd.DataFrame,
                              embeddings: Mapping[str, Mapping[int, np.ndarray]] | None = None,
                              ) -> tuple[np.ndarray, pd.DataFrame]:
-        """(the slices' stacked probabilities as ``predict``, the study model's probability per
-        study: a table of study_id and probability, sorted by study_id)."""
+        """(the slices' stacked probabilities as ``predict``, the stack's study probability (the
+        max of their `any` over each study's slices): a table of study_id and probability, sorted by
+        study_id)."""
         candidates = self.candidates(per_fold, metadata, embeddings)
         p = mix(np.stack([candidates[n] for n in self.blend_names]), self.blend_weights)
-        studies, x = study_features(np.stack([candidates[n] for n in self.study_names]), metadata["study_id"].to_numpy())
         p = any_at_least_subtypes(p) if self.any_rule else p
-        return p, pd.DataFrame({"study_id": studies, "probability": self.study_weights @ x})
+        studies, probability = study_max(p[:, LABELS.index("any")], metadata["study_id"].to_numpy())
+        return p, pd.DataFrame({"study_id": studies, "probability": probability})
 
     def candidates(self, per_fold: Mapping[str, Mapping[int, np.ndarray]], metadata: pd.DataFrame,
                    embeddings: Mapping[str, Mapping[int, np.ndarray]] | None = None) -> dict[str, np.ndarray]:
@@ -152,7 +151,7 @@ class FittedStack:
             "feature_config": asdict(self.feature_config), "feature_names": self.feature_names,
             "labels": list(LABELS), "any_rule": self.any_rule,
             "blend": {"names": self.blend_names, "weights": np.asarray(self.blend_weights).tolist()},
-            "study_model": {"names": self.study_names, "weights": np.asarray(self.study_weights).tolist()},
+            "study_model": {"pooling": POOLING},
             "lightgbm": {}, "sequence": {}, "maps": {},
             "sequence_settings": asdict(self.sequence_settings),
         }
@@ -241,8 +240,7 @@ def load_fitted(stack_dir: Path, device: str = "cpu") -> FittedStack:
         for k, name in files.items():
             with np.load(root / name) as arrays:
                 maps[m][int(k)] = LinearMap(arrays["mean"], arrays["weight"])
-    blend, study = manifest["blend"], manifest["study_model"]
+    blend = manifest["blend"]
     return FittedStack(manifest["models"], [int(k) for k in manifest["folds"]], manifest["stacker"], feature_config,
                        manifest["feature_names"], boosters, sequence, settings, maps, list(blend["names"]),
-                       np.asarray(blend["weights"], np.float64), bool(manifest["any_rule"]), list(study["names"]),
-                       np.asarray(study["weights"], np.float64))
+                       np.asarray(blend["weights"], np.float64), bool(manifest["any_rule"]))

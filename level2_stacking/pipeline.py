@@ -1,9 +1,9 @@
 """`make stack`: frame -> (Optuna) -> cross-validated LightGBM and sequence model -> the nested
-blend over them and level 1, the study model (level2_stacking.choices) -> outputs and the report.
+blend over them and level 1, the study call (level2_stacking.choices) -> outputs and the report.
 
 Writes under WorkPaths.stack the same files a level-1 model folder holds (``oof.parquet`` with
 its fold, ``test.parquet``), so the submission writer treats the stacker like any model, plus
-``oof_studies.parquet`` / ``test_studies.parquet`` (the study model's probability per study),
+``oof_studies.parquet`` / ``test_studies.parquet`` (the stack's study probability per study),
 ``metrics.json`` (the report tables, the weights, the parameters and where they came from), ``fitted/`` (what
 `make predict` applies to new studies, level2_stacking.fitted) and ``.inputs.json`` (a stamp of
 every input: a rerun with nothing changed reuses the outputs instead of fitting again).
@@ -34,6 +34,7 @@ from level2_stacking.fitted import MANIFEST as FITTED_MANIFEST
 from level2_stacking.fitted import FittedStack, fitted_dir
 from level2_stacking.blend import any_rule_gain, check_form
 from level2_stacking.choices import Level2Choices, choose
+from level2_stacking.study_model import POOLING
 from level2_stacking.frame import (
     EMBEDDINGS_OOF_FILE, EMBEDDINGS_TEST_FILE, OOF_FILE, TEST_FILE, StackFrame, StackFrameError, align_exact,
     build_stack_frame, fold_dir, resolve_models,
@@ -42,7 +43,7 @@ from level2_stacking.lgbm import (
     FULL_SIZE_ROWS, EARLY_STOPPING_ROUNDS, NUM_BOOST_ROUND, cross_validate, default_threads, sized_params,
 )
 from level2_stacking.report import (
-    BLEND_ROW, LGBM_ROW, SEQ_ROW, STACK_ROW, STACK_SLICES_ROW, format_table, oof_sources, score_table, study_table,
+    BLEND_ROW, LGBM_ROW, SEQ_ROW, STACK_ROW, format_table, oof_sources, score_table, study_table,
 )
 from level2_stacking.sequence import SequenceSettings, cross_validate_sequence
 from level2_stacking.sequence_data import build_sequence_inputs
@@ -52,11 +53,11 @@ from level2_stacking.tune import (
 )
 
 METRICS_FILE = "metrics.json"
-OOF_STUDIES_FILE = "oof_studies.parquet"    # the study model's nested OOF probability per study (and fold)
+OOF_STUDIES_FILE = "oof_studies.parquet"    # the stack's nested OOF study probability per study (and fold)
 TEST_STUDIES_FILE = "test_studies.parquet"  # its probability per test study
-NESTED_NOTE = ("nested OOF: fold k's blend weights, `any` rule and study model were chosen on the other folds' "
+NESTED_NOTE = ("nested OOF: fold k's blend weights and `any` rule were chosen on the other folds' "
                "rows only; the stacker's OOF rows are the concatenation of these fold-k predictions")
-FINAL_NOTE = "fitted on every OOF row: the weights, rule and study model that test and `make predict` use"
+FINAL_NOTE = "fitted on every OOF row: the weights and rule that test and `make predict` use"
 
 
 STACKERS = ("lgbm", "seq", "blend")
@@ -121,8 +122,8 @@ class StackOutcome:
                       + (f"; form: {self.blend_form}" if self.blend_form else "") + "):", format_table(self.weights, 3)]
         lines += [
             "",
-            f"Study-level diagnosis on OOF (\"{STACK_ROW}\": level 2's study model, nested; the others: per-study max "
-            f"of `any`; threshold chosen for the target sensitivity):",
+            f"Study-level diagnosis on OOF (each source: the max of `any` over a study's slices, \"{STACK_ROW}\" nested; "
+            f"threshold chosen for the target sensitivity):",
             format_table(self.study_level),
         ]
         if self.test_scores is not None and self.test_study_level is not None:
@@ -324,8 +325,7 @@ def _fit_and_write(paths: WorkPaths, data_dir: Path | str, settings: StackSettin
     FittedStack(frame.models, sorted(int(k) for k in np.unique(frame.folds)), settings.stacker, feature_config,
                 [str(c) for c in frame.x_train.columns], sequence_settings=settings.sequence,
                 blend_names=choice.blend_names, blend_weights=choice.blend.final.weights,
-                any_rule=choice.blend.final.any_rule, study_names=choice.names,
-                study_weights=choice.study.final.weights, **fitted).save(paths.stack)
+                any_rule=choice.blend.final.any_rule, **fitted).save(paths.stack)
 
     components = {name: p for name, p in oof.items() if len(oof) > 1}
     sources = oof_sources(frame.level1_oof, stack_oof, components)
@@ -379,16 +379,8 @@ def _oof_report(frame: StackFrame, sources: dict, choice: Level2Choices, metadat
     out["in_sample"] = weighted_log_loss(y[rows], choice.blend.in_sample_oof[rows])
     notes.append(f"stacker OOF weighted log loss: nested {out['scores'].loc[STACK_ROW, 'weighted']:.5f}; the final "
                  f"weights and rule scored on the rows they were fitted on (in-sample, optimistic) {out['in_sample']:.5f}")
-    study_sources, scores = _study_sources(sources, choice.study.study_ids, choice.study.oof)
-    out["study_level"] = study_table(frame.train_ids, y, study_sources, metadata, target_sensitivity, study_scores=scores)
+    out["study_level"] = study_table(frame.train_ids, y, sources, metadata, target_sensitivity)
     return out
-
-
-def _study_sources(sources: dict, study_ids: np.ndarray, score: np.ndarray) -> tuple[dict, dict]:
-    """The study table's sources: the stack's slices by their max and, as "stacker", its study model."""
-    stack = sources[STACK_ROW]
-    rest = {n: p for n, p in sources.items() if n != STACK_ROW}
-    return {**rest, STACK_SLICES_ROW: stack, STACK_ROW: stack}, {STACK_ROW: pd.Series(score, index=study_ids)}
 
 
 def _test_report(data_dir: Path | str, frame: StackFrame, test: dict, components: dict, choice: Level2Choices,
@@ -398,9 +390,8 @@ def _test_report(data_dir: Path | str, frame: StackFrame, test: dict, components
     if y_test is None:
         return {}
     sources = oof_sources(frame.level1_test, choice.test, {n: p for n, p in test.items() if n in components})
-    study_sources, scores = _study_sources(sources, choice.test_study_ids, choice.test_study)
-    studies = study_table(frame.test_ids, y_test, study_sources, metadata, target_sensitivity,
-                          thresholds=oof_studies["threshold"].to_dict(), study_scores=scores)
+    studies = study_table(frame.test_ids, y_test, sources, metadata, target_sensitivity,
+                          thresholds=oof_studies["threshold"].to_dict())
     return {"y_test": y_test, "test_scores": score_table(y_test, sources), "test_study_level": studies}
 
 
@@ -415,8 +406,7 @@ def _choice_facts(choice: Level2Choices, y_test: np.ndarray | None) -> dict:
         "any_rule": {"applied": final.any_rule, "oof_gain": final.any_gain,
                      "by_fold": {k: c.any_rule for k, c in choice.blend.by_fold.items()},
                      "test_gain": None if y_test is None else any_rule_gain(y_test, choice.test_blend)},
-        "study_model": {**choice.study.final.as_dict(), "fitted_on": FINAL_NOTE,
-                        "by_fold": {k: c.as_dict() for k, c in choice.study.by_fold.items()}},
+        "study_model": {"pooling": POOLING, "oof": "nested: the max of the nested OOF `any` (oof_studies.parquet)"},
     }
 
 

@@ -1,8 +1,8 @@
 """The stacking report: level-1 models, their plain mean, and the stacker, scored on OOF rows.
 
-The stacker's rows are nested (its blend weights, `any` rule and study model for fold k chosen on
-the other folds only); the study-level table scores the stack's study model as "stacker" and the
-max of its slices' `any` beside it.
+The stacker's rows are nested (its blend weights and `any` rule for fold k chosen on the other
+folds only); the study-level table scores every source by the max of its `any` over each study's
+slices, the stack's own study call included (level2_stacking.study_model).
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from competition.study_level import DEFAULT_TARGET_SENSITIVITY, study_level_repo
 
 MEAN_ROW = "mean of level 1"
 STACK_ROW = "stacker"
-STACK_SLICES_ROW = "stacker, max over slices"  # the study call before level 2 had a study model
 LGBM_ROW, SEQ_ROW, BLEND_ROW = "lightgbm", "sequence model", "blend"
 
 
@@ -38,18 +37,14 @@ def score_table(y: np.ndarray, sources: dict[str, np.ndarray]) -> pd.DataFrame:
 def study_table(
     image_ids: np.ndarray, y: np.ndarray, sources: dict[str, np.ndarray], metadata: pd.DataFrame,
     target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY, thresholds: dict[str, float] | None = None,
-    study_scores: dict[str, pd.Series] | None = None,
 ) -> pd.DataFrame:
     """Patient (study) level diagnosis of each source's `any`, at a recall-favouring threshold:
-    chosen on these rows, or given per source (e.g. the OOF thresholds, applied to test).
-    ``study_scores[name]`` (by study_id) replaces the max over slices of that source."""
+    chosen on these rows, or given per source (e.g. the OOF thresholds, applied to test)."""
     any_col = LABELS.index("any")
     truth = study_truth(pd.DataFrame({"image_id": image_ids, "any": y[:, any_col]}), metadata)
     rows = {}
     for name, p in sources.items():
-        prob = (study_scores or {}).get(name)
-        if prob is None:
-            prob = study_probability(pd.DataFrame({"image_id": image_ids, "any": p[:, any_col]}), metadata)
+        prob = study_probability(pd.DataFrame({"image_id": image_ids, "any": p[:, any_col]}), metadata)
         fixed = None if thresholds is None else thresholds[name]
         rows[name] = study_level_report(truth.to_numpy(), prob.reindex(truth.index).to_numpy(), target_sensitivity, fixed)
     table = pd.DataFrame.from_dict(rows, orient="index")

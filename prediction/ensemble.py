@@ -141,12 +141,6 @@ def level1_oof_mean(paths: WorkPaths, names: Sequence[str]) -> pd.DataFrame | No
     return mean.reset_index()
 
 
-def stack_study_oof(paths: WorkPaths) -> pd.Series | None:
-    """Level 2's nested OOF study probability (by study_id), None for a stack fit before it had one."""
-    path = paths.stack / "oof_studies.parquet"
-    return pd.read_parquet(path).set_index("study_id")["probability"] if path.is_file() else None
-
-
 def stack_oof(paths: WorkPaths) -> pd.DataFrame | None:
     path = paths.stack / "oof.parquet"
     return pd.read_parquet(path).drop(columns="fold", errors="ignore") if path.is_file() else None
@@ -165,10 +159,9 @@ def oof_threshold(paths: WorkPaths, names: Sequence[str], target_sensitivity: fl
     truth = study_truth(labels, metadata)
     if not truth.any():
         return {}
-    studies = stack_study_oof(paths) if stacked else None
-    score = (studies if studies is not None else study_probability(oof, metadata)).reindex(truth.index)
+    score = study_probability(oof, metadata).reindex(truth.index)
     report = study_level_report(truth.to_numpy(), score.to_numpy(), target_sensitivity)
     figures = {k: float(v) if np.isfinite(v) else None for k, v in report.items()}  # NaN (no negatives): None in JSON
     return {**figures, "target_sensitivity": target_sensitivity,
-            "pooling": "max over slices" if studies is None else "level 2's study model (nested OOF)",
+            "pooling": "max over slices",
             "predictions": "level-2 stack OOF" if stacked else f"level-1 mean OOF of {', '.join(names)}"}

@@ -10,20 +10,16 @@ from competition.atomic import write_csv
 from competition.constants import LABELS
 
 STUDY_POOLING = "max over the study's slices"
-STUDY_MODEL = "level 2's study model (study_probability)"
 
 
-def study_table(slices: pd.DataFrame, threshold: dict, study_model: pd.DataFrame | None = None) -> pd.DataFrame:
+def study_table(slices: pd.DataFrame, threshold: dict) -> pd.DataFrame:
     """One row per study: slice count, each label's maximum over its slices, and the bleed decision
-    at the OOF threshold (with the OOF sensitivity and specificity it gave beside it). The decision
-    reads level 2's study probability where ``study_model`` (study_id, probability) gives one, as
-    the threshold was chosen on that model's OOF; else the max of `any`."""
+    of the max of `any` at the OOF threshold (chosen on the same pooling of the OOF predictions of
+    what predicts), with the OOF sensitivity and specificity it gave beside it."""
     groups = slices.groupby("study_id", sort=False)
     table = groups[list(LABELS)].max()
     table.insert(0, "n_slices", groups.size())
     score = table["any"]
-    if study_model is not None:
-        table["study_probability"] = score = study_model.set_index("study_id")["probability"].reindex(table.index)
     t = threshold.get("threshold")
     if t is None:
         table["decision"] = "undetermined (no OOF threshold)"
@@ -32,7 +28,7 @@ def study_table(slices: pd.DataFrame, threshold: dict, study_model: pd.DataFrame
     table["threshold"] = t
     table["oof_sensitivity"] = threshold.get("sensitivity")
     table["oof_specificity"] = threshold.get("specificity")
-    table["pooling"] = STUDY_POOLING if study_model is None else STUDY_MODEL
+    table["pooling"] = STUDY_POOLING
     return table.reset_index()
 
 

@@ -42,7 +42,6 @@ class StudyPrediction:
     level: str  # "level 2 (stacked)" or "level-1 mean ..."
     seconds: float
     caches: dict = field(default_factory=dict, repr=False)  # (size, crop) -> MemoryCache, reused by the report
-    studies: pd.DataFrame | None = None  # study_id, probability: level 2's study model (None without level 2)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -134,12 +133,12 @@ class Predictor:
             meta[BRAIN_COLUMN] = np.array([brain_ratio(study.hu[i]) for i in meta["image_id"]], np.float32)
         if self.stack is not None:
             folds = {m.name: m.folds for m in self.ensemble.members}
-            probs, studies = self.stack.predict_with_studies({m: dict(zip(folds[m], p)) for m, p in per_fold.items()},
-                                                             meta, {m: dict(zip(folds[m], e)) for m, e in embeddings.items()})
+            probs = self.stack.predict({m: dict(zip(folds[m], p)) for m, p in per_fold.items()},
+                                       meta, {m: dict(zip(folds[m], e)) for m, e in embeddings.items()})
             level = f"level 2 ({self.stack.stacker} stack of {', '.join(self.stack.models)})"
         else:
-            probs, studies = np.mean([p.mean(axis=0) for p in per_fold.values()], axis=0), None
+            probs = np.mean([p.mean(axis=0) for p in per_fold.values()], axis=0)
             level = f"level-1 mean over {len(per_fold)} model(s) and their folds (level 2 not applied)"
         slices = meta[["image_id", "study_id", "series_id", "slice_index", "z"]].copy()
         slices[list(LABELS)] = probs
-        return StudyPrediction(study, slices, per_fold, embeddings, level, time.perf_counter() - t0, caches, studies)
+        return StudyPrediction(study, slices, per_fold, embeddings, level, time.perf_counter() - t0, caches)

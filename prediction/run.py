@@ -67,7 +67,7 @@ def predict_folder(study: Path | str, work: WorkPaths | None = None, bundle: Pat
     ensemble = load_ensemble(work, bundle, models)
     predictor = Predictor(device, batch_size).load(ensemble)
     result = predictor.predict(scan)
-    studies = study_table(result.slices, ensemble.threshold, result.studies)
+    studies = study_table(result.slices, ensemble.threshold)
     write_tables(out, result.slices, studies, scan.skipped)
     if report:
         from prediction.report import write_report

@@ -24,7 +24,7 @@ from competition.labels import read_labels
 from competition.layout import Layout
 from competition.metric import prior_baseline, weighted_log_loss
 from competition.paths import WorkPaths
-from competition.study_level import oof_threshold_on_test, paired_bootstrap_difference, study_truth, threshold_on_test
+from competition.study_level import oof_threshold_on_test, paired_bootstrap_difference
 
 STUDY_COLUMNS = {"threshold": "thr (OOF)", "sensitivity": "test sens", "specificity": "test spec",
                  "accuracy": "test acc", "roc_auc": "test AUC", "auc_low": "AUC lo", "auc_high": "AUC hi"}
@@ -76,8 +76,6 @@ def summary_table(data_dir: Path, paths: WorkPaths, submission: Path | None) -> 
             figures[name] = oof_threshold_on_test(oof, labels, test, truth, metadata)
             row.update({column: figures[name][key] for key, column in STUDY_COLUMNS.items()})
         rows.append(row)
-    if truth is not None and (study_row := _study_model_row(paths, labels, truth, metadata)) is not None:
-        rows.append(study_row)
     if figures:
         f = figures["stacker"]
         notes.append(f"study level: threshold chosen on {f['oof_studies']} OOF studies ({f['oof_positive']} positive), "
@@ -91,25 +89,6 @@ def summary_table(data_dir: Path, paths: WorkPaths, submission: Path | None) -> 
         scored = score_submission(submission, answers)
         rows.append({"source": f"submission file {submission.name}", "test wLL": scored["weighted_log_loss"]})
     return pd.DataFrame(rows).set_index("source"), notes
-
-
-STUDY_MODEL_ROW = "stacker, study model (level 2)"
-
-
-def _study_model_row(paths: WorkPaths, labels: pd.DataFrame, truth: pd.DataFrame, metadata: pd.DataFrame
-                     ) -> dict | None:
-    """Level 2's own study call (nested OOF study probabilities, then the final model on test): the
-    stack rows above score the max of `any` over its slices; `make predict` decides by this one."""
-    oof_path, test_path = paths.stack / "oof_studies.parquet", paths.stack / "test_studies.parquet"
-    if not (oof_path.is_file() and test_path.is_file()):
-        return None
-    sides = []
-    for path, answers in ((oof_path, labels), (test_path, truth)):
-        p = pd.read_parquet(path).set_index("study_id")["probability"]
-        y = study_truth(answers.loc[answers["image_id"].isin(metadata["image_id"])], metadata)
-        sides += [y.reindex(p.index).to_numpy(), p.to_numpy()]
-    figures = threshold_on_test(*sides)
-    return {"source": STUDY_MODEL_ROW, **{column: figures[key] for key, column in STUDY_COLUMNS.items()}}
 
 
 def _difference_line(paths: WorkPaths, a: str, b: str, truth: pd.DataFrame, metadata: pd.DataFrame, what: str) -> str:

@@ -74,7 +74,7 @@ def test_the_nested_oof_is_rebuilt_from_the_candidates(stacked) -> None:
 def test_the_saved_stack_reproduces_test_rows_and_study_calls(stacked) -> None:
     paths = stacked
     fitted = load_fitted(paths.stack)
-    assert fitted.blend_names == CANDIDATES == fitted.study_names
+    assert fitted.blend_names == CANDIDATES
     ids, per_fold, embeddings = level1_test_outputs(paths)
     metadata = pd.read_parquet(paths.metadata).set_index("image_id").loc[ids].reset_index()
     rows, studies = fitted.predict_with_studies(per_fold, metadata, embeddings)
@@ -84,12 +84,14 @@ def test_the_saved_stack_reproduces_test_rows_and_study_calls(stacked) -> None:
     assert studies["study_id"].tolist() == saved["study_id"].tolist()
     np.testing.assert_allclose(studies["probability"], saved["probability"], atol=1e-5, rtol=0)
 
-    # `make predict`'s threshold is the report's, chosen on the study model's nested OOF; its decision reads the model.
+    # `make predict`'s threshold is the report's, chosen on the stack's nested OOF study scores (the
+    # same pooling as its study call: the max of `any` over a study's slices).
     metrics = json.loads((paths.stack / "metrics.json").read_text())
     threshold = oof_threshold(paths, ["a", "b"], metrics["target_sensitivity"], stacked=True)
     assert threshold["threshold"] == pytest.approx(metrics["study_level"]["stacker"]["threshold"])
     assert threshold["roc_auc"] == pytest.approx(metrics["study_level"]["stacker"]["roc_auc"])
     slices = metadata[["image_id", "study_id"]].assign(**{label: rows[:, j] for j, label in enumerate(LABELS)})
-    table = study_table(slices, threshold, studies).set_index("study_id").loc[studies["study_id"]]
+    table = study_table(slices, threshold).set_index("study_id").loc[studies["study_id"]]
+    np.testing.assert_array_equal(table["any"], studies["probability"])
     decided = np.where(studies["probability"].to_numpy() >= threshold["threshold"], "bleed", "no bleed")
     assert table["decision"].tolist() == decided.tolist()

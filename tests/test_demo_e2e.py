@@ -54,14 +54,14 @@ def test_every_stage_ran_and_named_itself(demo):
     assert "AUC lo" in out and "stack minus best single model by OOF" in out and "threshold chosen on" in out
 
 
-def test_summary_shows_level2s_study_model_with_the_stacks_own_threshold(demo):
-    """The summary recomputes the study model's OOF threshold from oof_studies.parquet; `make stack`
-    chose it in its own study table: the two must agree (and the row is the one `make predict` uses)."""
+def test_summary_applies_the_stacks_own_study_threshold(demo):
+    """The summary recomputes the stack's OOF study threshold from its OOF slices; `make stack` chose
+    it in its own study table (and `make predict` decides by it): the two must agree."""
     _, work, _, out = demo
-    (line,) = [ln for ln in out.splitlines() if ln.startswith("stacker, study model (level 2)")]
-    cells = line[len("stacker, study model (level 2)"):].split()
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("stacker (level 2)")]
+    cells = line[len("stacker (level 2)"):].split()
     threshold = json.loads((work / "stack" / "metrics.json").read_text())["study_level"]["stacker"]["threshold"]
-    assert cells[:2] == ["-", "-"] and float(cells[3]) == pytest.approx(threshold, abs=5e-5)
+    assert float(cells[3]) == pytest.approx(threshold, abs=5e-5)
 
 
 def test_outputs_exist_and_ids_align(demo):

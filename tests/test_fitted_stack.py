@@ -12,7 +12,7 @@ import pytest
 
 from competition.constants import LABELS
 from competition.paths import WorkPaths
-from level2_stacking.fitted import FittedStackError, fitted_dir, load_fitted
+from level2_stacking.fitted import FORMAT, FittedStackError, fitted_dir, load_fitted
 from level2_stacking.pipeline import StackSettings, run_stack
 from level2_stacking.sequence import SequenceSettings
 from level2_stacking.synthetic import FabricatedModel, fabricate_competition, write_fabricated_work
@@ -96,7 +96,9 @@ def test_inputs_the_stack_was_not_fit_on_are_refused(stacked, tmp_path) -> None:
     copy = tmp_path / "stack"
     shutil.copytree(stacked.stack / "fitted", copy / "fitted")
     manifest = copy / "fitted" / "manifest.json"
-    manifest.write_text(manifest.read_text().replace('"format": 2', '"format": 99'))
+    text = manifest.read_text()
+    assert f'"format": {FORMAT}' in text
+    manifest.write_text(text.replace(f'"format": {FORMAT}', '"format": 99'))
     with pytest.raises(FittedStackError, match="another version"):
         load_fitted(copy)
 
