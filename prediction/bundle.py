@@ -90,6 +90,7 @@ def bundle_files(ensemble: Ensemble, paths: WorkPaths) -> dict[str, Path]:
         files[f"models/{m.name}/config.json"] = folder.config
         for k in m.folds:
             files[f"models/{m.name}/fold{k}/best.pt"] = folder.best(k)
+            files[f"models/{m.name}/fold{k}/done.json"] = folder.fold_done(k)  # its prior for unreadable slices
     fitted = fitted_dir(paths.stack)
     if ensemble.not_stacked is None:  # the level 2 fit on exactly these members
         for p in sorted(fitted.rglob("*")):

@@ -4,14 +4,20 @@ A slice's level-1 probability is what the competition pipeline gives a test imag
 model's hflip-TTA probabilities (``level1_models.predict.predict_probabilities``) on the
 ``SliceDataset`` input (uint8, turned into floats on the device), averaged over folds
 (``level1_models.train.assemble``); the members are then averaged (or stacked, see ``level2``).
+
+Level 2 reads each series whole, as the pipeline did: a slice whose pixels do not decode keeps its
+place with what level 1 gave an unreadable competition image (each fold model's training prior and
+a zero embedding), so its neighbours get the stacked submission's rows; it gets no row itself.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -29,6 +35,22 @@ from level2_stacking.fitted import load_fitted
 from prediction.ensemble import Ensemble
 from prediction.preprocess import MemoryCache
 from prediction.study import Study
+
+
+def fold_prior(done_json: Path) -> np.ndarray | None:
+    """The training label rates a fold model gave the images it could not read (done.json), None
+    for a fold trained before it recorded them."""
+    rates = json.loads(done_json.read_text()).get("prior_rates") if done_json.is_file() else None
+    return None if rates is None else np.asarray(rates, np.float64)
+
+
+def with_stand_ins(values: np.ndarray, readable: np.ndarray, fill: np.ndarray) -> np.ndarray:
+    """(folds, N, D) from the (folds, readable rows, D) ``values``: unreadable rows get ``fill``
+    ((folds, D): one row per fold)."""
+    out = np.empty((values.shape[0], len(readable), values.shape[2]), values.dtype)
+    out[:, readable] = values
+    out[:, ~readable] = fill[:, None, :]
+    return out
 
 SLICE_COLUMNS = ["image_id", "study_id", "series_id", "slice_index", "z", *LABELS]
 
@@ -60,6 +82,7 @@ class Predictor:
         self.models: dict[str, list[tuple[int, torch.nn.Module]]] = {}
         self.configs: dict[str, TrainConfig] = {}
         self.stack = None  # the fitted level 2 (level2_stacking.fitted.FittedStack) when it applies
+        self.priors: dict[str, np.ndarray | None] = {}  # member -> (folds, 6) rates for unreadable slices
 
     def load(self, ensemble: Ensemble) -> "Predictor":
         self.ensemble = ensemble
@@ -68,6 +91,8 @@ class Predictor:
             folder = ensemble.model_folder(member.name).root
             loaded = [(k, load_fold_model(member.name, k, model_dir=folder, device=self.device)) for k in member.folds]
             self.models[member.name] = [(k, model) for k, (model, _) in loaded]
+            priors = [fold_prior(ensemble.model_folder(member.name).fold_done(k)) for k in member.folds]
+            self.priors[member.name] = None if any(p is None for p in priors) else np.stack(priors)
             cfg = loaded[0][1][1]
             # The pipeline's automatic choices on this device (mixed precision on a GPU, none on CPU).
             self.configs[member.name] = resolve(dataclasses.replace(cfg, device=self.device.type, workers=0),
@@ -110,6 +135,31 @@ class Predictor:
                     torch.cuda.empty_cache()
                 print(f"out of GPU memory: predicting {self.batch_size} slices at a time", file=sys.stderr, flush=True)
 
+    def level2_inputs(self, study: Study, per_fold: dict[str, np.ndarray], embeddings: dict[str, np.ndarray]
+                      ) -> tuple[dict, pd.DataFrame, dict, np.ndarray]:
+        """What the fitted stack reads for ``study``: (per-fold probabilities, metadata, per-fold
+        embeddings) of every placed slice, each series whole (module docstring), and which of those
+        rows are the readable slices ``per_fold`` and ``embeddings`` hold."""
+        meta = study.metadata.reset_index(drop=True)
+        readable = meta["readable"].to_numpy(bool)
+        lacking = [m for m in per_fold if self.priors.get(m) is None]
+        if lacking and not readable.all():
+            print(f"note: {lacking} recorded no prior for unreadable slices (trained before done.json had "
+                  f"prior_rates); level 2 reads their series without those slices", file=sys.stderr)
+            meta, readable = meta[readable].reset_index(drop=True), np.ones(int(readable.sum()), bool)
+        if self.stack.feature_config.brain_ratio:  # as the cache computed it; NaN where it could not read
+            meta[BRAIN_COLUMN] = np.array([brain_ratio(study.hu[i]) if ok else np.nan
+                                           for i, ok in zip(meta["image_id"], readable)], np.float32)
+        folds = {m.name: m.folds for m in self.ensemble.members}
+
+        def prior(m: str, p: np.ndarray) -> np.ndarray:  # NaN where unused: every slice then reads
+            return self.priors[m] if self.priors.get(m) is not None else np.full(p.shape[::2], np.nan)
+
+        probs = {m: dict(zip(folds[m], with_stand_ins(p, readable, prior(m, p)))) for m, p in per_fold.items()}
+        pooled = {m: dict(zip(folds[m], with_stand_ins(e, readable, np.zeros((len(e), e.shape[2]), e.dtype))))
+                  for m, e in embeddings.items()}
+        return probs, meta, pooled, readable
+
     def predict(self, study: Study) -> StudyPrediction:
         if self.ensemble is None:
             raise RuntimeError("Predictor.load(ensemble) first")
@@ -129,12 +179,9 @@ class Predictor:
                 probs.append(self._run(model, ds, index, cfg, pooled[-1]))
             per_fold[member.name], embeddings[member.name] = np.stack(probs), np.stack(pooled)
         meta = study.metadata[study.metadata["readable"]].reset_index(drop=True)
-        if self.stack is not None and self.stack.feature_config.brain_ratio:  # as the cache computed it
-            meta[BRAIN_COLUMN] = np.array([brain_ratio(study.hu[i]) for i in meta["image_id"]], np.float32)
         if self.stack is not None:
-            folds = {m.name: m.folds for m in self.ensemble.members}
-            probs = self.stack.predict({m: dict(zip(folds[m], p)) for m, p in per_fold.items()},
-                                       meta, {m: dict(zip(folds[m], e)) for m, e in embeddings.items()})
+            inputs, meta_all, pooled, readable = self.level2_inputs(study, per_fold, embeddings)
+            probs = self.stack.predict(inputs, meta_all, pooled)[readable]
             level = f"level 2 ({self.stack.stacker} stack of {', '.join(self.stack.models)})"
         else:
             probs = np.mean([p.mean(axis=0) for p in per_fold.values()], axis=0)

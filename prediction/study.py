@@ -28,6 +28,7 @@ from competition.slice_order import add_slice_order, duplicate_positions
 from prediction.placement import place_unplaced
 
 MAX_TILT_DEGREES = 45.0  # gantry tilt of head CT stays well below; scouts and reformats are ~90
+GAP_FACTOR = 1.5  # a step in z this many times its series' median step: slices are missing there
 SKIPPED_COLUMNS = ["path", "reason"]
 WARNING_COLUMNS = ["path", "warning"]
 
@@ -227,4 +228,22 @@ def read_study(root: Path | str) -> Study:
     table = place_unplaced(table, hus, order)  # slices no header places, by their pixels
     table = table[[*COLUMNS, "readable"]].sort_values(["study_id", "series_id", "slice_index"], ignore_index=True)
     return Study(root=root, metadata=table, hu=hus, skipped=pd.DataFrame(skipped, columns=SKIPPED_COLUMNS),
-                 warnings=pd.DataFrame(warnings + order, columns=WARNING_COLUMNS))
+                 warnings=pd.DataFrame(warnings + order + z_gaps(table), columns=WARNING_COLUMNS))
+
+
+def z_gaps(table: pd.DataFrame) -> list[tuple[str, str]]:
+    """(path of the slice after the gap, warning) where a series' step in z exceeds GAP_FACTOR times
+    its median step: part of the series was not given. The models read neighbouring slices (2.5D
+    inputs, level 2's neighbour features and sequence model), so rows near a gap differ from those
+    of the whole series; a series cut short at either end cannot be told from a short one."""
+    found = []
+    for series, rows in table.groupby("series_id", sort=False):  # rows in slice order
+        z, paths = rows["z"].to_numpy(np.float64), rows["path"].to_numpy()
+        steps = np.abs(np.diff(z))  # NaN beside a slice placed without a z: no gap is claimed there
+        if np.isfinite(steps).sum() < 2 or (spacing := float(np.nanmedian(steps))) <= 0:
+            continue
+        for i in np.flatnonzero(steps > GAP_FACTOR * spacing):
+            found.append((str(paths[i + 1]), f"series {series}: no slice between z = {z[i]:.1f} and {z[i + 1]:.1f} mm "
+                          f"(about {round(steps[i] / spacing) - 1} missing at its {spacing:.2f} mm spacing); the "
+                          f"slices near the gap are predicted without their neighbours: give the whole series"))
+    return found

@@ -21,16 +21,17 @@ def real_sample() -> Path:
     return REAL_SAMPLE
 
 
-def prepare_tiny_competition(root: Path, n_folds: int = 2, cache_size: int = 64):
+def prepare_tiny_competition(root: Path, n_folds: int = 2, cache_size: int = 64, damage=None):
     """The tiny synthetic competition under ``root``, prepared like `make prepare` (metadata,
     labels, ``n_folds`` folds, the image cache). Returns (DATA, WorkPaths)."""
-    return prepare_competition(root / "tiny", root / "work", n_folds, cache_size, preset="tiny", seed=0)
+    return prepare_competition(root / "tiny", root / "work", n_folds, cache_size, damage, preset="tiny", seed=0)
 
 
-def prepare_competition(data_dir: Path, work_dir: Path, n_folds: int = 2, cache_size: int = 64, **generate_kw):
+def prepare_competition(data_dir: Path, work_dir: Path, n_folds: int = 2, cache_size: int = 64, damage=None,
+                        **generate_kw):
     """A synthetic competition (``competition.synthetic.generate``'s keywords: preset, seed,
     n_patients, size, knobs) written to ``data_dir`` and prepared into ``work_dir`` like `make
-    prepare`. Returns (DATA, WorkPaths)."""
+    prepare`; ``damage(DATA)``, when given, runs between the two. Returns (DATA, WorkPaths)."""
     from competition.folds import make_folds
     from competition.labels import read_labels
     from competition.layout import Layout
@@ -40,6 +41,8 @@ def prepare_competition(data_dir: Path, work_dir: Path, n_folds: int = 2, cache_
     from features.cache import build_cache
 
     data = generate(data_dir, workers=1, progress=False, **generate_kw)
+    if damage is not None:
+        damage(data)
     paths = WorkPaths.for_data(data, work_dir).ensure()
     metadata = build_metadata(data, paths.metadata, workers=1, progress=False)
     labels = read_labels(Layout.find(data).train_csv)

@@ -409,3 +409,13 @@ def test_unreadable_file_says_permission_denied(tmp_path, monkeypatch):
     finally:
         paths[0].chmod(0o644)
     assert skipped[paths[0].name].startswith("permission denied: the file cannot be read")
+
+
+def test_a_gap_in_z_is_named_and_an_even_series_is_not(tmp_path):
+    z = [5.0 * i for i in range(12)]
+    write_series(tmp_path / "whole", z)
+    assert read_study(tmp_path / "whole").warnings.empty
+    paths = write_series(tmp_path / "part", z[:5] + z[8:])  # three slices missing after z = 20
+    (warning,) = read_study(tmp_path / "part").warnings.itertuples(index=False)
+    assert warning.path == paths[5].name
+    assert "no slice between z = 20.0 and 40.0 mm (about 3 missing at its 5.00 mm spacing)" in warning.warning

@@ -1,7 +1,7 @@
 """make predict / make export on a tiny trained work folder: a competition test image gets the
-stacked submission's probabilities (and each member alone its level-1 test prediction), bad files
-are skipped and listed, a bundle predicts the same in a fresh folder, and a tampered bundle is
-refused."""
+stacked submission's probabilities (and each member alone its level-1 test prediction), also beside
+a test slice the pipeline could not read; bad files are skipped and listed, a bundle predicts the
+same in a fresh folder, and a tampered bundle is refused."""
 from __future__ import annotations
 
 import io
@@ -35,15 +35,25 @@ MODELS = ("tiny_resnet", "tiny_efficientnet")
 OVERRIDES = dict(epochs=1, img_size=32, batch_size=16, workers=0, device="cpu", augment=False, pretrained=False)
 
 
+def truncate_a_middle_test_slice(data: Path) -> None:
+    """Cut short the pixel data of the middle slice of the last test series (by SeriesInstanceUID)."""
+    headers = [(pydicom.dcmread(f, stop_before_pixels=True), f) for f in sorted((data / "stage_2_test").glob("*.dcm"))]
+    last = max(str(h.SeriesInstanceUID) for h, _ in headers)
+    series = sorted((float(h.ImagePositionPatient[2]), f) for h, f in headers if str(h.SeriesInstanceUID) == last)
+    target = series[len(series) // 2][1]
+    target.write_bytes(target.read_bytes()[:-3000])
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, WorkPaths]:
-    """Both models trained, then stacked (LightGBM + sequence model, blended) as `make stack` does."""
+    """Both models trained, then stacked (LightGBM + sequence model, blended) as `make stack` does,
+    on a competition with one unreadable test slice inside a series."""
     from level1_models.train import run_model
     from level2_stacking.pipeline import StackSettings, run_stack
     from level2_stacking.sequence import SequenceSettings
 
     tmp = tmp_path_factory.mktemp("predict")
-    data, paths = prepare_tiny_competition(tmp)
+    data, paths = prepare_tiny_competition(tmp, damage=truncate_a_middle_test_slice)
     for name in MODELS:
         run_model(name, data, paths.root, OVERRIDES)
     # Two folds leave no inner fold for early stopping: fixed rounds; leaves small enough for ~60 rows.
@@ -59,7 +69,10 @@ def pipeline_test(paths: WorkPaths, name: str) -> pd.DataFrame:
 
 
 def stacked_test(paths: WorkPaths) -> pd.DataFrame:
-    return pd.read_parquet(paths.stack / "test.parquet").set_index("image_id")[list(LABELS)]
+    """The stacked submission's rows of the test images make predict can read (not the unreadable one)."""
+    unreadable = pd.read_csv(paths.bad_files)["image_id"]
+    table = pd.read_parquet(paths.stack / "test.parquet").set_index("image_id")[list(LABELS)]
+    return table.drop(index=unreadable[unreadable.isin(table.index)])
 
 
 def test_predict_equals_the_stacked_submission(trained, tmp_path):
@@ -69,7 +82,11 @@ def test_predict_equals_the_stacked_submission(trained, tmp_path):
     expected = stacked_test(paths)
     assert set(slices.index) == set(expected.index)
     got = slices.loc[expected.index, list(LABELS)].to_numpy()
+    # Every row, the unreadable slice's neighbours too: level 2 reads it with level 1's prior in its place.
     np.testing.assert_allclose(got, expected.to_numpy(), atol=1e-4, rtol=0)
+    (bad,) = [p for p in pd.read_csv(paths.bad_files)["path"] if p.startswith("stage_2_test/")]
+    skipped = pd.read_csv(out / "skipped.csv")
+    assert skipped["path"].tolist() == [Path(bad).name] and "pixel data" in skipped["reason"][0]
     # Level 2 really moved the probabilities away from the level-1 mean (the old answer).
     level1 = np.mean([pipeline_test(paths, m).loc[expected.index].to_numpy() for m in MODELS], axis=0)
     assert np.abs(got - level1).max() > 1e-3  # ten times the tolerance above
@@ -85,7 +102,23 @@ def test_predict_equals_the_stacked_submission(trained, tmp_path):
     studies = pd.read_csv(out / "studies.csv")
     assert sorted(studies["study_id"]) == sorted(metadata.loc[slices.index, "study_id"].unique())
     assert (studies.set_index("study_id")["any"] == slices.groupby("study_id")["any"].max()).all()
-    assert not (out / "skipped.csv").exists()
+
+
+def test_each_stacker_reads_the_series_whole_as_the_pipeline_did(trained):
+    """LightGBM's and the sequence model's own test rows (stack/<stacker>/test.parquet), the
+    unreadable slice's neighbours included: read without the slice in its place, the sequence
+    model's rows move by ~1e-4 here, a hundred times this tolerance."""
+    data, paths = trained
+    predictor = Predictor("cpu").load(from_work(paths))
+    study = read_study(data / "stage_2_test")
+    result = predictor.predict(study)
+    probs, meta, pooled, readable = predictor.level2_inputs(study, result.per_fold, result.embeddings)
+    assert not readable.all() and meta.loc[~readable, "image_id"].isin(pd.read_csv(paths.bad_files)["image_id"]).all()
+    candidates = predictor.stack.candidates(probs, meta, pooled)
+    ids = meta.loc[readable, "image_id"]
+    for name, folder in (("lightgbm", "lightgbm"), ("sequence model", "sequence")):
+        saved = pd.read_parquet(paths.stack / folder / "test.parquet").set_index("image_id").loc[ids, list(LABELS)]
+        np.testing.assert_allclose(candidates[name][readable], saved.to_numpy(), atol=1e-6, rtol=0, err_msg=name)
 
 
 def test_each_member_alone_is_its_test_parquet(trained):
@@ -171,6 +204,7 @@ def test_export_then_predict_in_a_fresh_folder(trained, tmp_path):
         names = tar.getnames()
     assert "stack/fitted/manifest.json" in names and "stack/fitted/lightgbm/fold1_any.txt" in names
     assert "stack/fitted/sequence/fold0.pt" in names and "stack/oof.parquet" not in names
+    assert "models/tiny_resnet/fold1/done.json" in names  # the fold's prior_rates, for unreadable slices
     expected = stacked_test(paths)
     shutil.move(paths.root, tmp_path / "moved")  # nothing may be read from the work folder
     try:
@@ -184,6 +218,7 @@ def test_export_then_predict_in_a_fresh_folder(trained, tmp_path):
     finally:
         shutil.move(tmp_path / "moved", paths.root)
     assert run.returncode == 0, run.stderr[-2000:]
+    assert "no prior for unreadable slices" not in run.stderr and "pixel data" in run.stderr
     out = fresh / run.stdout.strip().splitlines()[-1]
     assert out == fresh / "work" / "ens" / "predict" / "stage_2_test"
     from_bundle = pd.read_csv(out / "slices.csv").set_index("image_id")
