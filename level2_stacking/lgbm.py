@@ -260,16 +260,17 @@ def cross_validate(
         learnt_on = train if not early_stopping_rounds or refit else fit
         # A label with one class in the rows its booster learns from has nothing to learn: boosting
         # would drive it to ~1e-15; it gets the smoothed rate, and no rounds are spent on it. (Its
-        # Datasets are still built: the labels after it reuse their binning.)
+        # Datasets are built only when the labels after it reuse their binning.)
         constant = {j: (constant_booster(smoothed_rate(y[learnt_on, j]), feature_names, xm.shape[1], params), 1)
                     for j in range(len(LABELS)) if len(np.unique(y[learnt_on, j])) < 2}
         dfit = dstop = None
         boosters: list[tuple[lgb.Booster, int]] = []
         for j in range(len(LABELS)):
-            dfit = _dataset(xm, fit, y[:, j], feature_names, params, keeps[j], dfit if reuse else None)
-            if early_stopping_rounds:
-                dstop = _dataset(xm, inner, y[:, j], feature_names, params, None, dstop if reuse else None,
-                                 reference=dfit)
+            if reuse or j not in constant:
+                dfit = _dataset(xm, fit, y[:, j], feature_names, params, keeps[j], dfit if reuse else None)
+                if early_stopping_rounds:
+                    dstop = _dataset(xm, inner, y[:, j], feature_names, params, None, dstop if reuse else None,
+                                     reference=dfit)
             boosters.append(constant[j] if j in constant else _train(params, dfit, num_boost_round, dstop,
                                                                       early_stopping_rounds))
             if not (early_stopping_rounds and refit):
@@ -278,7 +279,8 @@ def cross_validate(
         if early_stopping_rounds and refit:  # every training fold, more rounds for more rows
             dall = None
             for j, (_, rounds) in enumerate(boosters):
-                dall = _dataset(xm, train, y[:, j], feature_names, params, keeps[j], dall if reuse else None)
+                if reuse or j not in constant:
+                    dall = _dataset(xm, train, y[:, j], feature_names, params, keeps[j], dall if reuse else None)
                 if j not in constant:
                     boosters[j] = _train(params, dall, max(1, round(rounds * train.sum() / fit.sum())))
                 bar.update(1)

@@ -76,18 +76,23 @@ def test_boosters_split_only_on_their_labels_preselected_columns() -> None:
     assert np.isfinite(result.oof).all() and result.test.shape == (50, len(LABELS))
 
 
-@pytest.mark.parametrize("early_stopping", [None, 5])
-def test_a_fold_without_positives_of_a_label_predicts_its_smoothed_rate(early_stopping, monkeypatch) -> None:
-    """Rare labels on small sets: where a fold's training rows hold no positive of a label, boosting
-    would predict ~1e-15 for it (a held-out positive then costs ~34 nats, and the nested blend,
-    whose weights come from the other folds, cannot know). That fold's booster for the label is a
-    constant at the training rows' rate pulled off 0 by a half count; the other labels train as usual."""
+def _fold_1_alone_has_epidural_positives() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(3)
     n, folds = 600, np.repeat([0, 1, 2], 200)
     x = rng.normal(size=(n, 8))
     y = (rng.random((n, len(LABELS))) < 0.3).astype(float)
     y[:, 0] = 0.0
     y[folds == 1, 0] = (x[folds == 1, 0] > 1.0)  # epidural positives only in fold 1
+    return x, y, folds
+
+
+@pytest.mark.parametrize("early_stopping", [None, 5])
+def test_a_fold_without_positives_of_a_label_predicts_its_smoothed_rate(early_stopping, monkeypatch) -> None:
+    """Rare labels on small sets: where a fold's training rows hold no positive of a label, boosting
+    would predict ~1e-15 for it (a held-out positive then costs ~34 nats, and the nested blend,
+    whose weights come from the other folds, cannot know). That fold's booster for the label is a
+    constant at the training rows' rate pulled off 0 by a half count; the other labels train as usual."""
+    x, y, folds = _fold_1_alone_has_epidural_positives()
     trained = []
     real_train = lgbm._train
 
@@ -111,3 +116,24 @@ def test_a_fold_without_positives_of_a_label_predicts_its_smoothed_rate(early_st
     np.testing.assert_allclose(booster.predict(x[:50], num_iteration=rounds), expected, rtol=1e-6)
     assert result.oof[folds == 1, 0].min() > 1e-4  # not the ~1e-15 boosting gives
     assert np.ptp(result.oof[folds == 1, 1]) > 0  # the other labels still learn
+
+
+@pytest.mark.parametrize("early_stopping", [None, 5])
+def test_a_label_with_nothing_to_learn_bins_no_rows_of_its_own(early_stopping, monkeypatch) -> None:
+    """With the features preselected per label every label bins its rows anew (no binning is
+    shared), so the label a fold's booster cannot learn (one class) builds no Dataset there."""
+    x, y, folds = _fold_1_alone_has_epidural_positives()
+    binned = []
+    real_dataset = lgbm._dataset
+
+    def counting(xm, rows, target, names, params, keep, reuse, reference=None):
+        binned.append(reuse is None)
+        return real_dataset(xm, rows, target, names, params, keep, reuse, reference)
+
+    monkeypatch.setattr(lgbm, "_dataset", counting)
+    params = {**DEFAULT_PARAMS, "num_threads": 1, MAX_FEATURES: 4}
+    cross_validate(x, y, folds, x[:50], params=params, num_boost_round=20, early_stopping_rounds=early_stopping,
+                   progress=False)
+    # 17 boosters learn (18 less fold 1's epidural); each bins its fit rows, with early stopping also
+    # its inner rows and its refit rows.
+    assert all(binned) and len(binned) == (17 * 3 if early_stopping else 17)
