@@ -8,8 +8,8 @@ model's fold-k map into the shared embedding space, the blend weights over the c
 booster k reads the features built from fold model k's own probabilities, sequence model k reads
 fold model k's probabilities and embeddings, both are averaged over k; each level-1 model is the
 mean of its fold models, and the level-1 mean theirs; these candidates are blended and the `any`
-rule applied; the study probability is the max of the result's `any` over the study's slices. So `make predict` on a
-competition test image gives the stacked submission's row and the stack's study call
+rule applied; the study probability is the max of the result's `any` over the study's slices. So
+`make predict` on a competition test image gives the stacked submission's row and the stack's study call
 (tests/test_prediction.py, tests/test_blend_parity.py).
 """
 from __future__ import annotations

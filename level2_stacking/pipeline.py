@@ -122,8 +122,8 @@ class StackOutcome:
                       + (f"; form: {self.blend_form}" if self.blend_form else "") + "):", format_table(self.weights, 3)]
         lines += [
             "",
-            f"Study-level diagnosis on OOF (each source: the max of `any` over a study's slices, \"{STACK_ROW}\" nested; "
-            f"threshold chosen for the target sensitivity):",
+            f"Study-level diagnosis on OOF (each source: the max of `any` over a study's slices, "
+            f"\"{STACK_ROW}\" nested; threshold chosen for the target sensitivity):",
             format_table(self.study_level),
         ]
         if self.test_scores is not None and self.test_study_level is not None:

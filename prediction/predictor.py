@@ -36,6 +36,8 @@ from prediction.ensemble import Ensemble
 from prediction.preprocess import MemoryCache
 from prediction.study import Study
 
+SLICE_COLUMNS = ["image_id", "study_id", "series_id", "slice_index", "z", *LABELS]
+
 
 def fold_prior(done_json: Path) -> np.ndarray | None:
     """The training label rates a fold model gave the images it could not read (done.json), None
@@ -51,8 +53,6 @@ def with_stand_ins(values: np.ndarray, readable: np.ndarray, fill: np.ndarray) -
     out[:, readable] = values
     out[:, ~readable] = fill[:, None, :]
     return out
-
-SLICE_COLUMNS = ["image_id", "study_id", "series_id", "slice_index", "z", *LABELS]
 
 
 @dataclass
