@@ -46,9 +46,11 @@ def fold_prior(done_json: Path) -> np.ndarray | None:
     return None if rates is None else np.asarray(rates, np.float64)
 
 
-def with_stand_ins(values: np.ndarray, readable: np.ndarray, fill: np.ndarray) -> np.ndarray:
+def with_stand_ins(values: np.ndarray, readable: np.ndarray, fill: np.ndarray | None) -> np.ndarray:
     """(folds, N, D) from the (folds, readable rows, D) ``values``: unreadable rows get ``fill``
-    ((folds, D): one row per fold)."""
+    ((folds, D): one row per fold); ``values`` itself where every row is readable."""
+    if readable.all():
+        return values
     out = np.empty((values.shape[0], len(readable), values.shape[2]), values.dtype)
     out[:, readable] = values
     out[:, ~readable] = fill[:, None, :]
@@ -88,10 +90,11 @@ class Predictor:
         self.ensemble = ensemble
         cuda = self.device.type == "cuda"
         for member in ensemble.members:
-            folder = ensemble.model_folder(member.name).root
-            loaded = [(k, load_fold_model(member.name, k, model_dir=folder, device=self.device)) for k in member.folds]
+            folder = ensemble.model_folder(member.name)
+            loaded = [(k, load_fold_model(member.name, k, model_dir=folder.root, device=self.device))
+                      for k in member.folds]
             self.models[member.name] = [(k, model) for k, (model, _) in loaded]
-            priors = [fold_prior(ensemble.model_folder(member.name).fold_done(k)) for k in member.folds]
+            priors = [fold_prior(folder.fold_done(k)) for k in member.folds]
             self.priors[member.name] = None if any(p is None for p in priors) else np.stack(priors)
             cfg = loaded[0][1][1]
             # The pipeline's automatic choices on this device (mixed precision on a GPU, none on CPU).
@@ -151,11 +154,7 @@ class Predictor:
             meta[BRAIN_COLUMN] = np.array([brain_ratio(study.hu[i]) if ok else np.nan
                                            for i, ok in zip(meta["image_id"], readable)], np.float32)
         folds = {m.name: m.folds for m in self.ensemble.members}
-
-        def prior(m: str, p: np.ndarray) -> np.ndarray:  # NaN where unused: every slice then reads
-            return self.priors[m] if self.priors.get(m) is not None else np.full(p.shape[::2], np.nan)
-
-        probs = {m: dict(zip(folds[m], with_stand_ins(p, readable, prior(m, p)))) for m, p in per_fold.items()}
+        probs = {m: dict(zip(folds[m], with_stand_ins(p, readable, self.priors.get(m)))) for m, p in per_fold.items()}
         pooled = {m: dict(zip(folds[m], with_stand_ins(e, readable, np.zeros((len(e), e.shape[2]), e.dtype))))
                   for m, e in embeddings.items()}
         return probs, meta, pooled, readable
